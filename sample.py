@@ -1,0 +1,87 @@
+"""
+Generate text: the Euler ODE for an FLM checkpoint (FLM.md 4), the flow map for an FMLM checkpoint (FLM.md 7).
+
+    python sample.py --steps 1                                   # one forward pass of the distilled model
+    python sample.py --ckpt out/flm-ptb/ckpt.pt --steps 256      # the FLM's ODE with 256 Euler steps
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from data import decode
+from model import CheckpointError, TimeWarp, generate, load_checkpoint, model_from_checkpoint
+
+parser = argparse.ArgumentParser(description="Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.")
+parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt", help="checkpoint from train_flm.py or distill.py")
+parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: 1 for FMLM, 256 for FLM)")
+parser.add_argument("--num-samples", type=int, default=8, help="sequences to generate")
+parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the training length)")
+parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+parser.add_argument("--seed", type=int, default=0, help="seed of the noise x_0")
+parser.add_argument("--gamma", type=float, default=0.0, help="FMLM only: stochastic flow-map sampler, in [0, 1]")
+parser.add_argument("--guide-ckpt", default=None, help="autoguidance: a weaker checkpoint of the same kind")
+parser.add_argument("--eta", type=float, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)")
+parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+parser.add_argument("--out", default=None, help="also write the samples as JSONL (text, tokens) to this file")
+parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+parser.add_argument("--quiet", action="store_true", help="do not print the texts")
+args = parser.parse_args()
+
+
+def fail(message):
+    raise SystemExit(f"sample.py: error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# load
+
+device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+try:
+    ckpt = load_checkpoint(args.ckpt)
+    weak = load_checkpoint(args.guide_ckpt, kind=ckpt["kind"]) if args.guide_ckpt else None
+except CheckpointError as e:
+    fail(f"{e}{'; train one with train_flm.py then distill.py (README)' if 'does not exist' in str(e) else ''}")
+steps = args.steps if args.steps is not None else (1 if ckpt["kind"] == "fmlm" else 256)
+if steps < 1:
+    fail(f"--steps must be at least 1, got {steps}")
+if not 0.0 <= args.gamma <= 1.0 or (args.gamma > 0 and ckpt["kind"] != "fmlm"):
+    fail(f"--gamma must be in [0, 1] and needs an FMLM checkpoint (got {args.gamma}, {ckpt['kind']})")
+model = model_from_checkpoint(ckpt, ema=not args.no_ema).to(device).eval()
+weak_model = model_from_checkpoint(weak, ema=not args.no_ema).to(device).eval() if weak else None
+warp = TimeWarp(model.config.vocab_size)
+seq_len = args.seq_len or ckpt["args"]["seq_len"]
+vocab = ckpt["data"]["vocab"]
+
+# -----------------------------------------------------------------------------
+# sample, decode, write
+
+bar = tqdm(total=steps * -(-args.num_samples // args.batch_size), desc=f"{ckpt['kind']} {steps} steps",
+           file=sys.stderr, disable=args.quiet)
+
+
+def progress(steps_range):
+    for i in steps_range:
+        yield i
+        bar.update()
+
+
+tokens = generate(model, warp, args.num_samples, seq_len, steps, args.batch_size, args.seed, progress,
+                  gamma=args.gamma, weak_model=weak_model, eta=args.eta).cpu()
+bar.close()
+texts = [decode(row, vocab) for row in tokens.tolist()]
+if not args.quiet:
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")
+if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        for text, row in zip(texts, tokens.tolist()):
+            f.write(json.dumps(dict(text=text, tokens=row, kind=ckpt["kind"], steps=steps, ckpt=args.ckpt,
+                                    seed=args.seed, gamma=args.gamma)) + "\n")
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)

@@ -1,0 +1,242 @@
+"""The mathematics of FLM.md, checked on small seeded tensors (CPU, seconds)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, denoiser, draw_noise, flm_loss, flow_map,
+                   interpolate, noise_factor, sample, semigroup_target, semigroup_weight, stratified_tau)
+
+
+def tiny_model(V=64, seed=0, two_time=False, perturb=True):
+    """A tiny DiT; perturb gives its zero-initialized layers random weights so that it depends on its input."""
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig(vocab_size=V, two_time=two_time, **MODEL_PRESETS["tiny"]))
+    if perturb:
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "final_layer.linear" in name or "t2_embedder" in name:
+                torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# simplex
+
+
+def test_denoiser_and_semigroup_target_lie_on_the_simplex():
+    model, warp = tiny_model(two_time=True), TimeWarp(64)
+    g = torch.Generator().manual_seed(0)
+    h = draw_noise(model, 4, 8, g)
+    tau_s = torch.tensor([0.0, 0.1, 0.5, 0.3])
+    tau_t = torch.tensor([1.0, 0.9, 0.7, 0.31])
+    d = denoiser(model, h, tau_s, tau_t)
+    assert (d >= 0).all()
+    torch.testing.assert_close(d.sum(-1), torch.ones(4, 8), atol=1e-5, rtol=0)
+    target = semigroup_target(model, h, tau_s, tau_s / 2 + tau_t / 2, tau_t, warp)
+    assert (target >= 0).all()
+    torch.testing.assert_close(target.sum(-1), torch.ones(4, 8), atol=1e-5, rtol=0)
+
+
+def test_semigroup_weight_is_in_unit_interval_and_matches_its_complement():
+    s = torch.rand(1000, dtype=torch.float64) * 0.9
+    t = s + (1 - s) * torch.rand(1000, dtype=torch.float64) * 0.99 + 1e-3
+    u = s + (t - s) * torch.rand(1000, dtype=torch.float64)
+    g = semigroup_weight(s, u, t)
+    assert ((g >= 0) & (g <= 1)).all()
+    one_minus_g = (t - u) * (1 - s) / ((1 - u) * (t - s))  # FLM.md 5
+    torch.testing.assert_close(1 - g, one_minus_g, atol=1e-10, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# interpolant and velocity
+
+
+def test_interpolant_endpoints_are_noise_and_data():
+    x0, x1 = torch.randn(3, 5, 7), F.one_hot(torch.randint(7, (3, 5)), 7).float()
+    torch.testing.assert_close(interpolate(x0, x1, torch.zeros(3)), x0)
+    torch.testing.assert_close(interpolate(x0, x1, torch.ones(3)), x1)
+
+
+def test_velocity_with_true_data_is_the_interpolant_derivative():
+    x0, x1 = torch.randn(3, 5, 7, dtype=torch.float64), F.one_hot(torch.randint(7, (3, 5)), 7).double()
+    t, eps = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), 1e-6
+    xt = interpolate(x0, x1, t)
+    velocity = (x1 - xt) / (1 - t.view(-1, 1, 1))  # b_t = (D - x) / (1 - t) with D = x_1
+    derivative = (interpolate(x0, x1, t + eps) - interpolate(x0, x1, t - eps)) / (2 * eps)
+    torch.testing.assert_close(velocity, derivative, atol=1e-8, rtol=0)
+
+
+def test_euler_step_equals_flow_map_with_the_denoiser():
+    x, d = torch.randn(2, 3, 5), torch.rand(2, 3, 5)
+    s, t = torch.tensor(0.3), torch.tensor(0.55)
+    torch.testing.assert_close(flow_map(x, d, s, t), x + (t - s) * (d - x) / (1 - s))
+
+
+# -----------------------------------------------------------------------------
+# time warp (FLM.md 3)
+
+
+def test_time_warp_endpoints_monotone_and_inverse():
+    warp = TimeWarp(1000)
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    tau = warp.tau(t)
+    assert tau[0] == 0 and tau[-1] == 1
+    assert (warp.tau_table[1:] > warp.tau_table[:-1]).all()
+    inner = (tau > 1e-6) & (tau < 1 - 1e-9)  # where tau is not flat in float64
+    torch.testing.assert_close(warp.t(tau)[inner], t[inner], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("V", [2, 16, 1000])
+def test_time_warp_matches_monte_carlo_argmax_decoding_rate(V):
+    warp, g, n = TimeWarp(V), torch.Generator().manual_seed(V), 20_000
+    for t in (0.3, 0.6, 0.8):
+        x = interpolate(torch.randn(n, 1, V, generator=g), F.one_hot(torch.zeros(n, 1, dtype=torch.long), V).float(),
+                        torch.full((n,), t))
+        q_mc = (x.argmax(-1) == 0).double().mean()
+        q = warp.tau(torch.tensor(t, dtype=torch.float64)) * (1 - 1 / V) + 1 / V
+        assert abs(q - q_mc) < 4 * math.sqrt(q * (1 - q) / n) + 1e-4, (V, t, float(q), float(q_mc))
+
+
+def test_time_warp_reference_values():
+    warp = TimeWarp(50257)
+    tau = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(warp.t(tau), torch.tensor([0.744, 0.779, 0.809, 0.831, 0.848], dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    assert abs(float(TimeWarp(30522).t(torch.tensor(0.5, dtype=torch.float64))) - 0.805) < 1e-3
+
+
+def test_stratified_tau_has_one_draw_per_stratum():
+    tau = stratified_tau(64, torch.Generator().manual_seed(0))
+    assert sorted((tau * 64).floor().long().tolist()) == list(range(64))
+
+
+# -----------------------------------------------------------------------------
+# the exact denoiser of a finite data set: sampler, flow map, semigroup
+
+
+def exact_denoiser(data, x, t):
+    """E[x_1 | x_t = x] for x_1 uniform over the one-hot sequences data (K, L, V): x (B, L, V), t scalar."""
+    X = data.to(x.dtype)
+    logits = t / (1 - t) ** 2 * torch.einsum("blv,klv->bk", x, X)  # log N(x; t X_k, (1-t)^2 I) + const
+    return torch.einsum("bk,klv->blv", logits.softmax(-1), X)
+
+
+def exact_flow_map(data, x, s, t, n=4000):
+    """X_{s,t}(x) by fine Euler integration of the exact probability-flow ODE."""
+    for i in range(n):
+        a, b = s + (t - s) * i / n, s + (t - s) * (i + 1) / n
+        x = flow_map(x, exact_denoiser(data, x, a), a, b)
+    return x
+
+
+def phrase_data(K=4, L=3, V=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.one_hot(torch.randint(V, (K, L), generator=g), V).double()  # (K, L, V)
+
+
+def test_euler_sampler_with_exact_denoiser_returns_data_sequences():
+    data, warp, B = phrase_data(), TimeWarp(8), 400
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, 8, generator=g, dtype=torch.float64)
+    ts = warp.t(torch.linspace(0, 1, 201, dtype=torch.float64))
+    for i in range(200):  # FLM.md 4 with the exact denoiser
+        d = exact_denoiser(data, x, ts[i])
+        x = flow_map(x, d, ts[i], ts[i + 1])
+    tokens, seqs = x.argmax(-1), data.argmax(-1)
+    in_data = (tokens[:, None, :] == seqs[None]).all(-1).any(-1)
+    assert in_data.double().mean() >= 0.99
+
+
+def test_flow_map_is_identity_at_equal_times():
+    x, d = torch.randn(2, 3, 5), torch.rand(2, 3, 5)
+    for s in (0.0, 0.4, 0.9):
+        torch.testing.assert_close(flow_map(x, d, torch.tensor(s), torch.tensor(s)), x)
+
+
+def test_exact_flow_map_satisfies_the_semigroup_in_delta_form():
+    data = phrase_data()
+    x = torch.randn(16, 3, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    s, u, t = 0.2, 0.45, 0.7
+
+    def delta(x, s, t):  # invert X_{s,t}(x) = ((1 - t) x + (t - s) delta) / (1 - s)
+        return ((1 - s) * exact_flow_map(data, x, s, t) - (1 - t) * x) / (t - s)
+
+    g = semigroup_weight(torch.tensor(s), torch.tensor(u), torch.tensor(t)).double()
+    rhs = g * delta(x, s, u) + (1 - g) * delta(exact_flow_map(data, x, s, u), u, t)
+    torch.testing.assert_close(delta(x, s, t), rhs, atol=2e-3, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# the network
+
+
+def test_fresh_model_outputs_exactly_uniform_probabilities():
+    model = tiny_model(V=50, perturb=False)
+    h = torch.randn(2, 6, model.config.n_embd)
+    d = denoiser(model, h, torch.rand(2))
+    assert torch.equal(d, torch.full_like(d, 1 / 50))
+
+
+def test_two_time_model_with_zeroed_second_embedder_equals_one_time_model():
+    model = tiny_model()
+    two = tiny_model()
+    two.add_second_time()
+    h, tau_s = torch.randn(3, 6, model.config.n_embd), torch.rand(3)
+    torch.testing.assert_close(two(h, tau_s, torch.rand(3)), model(h, tau_s), atol=0, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# the projected state (DESIGN.md)
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+def test_projected_and_dense_samplers_return_identical_tokens(two_time):
+    model, warp = tiny_model(two_time=two_time), TimeWarp(64)
+    x0 = torch.randn(16, 8, 64, generator=torch.Generator().manual_seed(3))
+    for steps in (1, 4, 16):
+        dense = sample(model, warp, x0, steps, dense=True)
+        projected = sample(model, warp, model.project(x0), steps)
+        assert torch.equal(dense, projected)
+
+
+def test_projected_noise_has_covariance_ete():
+    model = tiny_model(V=64)
+    E = model.embed.detach().double()
+    n = 40_000
+    h = draw_noise(model, n, 1, torch.Generator().manual_seed(4))[:, 0].double().detach()  # (n, D)
+    cov, target = h.T @ h / n, E.T @ E
+    sd = torch.sqrt((target.diag()[:, None] * target.diag()[None] + target ** 2) / n)  # sd of each entry
+    assert ((cov - target).abs() <= 5 * sd).all()
+    torch.testing.assert_close(noise_factor(E) @ noise_factor(E).T, target)
+
+
+def test_projected_and_dense_losses_agree_in_expectation():
+    model, warp = tiny_model(V=64), TimeWarp(64)
+    g = torch.Generator().manual_seed(5)
+    tokens, tau = torch.randint(64, (8, 8), generator=g), torch.rand(8, generator=g)
+    with torch.no_grad():
+        losses = {dense: torch.stack([flm_loss(model, tokens, tau, warp, g, dense=dense) for _ in range(300)])
+                  for dense in (False, True)}
+    diff = losses[False].mean() - losses[True].mean()
+    stderr = torch.sqrt(losses[False].var() / 300 + losses[True].var() / 300)
+    assert abs(diff) < 4 * stderr, (float(diff), float(stderr))
+    assert losses[False].std() > 0  # the loss does depend on the noise, so the comparison means something
+
+
+def test_a_few_dozen_steps_on_one_batch_drive_the_loss_down():
+    model, warp = tiny_model(V=64, perturb=False).train(), TimeWarp(64)
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(64, (16, 16), generator=g)
+    tau = torch.linspace(0.05, 0.95, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = flm_loss(model, tokens, tau, warp, g)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert first == pytest.approx(math.log(64), abs=1e-4)
+    assert loss.item() < 0.6 * first
