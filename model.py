@@ -369,6 +369,39 @@ def semigroup_target(model, h_s, tau_s, tau_u, tau_t, warp):
     return g * delta_su + (1 - g) * delta_ut
 
 
+
+def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32):
+    """tau_s, tau_t (n,) and a diagonal mask for a global distillation batch (FLM.md 6), randomly permuted:
+    round(diag_frac n) diagonal rows tau_s = tau_t; of the rest, a boundary_frac share with (tau_s, tau_t) = (0, 1)
+    and the others off-diagonal with d ~ U(0, 1), tau_s = U' (1 - d), tau_t = tau_s + d."""
+    n_diag = round(n * diag_frac)
+    n_bnd = round((n - n_diag) * boundary_frac)
+    n_off = n - n_diag - n_bnd
+    tau_diag = torch.rand(n_diag, generator=generator)
+    d = torch.rand(n_off, generator=generator)
+    tau_off = torch.rand(n_off, generator=generator) * (1 - d)
+    tau_s = torch.cat([tau_diag, torch.zeros(n_bnd), tau_off])
+    tau_t = torch.cat([tau_diag, torch.ones(n_bnd), tau_off + d])
+    diag = torch.arange(n) < n_diag
+    perm = torch.randperm(n, generator=generator)
+    return tau_s[perm], tau_t[perm], diag[perm]
+
+
+def distill_loss(net, student, teacher, tokens, tau_s, tau_t, diag, warp, generator=None):
+    """Semigroup distillation loss (FLM.md 6): soft cross-entropy of net's delta_{s,t}(x_s) against the frozen
+    teacher's D_s(x_s) on diagonal rows and against the semigroup target of student (the same module as net,
+    without DDP or compile) on the others. The student's E is the teacher's, so both read h = x_s @ E."""
+    h = noisy_input(student, tokens, warp.t(tau_s), generator)
+    with torch.no_grad():
+        target = torch.empty(*tokens.shape, student.config.vocab_size, device=h.device)
+        if diag.any():
+            target[diag] = denoiser(teacher, h[diag], tau_s[diag])
+        off = ~diag
+        if off.any():
+            mid = (tau_s[off] + tau_t[off]) / 2
+            target[off] = semigroup_target(student, h[off], tau_s[off], mid, tau_t[off], warp)
+    return soft_cross_entropy(net(h, tau_s, tau_t), target)
+
 # -----------------------------------------------------------------------------
 # the samplers (FLM.md 4, 7, 8)
 

@@ -1,0 +1,107 @@
+"""Semigroup distillation (FLM.md 6) and why one step works (FLM.md 13), on tiny models (CPU)."""
+
+import copy
+
+import pytest
+import torch
+
+from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, denoiser, distill_loss, distill_times, draw_noise,
+                   flm_loss, generate, semigroup_target, stratified_tau)
+from test_simplex import tiny_model
+
+
+def test_distill_times_honor_the_batch_fractions():
+    n = 512
+    tau_s, tau_t, diag = distill_times(n, torch.Generator().manual_seed(0), 0.5, 1 / 32)
+    boundary = (tau_s == 0) & (tau_t == 1)
+    assert diag.sum() == 256 and boundary.sum() == 8
+    assert torch.equal(tau_s[diag], tau_t[diag])
+    off = ~diag & ~boundary
+    assert (tau_t[off] > tau_s[off]).all() and (tau_t[off] <= 1).all() and (tau_s[off] >= 0).all()
+
+
+def test_student_at_initialization_equals_teacher_on_the_diagonal():
+    teacher = tiny_model()
+    student = copy.deepcopy(teacher)
+    student.add_second_time()
+    h, tau = torch.randn(4, 8, teacher.config.n_embd), torch.rand(4)
+    torch.testing.assert_close(denoiser(student, h, tau, tau), denoiser(teacher, h, tau), atol=0, rtol=0)
+
+
+def test_semigroup_target_at_equal_times_is_the_model_itself():
+    model, warp = tiny_model(two_time=True), TimeWarp(64)
+    h, tau = draw_noise(model, 3, 8, torch.Generator().manual_seed(1)), torch.tensor([0.2, 0.5, 0.7])
+    t2 = tau + 0.3
+    # u = s: g = 0 and X_{s,s} is the identity, so the target is delta_{s,t} itself
+    torch.testing.assert_close(semigroup_target(model, h, tau, tau, t2, warp), denoiser(model, h, tau, t2),
+                               atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# FLM.md 13: one step keeps the correlation between tokens that independent per-position draws lose
+
+V, L = 8, 2
+
+
+def phrases(k):
+    """k two-token phrases (i, (i + 1) mod k): each position's marginal is uniform over k tokens, and only
+    1/k of the independent pairs are phrases. k = 2 is "new york" / "san diego" up to naming."""
+    return torch.tensor([[i, (i + 1) % k] for i in range(k)])
+
+
+def train_flm_on(data, steps=500, batch=256, seed=0):
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig(vocab_size=V, **dict(MODEL_PRESETS["tiny"], n_embd=int(__import__("os").environ.get("NE",64)), n_head=4, n_layer=int(__import__("os").environ.get("NL",2)))))
+    warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        tokens = data[torch.randint(len(data), (batch,), generator=g)]
+        loss = flm_loss(model, tokens, stratified_tau(batch, g), warp, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def distill_on(data, teacher, steps=600, batch=256, seed=0):
+    student = copy.deepcopy(teacher).train()
+    student.add_second_time()
+    student.embed.requires_grad_(False)
+    warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(steps):
+        tokens = data[torch.randint(len(data), (batch,), generator=g)]
+        tau_s, tau_t, diag = distill_times(batch, g)
+        loss = distill_loss(student, student, teacher, tokens, tau_s, tau_t, diag, warp, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return student.eval()
+
+
+def valid_share(tokens, data):
+    return (tokens[:, None, :] == data[None]).all(-1).any(-1).double().mean().item()
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_one_step_flow_map_keeps_the_correlation_that_independent_draws_lose(k):
+    data, n = phrases(k), 2000
+    teacher = train_flm_on(data)
+    flm = generate(teacher, TimeWarp(V), n, L, steps=64, batch_size=n, seed=1)
+    assert valid_share(flm, data) >= 0.95  # FLM with many Euler steps
+
+    student = distill_on(data, teacher)
+    one_step = generate(student, TimeWarp(V), n, L, steps=1, batch_size=n, seed=2)
+    assert valid_share(one_step, data) >= 0.95  # FMLM, one forward pass
+    shares = (one_step[:, None, :] == data[None]).all(-1).double().mean(0)
+    assert ((shares - 1 / k).abs() < 0.5 / k).all(), shares  # every phrase appears, with share 1/k +- 50%
+
+    # what a one-step discrete sampler does: draw each position independently from the model's marginal, the
+    # denoiser at t = 0 (x_0 carries no information there, so D_0 is the per-position data marginal)
+    g = torch.Generator().manual_seed(3)
+    x0 = draw_noise(teacher, n, L, g)
+    with torch.no_grad():
+        marginals = denoiser(teacher, x0, torch.zeros(n))  # (n, L, V)
+    independent = torch.multinomial(marginals.view(-1, V).double(), 1, generator=g).view(n, L)
+    invalid = 1 - valid_share(independent, data)
+    assert abs(invalid - (1 - 1 / k)) < 0.1, invalid
