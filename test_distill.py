@@ -51,7 +51,7 @@ def phrases(k):
 
 def train_flm_on(data, steps=500, batch=256, seed=0):
     torch.manual_seed(seed)
-    model = DiT(DiTConfig(vocab_size=V, **dict(MODEL_PRESETS["tiny"], n_embd=int(__import__("os").environ.get("NE",64)), n_head=4, n_layer=int(__import__("os").environ.get("NL",2)))))
+    model = DiT(DiTConfig(vocab_size=V, **dict(MODEL_PRESETS["tiny"], n_embd=64, n_head=4, n_layer=2)))
     warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
