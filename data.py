@@ -297,7 +297,11 @@ class Data:
         which = torch.multinomial(sizes, batch_size, replacement=True, generator=generator)
         starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * sizes[which]).long()
         rows = [shards[w][s:s + seq_len] for w, s in zip(which.tolist(), starts.tolist())]
-        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        x = np.stack(rows).astype(np.int64)
+        if x.max() >= self.vocab_size:
+            raise DataError(f"{self.dir} split {split!r} holds token id {x.max()}, outside the vocabulary of "
+                            f"{self.vocab_size} in meta.json: the shards and meta.json do not match")
+        x = torch.from_numpy(x)
         if torch.device(device).type == "cuda":
             return x.pin_memory().to(device, non_blocking=True)
         return x.to(device)

@@ -31,8 +31,8 @@ from model import (CheckpointError, TimeWarp, all_finite, distill_loss, distill_
 
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU
-    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, max_steps=600,
-                ema=0.99, eval_every=200, eval_windows=64),
+    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, max_steps=400,
+                ema=0.99, eval_every=100, eval_windows=64),
     # the paper's settings (FLM.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT)
     "lm1b": dict(teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, lr=3e-4, warmup=1000,
                  max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024),
@@ -188,8 +188,8 @@ def evaluate(net):
 
 def check_finite():
     if int(first_bad) >= 0:
-        fail(f"non-finite loss at step {int(first_bad)}; {ckpt_path} keeps the last good checkpoint "
-             f"(try a lower --lr)")
+        fail(f"non-finite loss or gradient at step {int(first_bad)}; {ckpt_path} keeps the last good "
+             "checkpoint (try a lower --lr)")
 
 
 def checkpoint(step, val_loss):
@@ -211,7 +211,7 @@ def log(line):
 # -----------------------------------------------------------------------------
 # training loop
 
-first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without a host sync
+first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, no host sync
 t0 = time.time()
 for step in range(start_step, args.max_steps + 1):
     lr = lr_at(step)
@@ -246,7 +246,8 @@ for step in range(start_step, args.max_steps + 1):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
-    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step, first_bad)
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
 
     if (step + 1) % args.log_every == 0:
         check_finite()

@@ -483,7 +483,7 @@ def load_checkpoint(path, kind=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CKPT_VERSION:
         version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
         raise CheckpointError(f"{path} has checkpoint format version {version}; this code reads version "

@@ -29,7 +29,7 @@ from model import (MODEL_PRESETS, CheckpointError, DiT, DiTConfig, TimeWarp, all
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU: about 10 minutes on 2 cores
     "ptb": dict(data="data/ptb", model="ptb", batch_size=32, micro_batch=32, seq_len=64, lr=2e-3, warmup=100,
-                max_steps=1500, ema=0.999, eval_every=250, eval_windows=128),
+                max_steps=1000, ema=0.999, eval_every=100, eval_windows=128),
     # the paper's settings (FLM.md 10): AdamW 3e-4, warmup 2,500, batch 512, EMA 0.9999, 1M steps
     "lm1b": dict(data="data/lm1b", model="small", batch_size=512, micro_batch=64, seq_len=128, lr=3e-4,
                  warmup=2500, max_steps=1_000_000, ema=0.9999, eval_every=10_000, eval_windows=2048),
@@ -171,8 +171,8 @@ def evaluate(net):
 
 def check_finite():
     if int(first_bad) >= 0:
-        fail(f"non-finite loss at step {int(first_bad)}; {ckpt_path} keeps the last good checkpoint "
-             f"(try a lower --lr)")
+        fail(f"non-finite loss or gradient at step {int(first_bad)}; {ckpt_path} keeps the last good "
+             "checkpoint (try a lower --lr)")
 
 
 def checkpoint(step, val_loss):
@@ -194,7 +194,7 @@ def log(line):
 # -----------------------------------------------------------------------------
 # training loop
 
-first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without a host sync
+first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, no host sync
 t0, step = time.time(), start_step
 for step in range(start_step, args.max_steps + 1):
     lr = lr_at(step)
@@ -228,7 +228,8 @@ for step in range(start_step, args.max_steps + 1):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
-    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step, first_bad)
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
 
     if (step + 1) % args.log_every == 0:
         check_finite()

@@ -1,0 +1,150 @@
+"""The real scripts in subprocesses: end to end, SIGKILL and exact resume, and clear errors (CPU, a minute)."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8",
+        "--log-every", "1"]
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripts")
+    words = "the cat sat on a mat dog ran after new york and san diego is big small red market stock".split()
+    rng = random.Random(0)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(400)))
+    run("data.py", "--text", str(corpus), "--per-line", "--out", str(root / "data"), "--val-fraction", "0.2")
+    return str(root / "data")
+
+
+def train(data_dir, out, *extra):
+    return run("train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *extra)
+
+
+def distill(teacher, out, *extra):
+    return run("distill.py", "--teacher", str(teacher), "--out-dir", str(out), "--batch-size", "8",
+               "--micro-batch", "4", "--eval-windows", "8", "--log-every", "1", *extra)
+
+
+def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
+    flm = tmp_path / "flm"
+    train(data_dir, flm, "--max-steps", "6", "--eval-every", "3")
+    assert torch.load(flm / "ckpt.pt", weights_only=True)["step"] == 6
+    train(data_dir, flm, "--max-steps", "9", "--eval-every", "3", "--resume")
+    ckpt = torch.load(flm / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 9 and ckpt["kind"] == "flm"
+    assert "step 9 | loss" in (flm / "log.txt").read_text()
+
+    run("sample.py", "--ckpt", str(flm / "ckpt.pt"), "--steps", "4", "--num-samples", "3", "--out",
+        str(tmp_path / "s.jsonl"))
+    rows = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    assert len(rows) == 3 and all(len(r["tokens"]) == 16 and r["steps"] == 4 for r in rows)
+
+    fmlm = tmp_path / "fmlm"
+    distill(flm / "ckpt.pt", fmlm, "--max-steps", "4", "--eval-every", "2")
+    assert torch.load(fmlm / "ckpt.pt", weights_only=True)["kind"] == "fmlm"
+    one = run("sample.py", "--ckpt", str(fmlm / "ckpt.pt"), "--steps", "1", "--num-samples", "2")
+    assert one.stdout.count("--- sample") == 2
+    run("sample.py", "--ckpt", str(fmlm / "ckpt.pt"), "--steps", "2", "--gamma", "0.8", "--num-samples", "2")
+
+
+@pytest.mark.parametrize("stage", ["train", "distill"])
+def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path, stage):
+    if stage == "train":
+        cmd = lambda out: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, "--eval-every", "3",
+                           "--max-steps", "12"]
+    else:
+        teacher = tmp_path / "teacher"
+        train(data_dir, teacher, "--max-steps", "3", "--eval-every", "3")
+        cmd = lambda out: ["distill.py", "--teacher", str(teacher / "ckpt.pt"), "--out-dir", str(out),
+                           "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8", "--eval-every", "3",
+                           "--max-steps", "12"]
+    run(*cmd(tmp_path / "a"))
+    proc = subprocess.Popen([sys.executable, *cmd(tmp_path / "b")], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"]
+    assert killed_at < 12
+    run(*cmd(tmp_path / "b"), "--resume")
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name, killed_at)
+
+
+def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    train(data_dir, tmp_path, "--max-steps", "2", "--eval-every", "2")
+    proc = run("train_flm.py", "--data", data_dir, "--out-dir", str(tmp_path), *TINY, "--max-steps", "8",
+               "--eval-every", "2", "--lr", "1e30", "--warmup", "1", "--resume", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    bad_step = int(re.search(r"non-finite loss or gradient at step (\d+);", proc.stdout).group(1))
+    assert 2 < bad_step <= 8
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bad_inputs_get_a_clear_error_and_no_traceback(data_dir, tmp_path):
+    flm = tmp_path / "flm"
+    train(data_dir, flm, "--max-steps", "2", "--eval-every", "2")
+    (tmp_path / "old.pt").write_bytes(b"")
+    torch.save(dict(format_version=99, kind="flm"), tmp_path / "v99.pt")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00 not text")
+    other = tmp_path / "other"
+    (tmp_path / "other.txt").write_text("".join(f"completely different words {i} here\n" for i in range(40)))
+    run("data.py", "--text", str(tmp_path / "other.txt"), "--per-line", "--out", str(other), "--val-fraction", "0.3")
+    cases = [
+        (["train_flm.py", "--data", str(tmp_path / "nope")], "has no meta.json"),
+        (["sample.py", "--ckpt", str(flm / "ckpt.pt"), "--steps", "0"], "--steps must be at least 1"),
+        (["sample.py", "--ckpt", str(flm / "ckpt.pt"), "--steps", "-3"], "--steps must be at least 1"),
+        (["sample.py", "--ckpt", str(flm / "ckpt.pt"), "--gamma", "0.5"], "needs an FMLM checkpoint"),
+        (["sample.py", "--ckpt", str(tmp_path / "old.pt")], "not a readable checkpoint"),
+        (["sample.py", "--ckpt", str(tmp_path / "v99.pt")], "format version 99"),
+        (["sample.py", "--ckpt", str(tmp_path / "missing.pt")], "does not exist"),
+        (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
+        (["data.py", "--text", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "d2")], "bad.txt is not UTF-8"),
+        (["distill.py", "--teacher", str(flm / "ckpt.pt"), "--data", str(other), "--out-dir", str(tmp_path / "x")],
+         "another vocabulary"),
+    ]
+    for args, message in cases:
+        proc = run(*args, check=False)
+        assert proc.returncode != 0, args
+        assert message in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+    fmlm = tmp_path / "fmlm"
+    distill(flm / "ckpt.pt", fmlm, "--max-steps", "1", "--eval-every", "1")
+    proc = run("distill.py", "--teacher", str(fmlm / "ckpt.pt"), "--out-dir", str(tmp_path / "y"), check=False)
+    assert proc.returncode != 0 and "holds a flow-map model (distill.py), but an FLM denoiser" in proc.stdout
+
+
+def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    with open(copy / "train_000000.bin", "r+b") as f:
+        f.truncate(1100)
+    proc = run("train_flm.py", "--data", str(copy), *TINY, "--out-dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and "train_000000.bin header says" in proc.stdout
