@@ -12,7 +12,6 @@ off-diagonal rows (target: the student's own two-step semigroup composition, wit
 
 import argparse
 import copy
-import math
 import os
 import time
 from contextlib import nullcontext
