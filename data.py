@@ -290,13 +290,17 @@ class Data:
             raise DataError(f"{self.dir} split {split!r}: no shard is longer than the sequence length {L}")
         return shards
 
-    def get_batch(self, split, batch_size, seq_len, generator, device="cpu"):
-        """int64 (B, L) random windows of the split's token stream, drawn with the caller's generator."""
+    def get_batch(self, split, seq_len, keys, device="cpu"):
+        """int64 (B, L) random windows of the split's token stream, row b drawn from its own key keys[b], so a
+        row's window does not depend on the batch it is in."""
         shards = self._shards(split, seq_len)
         sizes = torch.tensor([len(s) - seq_len for s in shards], dtype=torch.float64)
-        which = torch.multinomial(sizes, batch_size, replacement=True, generator=generator)
-        starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * sizes[which]).long()
-        rows = [shards[w][s:s + seq_len] for w, s in zip(which.tolist(), starts.tolist())]
+        rows = []
+        for key in keys.tolist():
+            g = torch.Generator().manual_seed(key)
+            w = int(torch.multinomial(sizes, 1, generator=g))
+            start = int(torch.rand((), generator=g, dtype=torch.float64) * sizes[w])
+            rows.append(shards[w][start:start + seq_len])
         x = np.stack(rows).astype(np.int64)
         if x.max() >= self.vocab_size:
             raise DataError(f"{self.dir} split {split!r} holds token id {x.max()}, outside the vocabulary of "
@@ -306,20 +310,22 @@ class Data:
             return x.pin_memory().to(device, non_blocking=True)
         return x.to(device)
 
-    def eval_batches(self, split, batch_size, seq_len, num_windows, device="cpu"):
-        """A fixed, deterministic sequence of windows (evenly spaced over the split), in batches."""
+    def eval_batches(self, split, seq_len, num_windows, batch_size, device="cpu", first=0, last=None):
+        """(slots, tokens) batches of a fixed, deterministic sequence of num_windows windows evenly spaced over
+        the split; windows first..last-1 only (a rank's share), slots their indices (n,)."""
         shards = self._shards(split, seq_len)
         stream_len = sum(len(s) - seq_len for s in shards)
         offsets = np.linspace(0, stream_len - 1, num_windows).astype(np.int64)
-        rows = []
-        for off in offsets:
-            for s in shards:
-                if off < len(s) - seq_len:
-                    rows.append(np.asarray(s[off:off + seq_len], dtype=np.int64))
-                    break
-                off -= len(s) - seq_len
-        for i in range(0, num_windows, batch_size):
-            yield torch.from_numpy(np.stack(rows[i:i + batch_size])).to(device)
+        last = num_windows if last is None else min(last, num_windows)
+        for i in range(first, last, batch_size):
+            slots, rows = torch.arange(i, min(i + batch_size, last)), []
+            for off in offsets[slots.numpy()]:
+                for s in shards:
+                    if off < len(s) - seq_len:
+                        rows.append(np.asarray(s[off:off + seq_len], dtype=np.int64))
+                        break
+                    off -= len(s) - seq_len
+            yield slots, torch.from_numpy(np.stack(rows)).to(device)
 
     def decode(self, ids):
         return decode(ids, self.vocab)

@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from data import Data, DataError, decode
-from model import (CheckpointError, TimeWarp, causal_nll, generate, load_checkpoint, model_from_checkpoint,
-                   unigram_entropy)
+from model import (CheckpointError, TimeWarp, autocast_for, causal_nll, generate, load_checkpoint,
+                   model_from_checkpoint, unigram_entropy)
 
 parser = argparse.ArgumentParser(description="Generative perplexity and entropy of samples under a pretrained LM.")
 parser.add_argument("--ckpt", action="append", default=[], help="checkpoint to sample from (repeatable)")
@@ -39,8 +39,11 @@ parser.add_argument("--data", default=None, help="data folder for the reference 
 parser.add_argument("--markdown", default=None, help="write the table as markdown to this file")
 parser.add_argument("--plot", default=None, help="write gen PPL and entropy against steps as a PNG (matplotlib)")
 parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                    help="autocast precision of the sampled network (default: bf16 on CUDA, fp32 on CPU)")
 args = parser.parse_args()
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+autocast, _ = autocast_for(device, args.dtype)
 
 
 def fail(message):
@@ -115,7 +118,7 @@ for path, step_list in zip(args.ckpt, args.steps):
     seq_len, data_dir = args.seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
     for steps in step_list:
         with tqdm(desc=f"{ckpt['kind']} {steps} steps", total=steps * -(-args.num_samples // 64), file=sys.stderr,
-                  leave=False) as bar:
+                  leave=False) as bar, autocast:
             tokens = generate(model, warp, args.num_samples, seq_len, steps, 64, args.seed, ticking(bar)).cpu()
         rows.append((ckpt["kind"].upper(), steps, [decode(t, vocab) for t in tokens.tolist()], tokens))
 for path in args.samples:
@@ -131,7 +134,7 @@ if data_dir:
     except DataError as e:
         fail(e)
     L = rows[0][3].size(1)
-    windows = torch.cat(list(data.eval_batches("val", 256, L, args.num_samples)))
+    windows = torch.cat([w for _, w in data.eval_batches("val", L, args.num_samples, 256)])
     texts = [data.decode(w) for w in windows.tolist()]
     rng = random.Random(args.seed)
     shuffled = [" ".join(rng.sample(t.split(" "), len(t.split(" ")))) for t in texts]

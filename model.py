@@ -17,6 +17,7 @@ Conventions (one, stated once):
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,14 @@ try:  # flash-attn is optional and GPU-only; its softcap argument keeps the atte
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+try:  # PyTorch's fused attention with a score_mod: the exact soft-cap without (B, H, L, L) scores in memory
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:
+    flex_attention = None
+
+# "auto": flash-attn if importable and on CUDA, else flex_attention on CUDA, else the explicit formula. flex has
+# no backward on CPU and neither fused kernel supports forward-mode AD, so CPU training runs the explicit formula.
+ATTENTION = "auto"
 
 # -----------------------------------------------------------------------------
 # small pure functions
@@ -56,18 +65,111 @@ def apply_rotary(x, cos, sin):
     return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 
-def attention(q, k, v, softcap):
+_flex_compiled = None
+
+
+def _flex(q, k, v, softcap):
+    """flex_attention, compiled once, with softcap * tanh(score / softcap) as its score_mod; (B, H, L, d)."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+    def softcap_mod(score, b, h, q_idx, kv_idx):  # score is already scaled by 1 / sqrt(d)
+        return softcap * torch.tanh(score / softcap)
+
+    run = _flex_compiled if q.is_cuda else flex_attention  # eager flex on CPU: the reference the tests use
+    return run(q, k, v, score_mod=softcap_mod)
+
+
+def attention(q, k, v, softcap, backend=None):
     """Non-causal attention with logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each."""
-    if flash_attn_func is not None and q.is_cuda:
+    backend = backend or ATTENTION
+    if backend == "auto":
+        backend = ("flash" if flash_attn_func is not None else "flex" if flex_attention is not None
+                   else "explicit") if q.is_cuda else "explicit"
+    if backend == "flash":
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         out = flash_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), causal=False, softcap=softcap)
         return out.to(q.dtype)
-    # PyTorch's fused kernels have no soft-cap, so the fallback writes attention out (exact, O(L^2) memory)
     q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, L, d)
+    if backend == "flex":
+        return _flex(q, k, v, softcap).transpose(1, 2)
+    # the explicit formula: exact, O(L^2) memory, differentiable in both modes on every device
     logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, L, L)
     logits = softcap * torch.tanh(logits / softcap)
     out = logits.softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, d)
     return out.transpose(1, 2)  # (B, L, H, d)
+
+
+# -----------------------------------------------------------------------------
+# randomness by row: the same run at any world size
+#
+# Every random number of a training step (the noise x_0, the dropout masks) is a pure function of (row key, stream,
+# index), and a row's key is a function of (seed, step, slot in the global batch). The global batch, its noise and
+# its dropout are therefore the same whatever the number of ranks and micro-steps, on CPU and CUDA alike, and the
+# integer hash below is plain tensor arithmetic that torch.compile fuses into its kernels.
+
+_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+NOISE, DROPOUT = 0, 1 << 24  # stream bases: noise stream i uses 2i and 2i + 1, dropout of layer l uses 2l and 2l + 1
+
+
+def _mul32(x, c):
+    """x * c mod 2^32 for x in [0, 2^32) and a constant c < 2^32, split in 16-bit halves so int64 never overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    """lowbias32 (C. Wellons), a bijective 32-bit mix, on int64 tensors or Python ints in [0, 2^32)."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _splitmix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def row_key(seed, step, slot):
+    """The 63-bit key of one row of the global batch (step -1: evaluation)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ (step & _M64)) ^ (slot & _M64)) >> 1
+
+
+def slot_keys(seed, step, slots):
+    """int64 keys (n,) of the global-batch slots at a step."""
+    return torch.tensor([row_key(seed, step, int(s)) for s in slots], dtype=torch.int64)
+
+
+def step_generator(seed, step):
+    """A CPU generator for the draws that a step shares across its whole batch (times, permutations)."""
+    return torch.Generator().manual_seed(row_key(seed, step, -1))
+
+
+def row_uniform(keys, n, stream):
+    """U(0, 1) float32 (B, n), 24-bit resolution: entry (b, i) is a function of (keys[b], stream, i) alone."""
+    stream = _hash32(stream & _M32)
+    row = _hash32(_hash32((keys & _M32) ^ stream) ^ ((keys >> 32) & _M32))  # (B,)
+    bits = _hash32(_hash32(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
+    return ((bits >> 8).float() + 0.5) * 2.0 ** -24
+
+
+def row_normal(keys, n, stream):
+    """N(0, 1) float32 (B, n) by Box-Muller from two uniform streams (tails cut at 5.9 sigma by the resolution)."""
+    u1, u2 = row_uniform(keys, n, 2 * stream), row_uniform(keys, n, 2 * stream + 1)
+    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def dropout(x, p, keys, stream):
+    """Inverted dropout of x (B, ...) whose mask is a function of (row key, stream, index); torch's generator when
+    no keys are given."""
+    if p == 0:
+        return x
+    if keys is None:
+        return F.dropout(x, p)
+    keep = row_uniform(keys, x[0].numel(), stream).view_as(x) >= p
+    return x * keep / (1 - p)
 
 
 # -----------------------------------------------------------------------------
@@ -117,20 +219,19 @@ class DiTBlock(nn.Module):
         self.attn_out = nn.Linear(D, D, bias=False)
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.mlp_ratio * D, D))
-        self.dropout = nn.Dropout(cfg.dropout)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * D)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, c, cos, sin):  # x (B, L, D), c (B, cond_dim)
+    def forward(self, x, c, cos, sin, p, keys, stream):  # x (B, L, D), c (B, cond_dim); p: dropout
         B, L, D = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, D)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
         q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(dim=2)  # each (B, L, H, d)
         y = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, self.softcap)
-        x = x + gate_msa * self.dropout(self.attn_out(y.reshape(B, L, D)))
-        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        x = x + gate_msa * dropout(self.attn_out(y.reshape(B, L, D)), p, keys, stream)
+        x = x + gate_mlp * dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), p, keys, stream + 1)
         return x
 
 
@@ -185,7 +286,8 @@ MODEL_PRESETS = {
 
 
 class DiT(nn.Module):
-    """f(h, tau_s[, tau_t]) -> logits (B, L, V), with h = x @ E the projected one-hot state."""
+    """f(h, tau_s[, tau_t]) -> logits (B, L, V), with h = x @ E the projected one-hot state. keys (B,): the rows'
+    keys, which make the dropout masks of a row independent of the batch it is in (training only)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -209,15 +311,15 @@ class DiT(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return x.float() @ self.embed
 
-    def forward(self, h, tau_s, tau_t=None):
+    def forward(self, h, tau_s, tau_t=None, keys=None):
         c = self.t_embedder(tau_s)
         if self.t2_embedder is not None:
             c = c + self.t2_embedder(tau_t)
         c = F.silu(c)  # (B, cond_dim)
         cos, sin = rotary_cos_sin(h.size(1), self.config.n_embd // self.config.n_head, h.device)
-        x = h
-        for block in self.blocks:
-            x = block(x, c, cos, sin)
+        p, x = (self.config.dropout if self.training else 0.0), h
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, cos, sin, p, keys, DROPOUT + 2 * i)
         logits = self.final_layer(x, c).float()
         if self.config.logit_cap > 0:
             logits = self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
@@ -292,21 +394,29 @@ def stratified_tau(n, generator):
 # the flow math: interpolant, denoiser, flow map, semigroup (FLM.md 1, 2, 4, 5)
 
 
+def unwrap(model):
+    """The DiT inside DDP and torch.compile wrappers, for its E, config and project: every function below takes
+    the bare, the DDP-wrapped and the compiled module alike."""
+    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
+    return model
+
+
 def noise_factor(embed):
     """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (DESIGN.md, projected state)."""
     e = embed.double()
     return torch.linalg.cholesky(e.T @ e).to(embed.dtype)
 
 
-def draw_noise(model, B, L, generator=None, dense=False):
-    """x_0 ~ N(0, I): dense (B, L, V), or projected x_0 @ E (B, L, D) drawn without forming x_0."""
-    E = model.embed
-    V, D = E.shape
-    if dense:
-        return torch.randn(B, L, V, generator=generator, device=E.device)
-    if V <= D:  # E^T E is singular here; such vocabularies are tiny, so draw x_0 itself
-        return model.project(torch.randn(B, L, V, generator=generator, device=E.device))
-    z = torch.randn(B, L, D, generator=generator, device=E.device)
+def draw_noise(model, keys, L, stream=NOISE, dense=False):
+    """x_0 ~ N(0, I) for rows with keys (B,): dense (B, L, V), or projected x_0 @ E (B, L, D) without forming x_0."""
+    model = unwrap(model)
+    E, keys = model.embed, keys.to(model.embed.device)
+    (V, D), B = E.shape, len(keys)
+    if dense or V <= D:  # V <= D: E^T E is singular; such vocabularies are tiny, so draw x_0 itself
+        x0 = row_normal(keys, L * V, stream).view(B, L, V)
+        return x0 if dense else model.project(x0)
+    z = row_normal(keys, L * D, stream).view(B, L, D)
     return z @ noise_factor(E).T
 
 
@@ -316,21 +426,22 @@ def interpolate(x0, x1, t):
     return (1 - t) * x0 + t * x1
 
 
-def noisy_input(model, tokens, t, generator=None, dense=False):
-    """The network input h_t = x_t @ E for tokens (B, L) at times t (B,) -> (B, L, D)."""
-    B, L = tokens.shape
-    x0 = draw_noise(model, B, L, generator, dense)
+def noisy_input(model, tokens, t, keys, dense=False):
+    """The network input h_t = x_t @ E for tokens (B, L) at times t (B,), noise from the rows' keys -> (B, L, D)."""
+    model = unwrap(model)
+    x0 = draw_noise(model, keys, tokens.size(1), dense=dense)
     if dense:
         x1 = F.one_hot(tokens, model.config.vocab_size).float()
         return model.project(interpolate(x0, x1, t))
     return interpolate(x0, model.embed[tokens], t)  # one_hot(tokens) @ E = E[tokens]
 
 
-def flm_loss(model, tokens, tau, warp, generator=None, dense=False, raw_model=None):
-    """Token cross-entropy of the denoiser at reparameterized times tau (B,) (FLM.md 2)."""
-    raw_model = raw_model or model  # the module itself under DDP / compile, for E and the config
-    h = noisy_input(raw_model, tokens, warp.t(tau), generator, dense)
-    logits = model(h, tau)
+def flm_loss(model, tokens, tau, warp, keys, dense=False):
+    """Token cross-entropy of the denoiser at reparameterized times tau (B,) (FLM.md 2); keys (B,) give each
+    row its noise and dropout."""
+    keys = keys.to(tokens.device)
+    h = noisy_input(model, tokens, warp.t(tau), keys, dense)
+    logits = model(h, tau, keys=keys)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), tokens.view(-1))
 
 
@@ -339,9 +450,9 @@ def soft_cross_entropy(logits, target):
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
-def denoiser(model, h, tau_s, tau_t=None):
+def denoiser(model, h, tau_s, tau_t=None, keys=None):
     """D = softmax(f(h, tau_s[, tau_t])) in fp32: the posterior mean of x_1, or delta_{s,t} (FLM.md 2, 5)."""
-    return model(h, tau_s, tau_t).float().softmax(dim=-1)
+    return model(h, tau_s, tau_t, keys=keys).float().softmax(dim=-1)
 
 
 def flow_map(x, delta, s, t):
@@ -359,15 +470,17 @@ def semigroup_weight(s, u, t):
 
 
 @torch.no_grad()
-def semigroup_target(model, h_s, tau_s, tau_u, tau_t, warp):
-    """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)), from the model itself (FLM.md 6); (B, L, V)."""
+def semigroup_target(model, h_s, tau_s, tau_u, tau_t, warp, keys=None):
+    """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)), from the model itself (FLM.md 6); (B, L, V).
+    keys + 1 and keys + 2 give the two passes dropout masks of their own."""
+    model = unwrap(model)
     s, u, t = warp.t(tau_s), warp.t(tau_u), warp.t(tau_t)
-    delta_su = denoiser(model, h_s, tau_s, tau_u)
+    more = (lambda i: None) if keys is None else (lambda i: keys + i)
+    delta_su = denoiser(model, h_s, tau_s, tau_u, more(1))
     y = flow_map(h_s, model.project(delta_su), s, u)
-    delta_ut = denoiser(model, y, tau_u, tau_t)
+    delta_ut = denoiser(model, y, tau_u, tau_t, more(2))
     g = semigroup_weight(s, u, t).view(-1, 1, 1)
     return g * delta_su + (1 - g) * delta_ut
-
 
 
 def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32):
@@ -387,39 +500,42 @@ def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32):
     return tau_s[perm], tau_t[perm], diag[perm]
 
 
-def distill_loss(net, student, teacher, tokens, tau_s, tau_t, diag, warp, generator=None):
-    """Semigroup distillation loss (FLM.md 6): soft cross-entropy of net's delta_{s,t}(x_s) against the frozen
-    teacher's D_s(x_s) on diagonal rows and against the semigroup target of student (the same module as net,
-    without DDP or compile) on the others. The student's E is the teacher's, so both read h = x_s @ E."""
-    h = noisy_input(student, tokens, warp.t(tau_s), generator)
+def distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys):
+    """Semigroup distillation loss (FLM.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
+    frozen teacher's D_s(x_s) on diagonal rows and against the student's own semigroup target on the others.
+    The student's E is the teacher's, so both read h = x_s @ E; keys (B,) give each row its noise and dropout."""
+    keys = keys.to(tokens.device)
+    h = noisy_input(student, tokens, warp.t(tau_s), keys)
     with torch.no_grad():
-        target = torch.empty(*tokens.shape, student.config.vocab_size, device=h.device)
+        target = torch.empty(*tokens.shape, unwrap(student).config.vocab_size, device=h.device)
         if diag.any():
             target[diag] = denoiser(teacher, h[diag], tau_s[diag])
         off = ~diag
         if off.any():
             mid = (tau_s[off] + tau_t[off]) / 2
-            target[off] = semigroup_target(student, h[off], tau_s[off], mid, tau_t[off], warp)
-    return soft_cross_entropy(net(h, tau_s, tau_t), target)
+            target[off] = semigroup_target(student, h[off], tau_s[off], mid, tau_t[off], warp, keys[off])
+    return soft_cross_entropy(student(h, tau_s, tau_t, keys=keys), target)
+
 
 # -----------------------------------------------------------------------------
 # the samplers (FLM.md 4, 7, 8)
 
 
 @torch.no_grad()
-def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, generator=None, dense=False,
-           progress=None):
+def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, keys=None, dense=False, progress=None):
     """Generate tokens (B, L) from noise x: the Euler ODE for a denoiser, the flow map for a two-time model.
 
     x is the dense state x_0 (B, L, V) if dense, else the projected x_0 @ E (B, L, D) from draw_noise.
-    gamma > 0: the stochastic flow-map sampler (FLM.md 7). weak_model, eta: autoguidance (FLM.md 8).
+    gamma > 0: the stochastic flow-map sampler (FLM.md 7), its noise from the rows' keys (B,).
+    weak_model, eta: autoguidance (FLM.md 8).
     """
-    two_time = model.config.two_time
-    if gamma > 0 and not two_time:
-        raise ValueError("gamma > 0 needs a flow-map (two-time) model")
+    net = unwrap(model)
+    two_time = net.config.two_time
+    if gamma > 0 and (not two_time or keys is None):
+        raise ValueError("gamma > 0 needs a flow-map (two-time) model and the rows' keys")
     B = x.size(0)
-    lift = (lambda p: p) if dense else model.project  # denoiser (B, L, V) -> the state space
-    read = model.project if dense else (lambda z: z)  # state -> network input
+    lift = (lambda p: p) if dense else net.project  # denoiser (B, L, V) -> the state space
+    read = net.project if dense else (lambda z: z)  # state -> network input
     taus = torch.linspace(0, 1, steps + 1, device=x.device)
     ts = warp.t(taus)
     for i in (progress or (lambda r: r))(range(steps)):
@@ -433,20 +549,19 @@ def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, generator
             d = d_weak + eta * (d - d_weak)  # affine in D, so the step stays exact (FLM.md 8)
         x = flow_map(x, lift(d), s, t_jump)
         if gamma > 0:
-            noise = draw_noise(model, B, x.size(1), generator, dense)
+            noise = draw_noise(net, keys, x.size(1), NOISE + 1 + i, dense)
             x = x + (t - t_jump) * lift(d) + gamma * (1 - t) * noise
     return d.argmax(dim=-1)  # the last step lands on t = 1, where x = d
 
 
-
 def generate(model, warp, num_samples, L, steps, batch_size=64, seed=0, progress=None, **kwargs):
-    """num_samples sequences (num_samples, L) in batches, from the seeded noise x_0 of each batch."""
-    device, out = model.embed.device, []
-    generator = torch.Generator(device).manual_seed(seed)
+    """num_samples sequences (num_samples, L) in batches; sample i comes from the key (seed, 0, i), so it is the
+    same whatever the batch size."""
+    out = []
     for start in range(0, num_samples, batch_size):
-        B = min(batch_size, num_samples - start)
-        x = draw_noise(model, B, L, generator)
-        out.append(sample(model, warp, x, steps, generator=generator, progress=progress, **kwargs))
+        keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
+        x = draw_noise(model, keys, L)
+        out.append(sample(model, warp, x, steps, keys=keys, progress=progress, **kwargs))
     return torch.cat(out)
 
 
@@ -468,6 +583,17 @@ def causal_nll(logits, ids, mask):
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
     m = mask[:, 1:].to(logp.dtype)
     return -(logp * m).sum().item(), int(m.sum().item())
+
+# -----------------------------------------------------------------------------
+# precision
+
+
+def autocast_for(device, dtype):
+    """One autocast context for the transformer: bf16 (CPU or CUDA) or none; dtype None picks by device."""
+    device_type = torch.device(device).type
+    dtype = dtype or ("bf16" if device_type == "cuda" else "fp32")
+    return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext(), dtype
+
 
 # -----------------------------------------------------------------------------
 # EMA and checkpoints (one flat dict of plain types, DESIGN.md)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from data import decode
-from model import CheckpointError, TimeWarp, generate, load_checkpoint, model_from_checkpoint
+from model import CheckpointError, TimeWarp, autocast_for, generate, load_checkpoint, model_from_checkpoint
 
 parser = argparse.ArgumentParser(description="Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.")
 parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt", help="checkpoint from train_flm.py or distill.py")
@@ -29,6 +29,8 @@ parser.add_argument("--eta", type=float, default=1.0, help="autoguidance weight:
 parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
 parser.add_argument("--out", default=None, help="also write the samples as JSONL (text, tokens) to this file")
 parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                    help="autocast precision of the network (default: bf16 on CUDA, fp32 on CPU); state stays fp32")
 parser.add_argument("--quiet", action="store_true", help="do not print the texts")
 args = parser.parse_args()
 
@@ -70,8 +72,10 @@ def progress(steps_range):
         bar.update()
 
 
-tokens = generate(model, warp, args.num_samples, seq_len, steps, args.batch_size, args.seed, progress,
-                  gamma=args.gamma, weak_model=weak_model, eta=args.eta).cpu()
+autocast, _ = autocast_for(device, args.dtype)
+with autocast:
+    tokens = generate(model, warp, args.num_samples, seq_len, steps, args.batch_size, args.seed, progress,
+                      gamma=args.gamma, weak_model=weak_model, eta=args.eta).cpu()
 bar.close()
 texts = [decode(row, vocab) for row in tokens.tolist()]
 if not args.quiet:

@@ -9,6 +9,7 @@ import torch
 
 from data import (GPT2_EOT, Data, DataError, decode, get_tokenizer, prepare, ptb_documents, read_shard,
                   text_documents, write_shard)
+from model import slot_keys
 
 TEXT = ["the cat sat on the mat.", "a dog ran after the cat!", "new york and san diego", "über café, naïve"]
 
@@ -61,14 +62,17 @@ def test_shard_header_checks_name_the_file(tmp_path):
 
 def test_get_batch_shapes_range_and_determinism(tmp_path):
     data, _ = small_corpus(tmp_path)
-    a = data.get_batch("train", 5, 8, torch.Generator().manual_seed(0))
-    b = data.get_batch("train", 5, 8, torch.Generator().manual_seed(0))
-    c = data.get_batch("train", 5, 8, torch.Generator().manual_seed(1))
+    a = data.get_batch("train", 8, slot_keys(0, 0, range(5)))
+    b = data.get_batch("train", 8, slot_keys(0, 0, range(5)))
+    c = data.get_batch("train", 8, slot_keys(1, 0, range(5)))
     assert a.shape == (5, 8) and a.dtype == torch.int64
     assert a.min() >= 0 and a.max() < data.vocab_size
     assert torch.equal(a, b) and not torch.equal(a, c)
-    evals = [torch.cat(list(data.eval_batches("val", 3, 4, 7))) for _ in range(2)]
+    assert torch.equal(data.get_batch("train", 8, slot_keys(0, 0, range(2, 4))), a[2:4])  # a row is its key's
+    evals = [torch.cat([w for _, w in data.eval_batches("val", 4, 7, 3)]) for _ in range(2)]
     assert evals[0].shape == (7, 4) and torch.equal(*evals)
+    shares = [w for first in (0, 4) for _, w in data.eval_batches("val", 4, 7, 3, first=first, last=first + 4)]
+    assert torch.equal(torch.cat(shares), evals[0])  # ranks' shares make up the same windows
 
 
 def test_ptb_default_token_counts(tmp_path):
@@ -104,4 +108,4 @@ def test_token_ids_outside_the_vocabulary_are_rejected(tmp_path):
     tokens = np.array(read_shard(path))
     write_shard(path, np.full_like(tokens, data.vocab_size + 3))
     with pytest.raises(DataError, match="outside the vocabulary"):
-        Data(data.dir).get_batch("train", 2, 4, torch.Generator().manual_seed(0))
+        Data(data.dir).get_batch("train", 4, slot_keys(0, 0, range(2)))

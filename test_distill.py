@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, denoiser, distill_loss, distill_times, draw_noise,
-                   ema_update, flm_loss, generate, semigroup_target, stratified_tau)
+                   ema_update, flm_loss, generate, semigroup_target, slot_keys, stratified_tau)
 from test_simplex import tiny_model
 
 
@@ -31,7 +31,7 @@ def test_student_at_initialization_equals_teacher_on_the_diagonal():
 
 def test_semigroup_target_at_equal_times_is_the_model_itself():
     model, warp = tiny_model(two_time=True), TimeWarp(64)
-    h, tau = draw_noise(model, 3, 8, torch.Generator().manual_seed(1)), torch.tensor([0.2, 0.5, 0.7])
+    h, tau = draw_noise(model, slot_keys(1, 0, range(3)), 8), torch.tensor([0.2, 0.5, 0.7])
     t2 = tau + 0.3
     # u = s: g = 0 and X_{s,s} is the identity, so the target is delta_{s,t} itself
     torch.testing.assert_close(semigroup_target(model, h, tau, tau, t2, warp), denoiser(model, h, tau, t2),
@@ -55,9 +55,9 @@ def train_flm_on(data, steps, batch, seed=0):
     model = DiT(DiTConfig(vocab_size=V, **dict(MODEL_PRESETS["tiny"], n_embd=64, n_head=4, n_layer=2)))
     warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
+    for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
-        loss = flm_loss(model, tokens, stratified_tau(batch, g), warp, g)
+        loss = flm_loss(model, tokens, stratified_tau(batch, g), warp, slot_keys(seed, step, range(batch)))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -75,7 +75,7 @@ def distill_on(data, teacher, steps, batch, lr, seed=0):
     for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
         tau_s, tau_t, diag = distill_times(batch, g)
-        loss = distill_loss(student, student, teacher, tokens, tau_s, tau_t, diag, warp, g)
+        loss = distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(seed, step, range(batch)))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -110,7 +110,7 @@ def test_one_step_flow_map_keeps_the_correlation_that_independent_draws_lose(
     # denoiser at t = 0 averaged over x_0 (x_0 carries no information at t = 0: D_0 is the data marginal)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        marginals = denoiser(teacher, draw_noise(teacher, n, L, g), torch.zeros(n)).mean(0)  # (L, V)
+        marginals = denoiser(teacher, draw_noise(teacher, slot_keys(3, 0, range(n)), L), torch.zeros(n)).mean(0)
     independent = torch.multinomial(marginals.double(), n, replacement=True, generator=g).T  # (n, L)
     invalid = 1 - valid_share(independent, data)
     print(f"k={k}: FLM 64 steps valid {flm_valid:.3f}; FMLM 1 step valid {valid_share(one_step, data):.3f}, "

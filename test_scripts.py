@@ -1,6 +1,7 @@
 """The real scripts in subprocesses: end to end, SIGKILL and exact resume, and clear errors (CPU, a minute)."""
 
 import json
+import math
 import os
 import random
 import re
@@ -148,3 +149,94 @@ def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
         f.truncate(1100)
     proc = run("train_flm.py", "--data", str(copy), *TINY, "--out-dir", str(tmp_path / "o"), check=False)
     assert proc.returncode != 0 and "train_000000.bin header says" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# as users run it at scale: torchrun (2 CPU processes, gloo), world-size invariance, compile, bf16
+
+
+def torchrun(*args, check=True):
+    """torchrun --standalone --nproc_per_node=2 (the module form of the same launcher)."""
+    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, check=check)
+
+
+def weights(path, key="model"):
+    return torch.load(path, weights_only=True)[key]
+
+
+def max_diff(a, b):
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+MOVING = ["--lr", "1e-2", "--warmup", "1", "--dropout", "0.1", "--eval-every", "3"]  # weights that move, dropout on
+
+
+def test_torchrun_trains_and_distills_with_evaluation_and_checkpoints(data_dir, tmp_path):
+    proc = torchrun("train_flm.py", "--data", data_dir, "--out-dir", str(tmp_path / "flm"), *TINY, "--max-steps", "4",
+                    "--eval-every", "2")
+    assert "micro 4 x world 2 x accumulation 1" in proc.stdout
+    assert "step 2 | val loss" in proc.stdout and "step 4 | val loss" in proc.stdout
+    assert torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)["step"] == 4
+    proc = torchrun("distill.py", "--teacher", str(tmp_path / "flm" / "ckpt.pt"), "--out-dir", str(tmp_path / "fmlm"),
+                    "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8", "--log-every", "1",
+                    "--max-steps", "4", "--eval-every", "2")
+    assert "step 4 | val loss" in proc.stdout
+    ckpt = torch.load(tmp_path / "fmlm" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["kind"] == "fmlm"
+
+
+@pytest.mark.parametrize("stage", ["train", "distill"])
+def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(data_dir, tmp_path, stage):
+    if stage == "train":
+        cmd = lambda out, *extra: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING, *extra]
+    else:
+        train(data_dir, tmp_path / "teacher", "--max-steps", "6", "--eval-every", "6", "--lr", "1e-2", "--warmup", "1")
+        cmd = lambda out, *extra: ["distill.py", "--teacher", str(tmp_path / "teacher" / "ckpt.pt"), "--out-dir",
+                                   str(out), "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8",
+                                   *MOVING, *extra]
+    torchrun(*cmd(tmp_path / "two", "--max-steps", "6"))  # 2 ranks x 1 micro-step of 4
+    run(*cmd(tmp_path / "one", "--max-steps", "6"))  # 1 rank x 2 micro-steps of 4
+    run(*cmd(tmp_path / "other", "--max-steps", "6", "--seed", "7"))  # another seed, for scale
+    two, one = weights(tmp_path / "two" / "ckpt.pt"), weights(tmp_path / "one" / "ckpt.pt")
+    diff, seed_diff = max_diff(two, one), max_diff(one, weights(tmp_path / "other" / "ckpt.pt"))
+    print(f"{stage}: max |2 ranks - 1 rank| = {diff:.3g}, another seed differs by {seed_diff:.3g}")
+    assert diff < 1e-5 and seed_diff > 1e-3
+
+
+def test_a_two_rank_run_resumed_on_one_rank_continues_the_same_trajectory(data_dir, tmp_path):
+    cmd = lambda out, steps: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING,
+                              "--max-steps", str(steps)]
+    run(*cmd(tmp_path / "whole", 6))
+    torchrun(*cmd(tmp_path / "split", 3))  # stopped at step 3 on 2 ranks ...
+    run(*cmd(tmp_path / "split", 6), "--resume")  # ... and finished on 1
+    for key in ("model", "ema"):
+        diff = max_diff(weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "split" / "ckpt.pt", key))
+        print(f"resume 2 ranks -> 1 rank, {key}: max diff {diff:.3g}")
+        assert diff < 1e-5
+
+
+def losses(stdout):
+    return [float(x) for x in re.findall(r"\| (?:val )?loss (\d+\.\d+)", stdout)]
+
+
+def test_compile_gives_the_eager_losses_under_torchrun(data_dir, tmp_path):
+    cmd = lambda out: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING, "--max-steps", "3"]
+    eager = torchrun(*cmd(tmp_path / "eager")).stdout
+    compiled = torchrun(*cmd(tmp_path / "compiled"), "--compile").stdout
+    assert ", compiled" in compiled
+    diff = max(abs(a - b) for a, b in zip(losses(eager), losses(compiled)))
+    weight_diff = max_diff(weights(tmp_path / "eager" / "ckpt.pt"), weights(tmp_path / "compiled" / "ckpt.pt"))
+    print(f"compile vs eager: losses {losses(compiled)} vs {losses(eager)}, max loss diff {diff:.2g}, "
+          f"max weight diff {weight_diff:.3g}")
+    assert len(losses(eager)) == len(losses(compiled)) == 5 and diff <= 2e-4 and weight_diff < 1e-4
+
+
+def test_bf16_trains_on_cpu_with_a_finite_falling_loss(data_dir, tmp_path):
+    proc = train(data_dir, tmp_path, "--dtype", "bf16", "--max-steps", "30", "--eval-every", "30", "--lr", "1e-2",
+                 "--warmup", "1")
+    assert "bf16" in proc.stdout
+    val = [float(x) for x in re.findall(r"\| val loss (\d+\.\d+)", proc.stdout)]
+    train_losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+)", proc.stdout)]
+    assert all(math.isfinite(x) for x in val + train_losses)
+    assert val[-1] < val[0] - 0.5 and sum(train_losses[-5:]) < sum(train_losses[:5]) - 2.5, (val, train_losses)
+    run("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--dtype", "bf16", "--steps", "4", "--num-samples", "2")
