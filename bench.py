@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODEL_PRESETS, DiT, DiTConfig, TimeWarp, draw_noise, flm_loss, sample, stratified_tau
+import model as flm_model
+from model import (MODEL_PRESETS, DiT, DiTConfig, TimeWarp, autocast_for, draw_noise, flm_loss, sample, slot_keys,
+                   stratified_tau)
 
 parser = argparse.ArgumentParser(description="Training and sampling speed and memory of FLM / FMLM.")
 parser.add_argument("--model", default="ptb", choices=list(MODEL_PRESETS), help="model shape preset")
@@ -33,11 +35,16 @@ parser.add_argument("--sample-len", type=int, default=128, help="sampling length
 parser.add_argument("--flm-steps", type=int, default=64, help="Euler steps of the FLM sampler")
 parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-parser.add_argument("--only", choices=["projected", "dense"], help=argparse.SUPPRESS)  # one training variant
+parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--attention", nargs="+", default=None, choices=["explicit", "flex", "flash"],
+                    help="attention paths to compare in training (default: explicit, and flex on CUDA)")
+parser.add_argument("--only", nargs=2, help=argparse.SUPPRESS)  # one training variant: input, attention
 args = parser.parse_args()
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 cuda = device.startswith("cuda")
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+autocast, args.dtype = autocast_for(device, args.dtype)
+PEAK = {"bf16": 989e12, "fp32": 67e12}[args.dtype]  # H100 SXM dense peak
 cfg = DiTConfig(vocab_size=args.vocab, **MODEL_PRESETS[args.model])
 
 
@@ -50,12 +57,13 @@ def sync():
 # training step, one variant per process so that peak memory is its own
 
 
-def train_variant(dense):
+def train_variant(dense, attention):
+    flm_model.ATTENTION = attention
     torch.manual_seed(0)
     raw = DiT(cfg).to(device)
     model = torch.compile(raw) if args.compile else raw
     opt = torch.optim.AdamW(raw.parameters(), lr=1e-4)
-    warp, g = TimeWarp(cfg.vocab_size), torch.Generator(device).manual_seed(0)
+    warp = TimeWarp(cfg.vocab_size)
     tokens = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), device=device)
     tau = stratified_tau(args.batch_size, torch.Generator().manual_seed(0)).to(device)
     for i in range(args.iters + 2):
@@ -63,7 +71,7 @@ def train_variant(dense):
             sync()
             t0 = time.time()
         with autocast:
-            loss = flm_loss(model, tokens, tau, warp, g, dense=dense, raw_model=raw)
+            loss = flm_loss(model, tokens, tau, warp, slot_keys(0, i, range(args.batch_size)), dense=dense)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,22 +79,23 @@ def train_variant(dense):
     dt = (time.time() - t0) / args.iters
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tok_s = args.batch_size * args.seq_len / dt
-    mfu = raw.flops_per_token(args.seq_len) * tok_s / 989e12 if cuda else None  # H100 bf16 dense peak
+    mfu = raw.flops_per_token(args.seq_len) * tok_s / PEAK if cuda else None
     return dict(ms=dt * 1000, tok_s=tok_s, peak_gib=peak / 2 ** 30, mfu=mfu)
 
 
 if args.only:
-    print(json.dumps(train_variant(args.only == "dense")))
+    print(json.dumps(train_variant(args.only[0] == "dense", args.only[1])))
     raise SystemExit
 
 train = {}
-for variant in ("projected", "dense"):
-    cmd = [sys.executable, *sys.argv, "--only", variant, "--device", device]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        train[variant] = dict(error=proc.stderr.strip().splitlines()[-1])
-    else:
-        train[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+for attention in args.attention or (["explicit", "flex"] if cuda else ["explicit"]):
+    for variant in ("projected", "dense"):
+        cmd = [sys.executable, *sys.argv, "--only", variant, attention, "--device", device]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            train[variant, attention] = dict(error=proc.stderr.strip().splitlines()[-1])
+        else:
+            train[variant, attention] = json.loads(proc.stdout.strip().splitlines()[-1])
 
 # -----------------------------------------------------------------------------
 # sampling: FMLM 1 step, FLM N steps, autoregressive with a KV cache
@@ -147,8 +156,9 @@ fmlm = DiT(DiTConfig(**{**cfg.__dict__, "two_time": True})).to(device).eval()
 ar = CausalLM(cfg).to(device).eval()
 warp = TimeWarp(cfg.vocab_size)
 with autocast:
-    t_fmlm = timed(lambda: sample(fmlm, warp, draw_noise(fmlm, B, L), 1))
-    t_flm = timed(lambda: sample(flm, warp, draw_noise(flm, B, L), args.flm_steps), repeats=1)
+    keys = slot_keys(0, 0, range(B))
+    t_fmlm = timed(lambda: sample(fmlm, warp, draw_noise(fmlm, keys, L), 1))
+    t_flm = timed(lambda: sample(flm, warp, draw_noise(flm, keys, L), args.flm_steps), repeats=1)
     t_ar = timed(lambda: ar.generate(B, L), repeats=1)
 
 # -----------------------------------------------------------------------------
@@ -158,18 +168,20 @@ name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()
 print(f"command: python {' '.join(sys.argv)}")
 print(f"device: {name}; torch {torch.__version__}; model {args.model} ({flm.num_params():,} parameters), "
       f"V = {args.vocab:,}\n")
-print(f"training step, B = {args.batch_size}, L = {args.seq_len}{', compiled' if args.compile else ''}:")
-print("| input | ms / step | tokens/s | peak memory (GiB) | MFU |\n|---|---|---|---|---|")
-for variant, r in train.items():
+print(f"training step, B = {args.batch_size}, L = {args.seq_len}, {args.dtype}{', compiled' if args.compile else ''}:")
+print("| input | attention | ms / step | tokens/s | peak memory (GiB) | MFU |\n|---|---|---|---|---|---|")
+for (variant, attention), r in train.items():
     if "error" in r:
-        print(f"| {variant} | failed: {r['error']} | | | |")
+        print(f"| {variant} | {attention} | failed: {r['error']} | | | |")
     else:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"| {variant} | {r['ms']:.0f} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {mfu} |")
-if all("error" not in r for r in train.values()):
-    p, d = train["projected"], train["dense"]
-    print(f"projected / dense: {p['tok_s'] / d['tok_s']:.2f}x tokens/s, {d['peak_gib'] / p['peak_gib']:.2f}x less "
-          f"peak memory ({'max allocated' if cuda else 'max RSS of the process, weights and runtime included'})")
+        print(f"| {variant} | {attention} | {r['ms']:.0f} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {mfu} |")
+for attention in dict.fromkeys(a for _, a in train):
+    p, d = train["projected", attention], train["dense", attention]
+    if "error" not in p and "error" not in d:
+        print(f"projected / dense ({attention}): {p['tok_s'] / d['tok_s']:.2f}x tokens/s, "
+              f"{d['peak_gib'] / p['peak_gib']:.2f}x less peak memory "
+              f"({'max allocated' if cuda else 'max RSS of the process, weights and runtime included'})")
 print(f"\nsampling B = {B}, L = {L}:")
 print("| sampler | forward passes | seconds | vs autoregressive |\n|---|---|---|---|")
 for label, passes, t in (("FMLM, 1 step", 1, t_fmlm), (f"FLM, {args.flm_steps} Euler steps", args.flm_steps, t_flm),

@@ -88,8 +88,10 @@ def valid_share(tokens, data):
 
 
 # k, training steps and batch, distillation steps, batch and lr, and the one-step validity asserted.
-# k = 4 reaches 95% only with longer runs (3 minutes on 2 cores): the slow case, FLM_SLOW=1 to run it.
-SETTINGS = [(2, 500, 256, 600, 256, 1e-3, 0.95), (4, 500, 256, 600, 256, 1e-3, 0.90),
+# k = 4 reaches 95% only with longer runs (3 minutes on 2 cores): the slow case, FLM_SLOW=1 to run it. With 500
+# teacher steps, k = 4 gave 89.4% / 91.7% / 91.8% one-step validity on seeds 0 / 1 / 2: the student is only as
+# good as its teacher (FLM 96.2% on seed 0), so the CI case trains the teacher 800 steps (FLM 97.9%, FMLM 92.3%).
+SETTINGS = [(2, 500, 256, 600, 256, 1e-3, 0.95), (4, 800, 256, 600, 256, 1e-3, 0.90),
             pytest.param(4, 1500, 512, 3000, 512, 5e-4, 0.95, marks=pytest.mark.skipif(
                 not os.environ.get("FLM_SLOW"), reason="slow: set FLM_SLOW=1"))]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, attention, denoiser, draw_noise, flm_loss, flow_map,
-                   interpolate, noise_factor, row_normal, row_uniform, sample, semigroup_target, semigroup_weight,
-                   slot_keys, stratified_tau)
+from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, attention, denoiser, draw_noise, flex_attention,
+                   flm_loss, flow_map, interpolate, noise_factor, row_normal, row_uniform, sample, semigroup_target,
+                   semigroup_weight, slot_keys, stratified_tau)
 
 
 def tiny_model(V=64, seed=0, two_time=False, perturb=True):
@@ -240,3 +240,41 @@ def test_a_hundred_steps_on_one_batch_drive_the_loss_down():
         opt.zero_grad()
     assert losses[0] == pytest.approx(math.log(64), abs=1e-4)
     assert sum(losses[-10:]) / 10 < 0.6 * losses[0]  # the mean of the last ten: one step's noise does not decide
+
+
+# -----------------------------------------------------------------------------
+# randomness by row and attention paths
+
+
+def test_row_randomness_depends_on_the_row_key_alone_and_is_standard_normal():
+    keys = slot_keys(0, 3, range(64))
+    z = row_normal(keys, 20_000, 0).double()
+    torch.testing.assert_close(row_normal(keys[10:12], 20_000, 0), z[10:12].float(), atol=0, rtol=0)
+    assert not torch.equal(row_normal(keys, 100, 1), row_normal(keys, 100, 0))  # streams differ
+    n = z.numel()
+    assert abs(z.mean()) < 5 / math.sqrt(n) and abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((z[:, 1:] * z[:, :-1]).mean()) < 5 / math.sqrt(n)  # neighbours uncorrelated
+    assert abs((z[1:] * z[:-1]).mean()) < 5 / math.sqrt(n)  # rows uncorrelated
+    u = row_uniform(keys, 20_000, 9).double()
+    assert u.min() > 0 and u.max() < 1 and abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+
+
+def test_dropout_of_a_row_does_not_depend_on_the_batch_it_is_in():
+    model = tiny_model(V=64)
+    model.config.dropout = 0.5
+    model.train()
+    h, tau, keys = torch.randn(6, 8, model.config.n_embd), torch.rand(6), slot_keys(0, 0, range(6))
+    full = model(h, tau, keys=keys)
+    torch.testing.assert_close(model(h[2:5], tau[2:5], keys=keys[2:5]), full[2:5], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(h, tau, keys=slot_keys(1, 0, range(6))), full)  # other keys, other masks
+    model.eval()
+    assert not torch.allclose(model(h, tau, keys=keys), full)  # dropout was on in training
+
+
+@pytest.mark.skipif(flex_attention is None, reason="this torch has no flex_attention")
+def test_flex_attention_with_softcap_score_mod_equals_the_explicit_formula():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 16, 4, 8, generator=g) * 6 for _ in range(3))  # logits large enough to be capped
+    explicit = attention(q, k, v, softcap=5.0, backend="explicit")
+    torch.testing.assert_close(attention(q, k, v, softcap=5.0, backend="flex"), explicit, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(attention(q, k, v, softcap=500.0, backend="explicit"), explicit, atol=1e-3)
