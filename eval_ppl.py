@@ -24,7 +24,10 @@ from model import (CheckpointError, TimeWarp, autocast_for, causal_nll, generate
                    model_from_checkpoint, unigram_entropy)
 
 parser = argparse.ArgumentParser(description="Generative perplexity and entropy of samples under a pretrained LM.")
-parser.add_argument("--ckpt", action="append", default=[], help="checkpoint to sample from (repeatable)")
+parser.add_argument("--ckpt", action="append", default=[],
+                    help="checkpoint to sample from (repeatable): ours, or an authors' model as in sample.py --ckpt")
+parser.add_argument("--logit-cap", type=float, default=None,
+                    help="output logit cap (0: none); default: the checkpoint's, 30 for the authors' models")
 parser.add_argument("--steps", action="append", nargs="+", type=int, default=[],
                     help="step counts for the preceding --ckpt (one --steps per --ckpt)")
 parser.add_argument("--samples", nargs="+", default=[], help="JSONL files from sample.py --out to score")
@@ -110,17 +113,17 @@ def ticking(bar):
 rows, data_dir = [], args.data
 for path, step_list in zip(args.ckpt, args.steps):
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, logit_cap=args.logit_cap)
     except CheckpointError as e:
         fail(e)
     model = model_from_checkpoint(ckpt).to(device).eval()
-    warp, vocab = TimeWarp(model.config.vocab_size), ckpt["data"]["vocab"]
+    warp, vocab, tokenizer = TimeWarp(model.config.vocab_size), ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
     seq_len, data_dir = args.seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
     for steps in step_list:
         with tqdm(desc=f"{ckpt['kind']} {steps} steps", total=steps * -(-args.num_samples // 64), file=sys.stderr,
                   leave=False) as bar, autocast:
             tokens = generate(model, warp, args.num_samples, seq_len, steps, 64, args.seed, ticking(bar)).cpu()
-        rows.append((ckpt["kind"].upper(), steps, [decode(t, vocab) for t in tokens.tolist()], tokens))
+        rows.append((ckpt["kind"].upper(), steps, [decode(t, vocab, tokenizer) for t in tokens.tolist()], tokens))
 for path in args.samples:
     with open(path) as f:
         samples = [json.loads(line) for line in f if line.strip()]

@@ -17,7 +17,13 @@ from data import decode
 from model import CheckpointError, TimeWarp, autocast_for, generate, load_checkpoint, model_from_checkpoint
 
 parser = argparse.ArgumentParser(description="Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.")
-parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt", help="checkpoint from train_flm.py or distill.py")
+parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt",
+                    help="checkpoint from train_flm.py or distill.py, or one of the authors' released models: a "
+                    "Hugging Face repo id (david3684/FMLM-B-OWT), a folder with config.json + model.safetensors, "
+                    "or a Lightning .ckpt")
+parser.add_argument("--logit-cap", type=float, default=None,
+                    help="output logit cap c (c * tanh(logits / c); 0: none); default: the checkpoint's, 30 for the "
+                    "authors' models")
 parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: 1 for FMLM, 256 for FLM)")
 parser.add_argument("--num-samples", type=int, default=8, help="sequences to generate")
 parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the training length)")
@@ -44,8 +50,8 @@ def fail(message):
 
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 try:
-    ckpt = load_checkpoint(args.ckpt)
-    weak = load_checkpoint(args.guide_ckpt, kind=ckpt["kind"]) if args.guide_ckpt else None
+    ckpt = load_checkpoint(args.ckpt, logit_cap=args.logit_cap)
+    weak = load_checkpoint(args.guide_ckpt, kind=ckpt["kind"], logit_cap=args.logit_cap) if args.guide_ckpt else None
 except CheckpointError as e:
     fail(f"{e}{'; train one with train_flm.py then distill.py (README)' if 'does not exist' in str(e) else ''}")
 steps = args.steps if args.steps is not None else (1 if ckpt["kind"] == "fmlm" else 256)
@@ -57,7 +63,7 @@ model = model_from_checkpoint(ckpt, ema=not args.no_ema).to(device).eval()
 weak_model = model_from_checkpoint(weak, ema=not args.no_ema).to(device).eval() if weak else None
 warp = TimeWarp(model.config.vocab_size)
 seq_len = args.seq_len or ckpt["args"]["seq_len"]
-vocab = ckpt["data"]["vocab"]
+vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
 
 # -----------------------------------------------------------------------------
 # sample, decode, write
@@ -77,7 +83,7 @@ with autocast:
     tokens = generate(model, warp, args.num_samples, seq_len, steps, args.batch_size, args.seed, progress,
                       gamma=args.gamma, weak_model=weak_model, eta=args.eta).cpu()
 bar.close()
-texts = [decode(row, vocab) for row in tokens.tolist()]
+texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]
 if not args.quiet:
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")

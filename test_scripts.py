@@ -138,7 +138,7 @@ def test_bad_inputs_get_a_clear_error_and_no_traceback(data_dir, tmp_path):
     fmlm = tmp_path / "fmlm"
     distill(flm / "ckpt.pt", fmlm, "--max-steps", "1", "--eval-every", "1")
     proc = run("distill.py", "--teacher", str(fmlm / "ckpt.pt"), "--out-dir", str(tmp_path / "y"), check=False)
-    assert proc.returncode != 0 and "holds a flow-map model (distill.py), but an FLM denoiser" in proc.stdout
+    assert proc.returncode != 0 and "holds a flow-map model (distill.py), but an FLM denoiser" in proc.stdout + proc.stderr
 
 
 def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
