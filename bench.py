@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import model as flm_model
 from model import (MODEL_PRESETS, DiT, DiTConfig, TimeWarp, autocast_for, draw_noise, flm_loss, sample, slot_keys,
                    stratified_tau)
+from trainer import AT_LEAST_1, check_args, check_device
 
 parser = argparse.ArgumentParser(description="Training and sampling speed and memory of FLM / FMLM.")
 parser.add_argument("--model", default="ptb", choices=list(MODEL_PRESETS), help="model shape preset")
@@ -41,6 +42,9 @@ parser.add_argument("--attention", nargs="+", default=None, choices=["explicit",
                     help="attention paths to compare in training (default: explicit, and flex on CUDA)")
 parser.add_argument("--only", nargs=2, help=argparse.SUPPRESS)  # one training variant: input, attention
 args = parser.parse_args()
+check_args(args, "bench.py", vocab=(lambda v: v >= 2, "an integer >= 2"), batch_size=AT_LEAST_1, seq_len=AT_LEAST_1,
+           iters=AT_LEAST_1, sample_batch=AT_LEAST_1, sample_len=AT_LEAST_1, flm_steps=AT_LEAST_1)
+check_device(args, "bench.py")
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 cuda = device.startswith("cuda")
 autocast, args.dtype = autocast_for(device, args.dtype)

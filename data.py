@@ -318,17 +318,26 @@ class Data:
         if not os.path.exists(meta_path):
             raise DataError(f"{data_dir} has no meta.json: it is not prepared (or preparation was interrupted); "
                             "run `python data.py` (see --help)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.dir, self.vocab_size, self.vocab = data_dir, self.meta["vocab_size"], self.meta["vocab"]
-        self.tokenizer = self.meta.get("tokenizer", "gpt2")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            self.vocab_size, self.vocab, splits = self.meta["vocab_size"], self.meta["vocab"], self.meta["splits"]
+            shard_names = {split: (info["tokens"], list(info["shards"])) for split, info in splits.items()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{meta_path} is not a valid meta.json of data.py ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0]}); prepare the data again") from None
+        self.dir, self.tokenizer = data_dir, self.meta.get("tokenizer", "gpt2")
         self.splits = {}
-        for split, info in self.meta["splits"].items():
-            shards = [read_shard(os.path.join(data_dir, name)) for name in info["shards"]]
-            if sum(len(s) for s in shards) != info["tokens"]:
+        for split, (tokens, names) in shard_names.items():
+            shards = [read_shard(os.path.join(data_dir, name)) for name in names]
+            if sum(len(s) for s in shards) != tokens:
                 raise DataError(f"{data_dir}/{split}_*.bin hold {sum(len(s) for s in shards)} tokens, "
-                                f"meta.json says {info['tokens']}: prepare the data again")
+                                f"meta.json says {tokens}: prepare the data again")
             self.splits[split] = shards
+
+    def max_seq_len(self, splits=("train", "val")):
+        """The longest window that every one of the splits holds (its longest shard, less one token)."""
+        return min(max((len(s) for s in self.splits.get(split, [])), default=0) - 1 for split in splits)
 
     def _shards(self, split, L):
         if split not in self.splits:
@@ -404,6 +413,11 @@ if __name__ == "__main__":
     parser.add_argument("--compact", choices=["auto", "on", "off"], default="auto",
                         help="map the ids the corpus uses to 0..V'-1 (auto: when V shrinks more than 2x)")
     args = parser.parse_args()
+    from trainer import AT_LEAST_1, check_args, usage_error
+    check_args(args, "data.py", shard_size=(lambda v: 1 <= v < 2 ** 31, "an integer in [1, 2^31)"),
+               num_proc=AT_LEAST_1, val_fraction=(lambda v: 0 < v < 1, "a number in (0, 1)"))
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        usage_error("data.py", f"argument --out: got {args.out}, which is a file; expected a folder")
     try:
         if args.text:
             out = args.out or "data/text"

@@ -18,7 +18,7 @@ import torch
 from data import Data, DataError
 from model import (CheckpointError, TimeWarp, distill_loss, distill_times, load_checkpoint, model_from_checkpoint,
                    slot_keys, step_generator)
-from trainer import Trainer, add_run_args, apply_presets
+from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, check_args, usage_error
 
 # -----------------------------------------------------------------------------
 # settings: a preset fills every flag that the command line leaves unset
@@ -47,7 +47,8 @@ parser.add_argument("--diag-frac", type=float, default=0.5, help="share of diago
 parser.add_argument("--boundary-frac", type=float, default=1 / 32,
                     help="share of the non-diagonal rows with (tau_s, tau_t) = (0, 1), the one-step jump")
 add_run_args(parser)
-args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm")
+args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm", "distill.py")
+check_args(args, "distill.py", diag_frac=FRACTION, boundary_frac=FRACTION, logit_cap=NONNEG)
 try:  # before the harness, which needs the sequence length for its batch arithmetic
     teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
 except CheckpointError as e:
@@ -69,6 +70,9 @@ except DataError as e:
 if (data.vocab != teacher_ckpt["data"]["vocab"] or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
         or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]):
     run.fail(f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on")
+if args.seq_len > data.max_seq_len():
+    usage_error("distill.py", f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
+                f"the longest window that both splits of {data.dir} hold")
 args.data = data.dir
 teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)
 raw_model = copy.deepcopy(teacher).train().requires_grad_(True)

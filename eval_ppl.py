@@ -22,6 +22,7 @@ from tqdm import tqdm
 from data import Data, DataError, decode
 from model import (CheckpointError, TimeWarp, autocast_for, causal_nll, generate, load_checkpoint,
                    model_from_checkpoint, unigram_entropy)
+from trainer import AT_LEAST_1, NONNEG, check_args, check_device, check_out_file, usage_error
 
 parser = argparse.ArgumentParser(description="Generative perplexity and entropy of samples under a pretrained LM.")
 parser.add_argument("--ckpt", action="append", default=[],
@@ -45,6 +46,11 @@ parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cud
 parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="autocast precision of the sampled network (default: bf16 on CUDA, fp32 on CPU)")
 args = parser.parse_args()
+check_args(args, "eval_ppl.py", num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, logit_cap=NONNEG,
+           steps=(lambda v: all(n >= 1 for n in v), "integers >= 1"))
+check_device(args, "eval_ppl.py")
+check_out_file(args.markdown, "--markdown", "eval_ppl.py")
+check_out_file(args.plot, "--plot", "eval_ppl.py")
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 autocast, _ = autocast_for(device, args.dtype)
 
@@ -54,11 +60,13 @@ def fail(message):
 
 
 if len(args.steps) != len(args.ckpt):
-    fail(f"give one --steps list after each --ckpt ({len(args.ckpt)} --ckpt, {len(args.steps)} --steps)")
+    usage_error("eval_ppl.py", f"give one --steps list after each --ckpt ({len(args.ckpt)} --ckpt, "
+                f"{len(args.steps)} --steps)")
 if not args.ckpt and not args.samples:
-    fail("nothing to evaluate: give --ckpt PATH --steps N ... or --samples FILE.jsonl")
-if any(n < 1 for steps in args.steps for n in steps):
-    fail("--steps must be at least 1")
+    usage_error("eval_ppl.py", "nothing to evaluate: give --ckpt PATH --steps N ... or --samples FILE.jsonl")
+for path in args.samples:
+    if not os.path.isfile(path):
+        usage_error("eval_ppl.py", f"argument --samples: {path} does not exist")
 
 # -----------------------------------------------------------------------------
 # the evaluator, loaded once
@@ -125,10 +133,15 @@ for path, step_list in zip(args.ckpt, args.steps):
             tokens = generate(model, warp, args.num_samples, seq_len, steps, 64, args.seed, ticking(bar)).cpu()
         rows.append((ckpt["kind"].upper(), steps, [decode(t, vocab, tokenizer) for t in tokens.tolist()], tokens))
 for path in args.samples:
-    with open(path) as f:
-        samples = [json.loads(line) for line in f if line.strip()]
-    if not samples or any("text" not in s or "tokens" not in s for s in samples):
-        fail(f"{path} is not a sample file of sample.py --out (JSONL with text and tokens)")
+    try:
+        with open(path) as f:
+            samples = [json.loads(line) for line in f if line.strip()]
+        ok = samples and all(isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("tokens"), list)
+                             and len(s["tokens"]) == len(samples[0]["tokens"]) for s in samples)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        fail(f"{path} is not a sample file of sample.py --out (JSONL lines with text and equally long tokens)")
     rows.append((os.path.basename(path), samples[0].get("steps", "-"), [s["text"] for s in samples],
                  torch.tensor([s["tokens"] for s in samples])))
 if data_dir:

@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from data import decode
 from model import CheckpointError, TimeWarp, autocast_for, generate, load_checkpoint, model_from_checkpoint
+from trainer import (AT_LEAST_1, FINITE, FRACTION, NONNEG, check_args, check_device, check_out_file,
+                     usage_error)
 
 parser = argparse.ArgumentParser(description="Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.")
 parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt",
@@ -37,8 +39,14 @@ parser.add_argument("--out", default=None, help="also write the samples as JSONL
 parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="autocast precision of the network (default: bf16 on CUDA, fp32 on CPU); state stays fp32")
+parser.add_argument("--allow-long", action="store_true",
+                    help="allow --seq-len beyond the training length (the model has never seen it; memory grows as L^2)")
 parser.add_argument("--quiet", action="store_true", help="do not print the texts")
 args = parser.parse_args()
+check_args(args, "sample.py", steps=AT_LEAST_1, num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1,
+           gamma=FRACTION, eta=FINITE, logit_cap=NONNEG)
+check_device(args, "sample.py")
+check_out_file(args.out, "--out", "sample.py")
 
 
 def fail(message):
@@ -55,10 +63,16 @@ try:
 except CheckpointError as e:
     fail(f"{e}{'; train one with train_flm.py then distill.py (README)' if 'does not exist' in str(e) else ''}")
 steps = args.steps if args.steps is not None else (1 if ckpt["kind"] == "fmlm" else 256)
-if steps < 1:
-    fail(f"--steps must be at least 1, got {steps}")
-if not 0.0 <= args.gamma <= 1.0 or (args.gamma > 0 and ckpt["kind"] != "fmlm"):
-    fail(f"--gamma must be in [0, 1] and needs an FMLM checkpoint (got {args.gamma}, {ckpt['kind']})")
+if args.gamma > 0 and ckpt["kind"] != "fmlm":
+    usage_error("sample.py", f"argument --gamma: got {args.gamma}, but {args.ckpt} is an FLM; the stochastic "
+                "sampler needs an FMLM checkpoint (distill.py)")
+train_len, cfg = ckpt["args"]["seq_len"], ckpt["model_config"]
+if args.seq_len and args.seq_len > train_len and not args.allow_long:
+    B, L = min(args.batch_size, args.num_samples), args.seq_len
+    gib = (B * cfg["n_head"] * L * L + 3 * B * L * cfg["vocab_size"]) * 4 / 2 ** 30  # attention scores, logits
+    usage_error("sample.py", f"argument --seq-len: got {L}, expected at most the training length {train_len} "
+                f"(at batch {B} it would need about {gib:,.1f} GiB for attention scores and logits; "
+                "--allow-long to try anyway)")
 model = model_from_checkpoint(ckpt, ema=not args.no_ema).to(device).eval()
 weak_model = model_from_checkpoint(weak, ema=not args.no_ema).to(device).eval() if weak else None
 warp = TimeWarp(model.config.vocab_size)

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,41 +109,152 @@ def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, 
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_bad_inputs_get_a_clear_error_and_no_traceback(data_dir, tmp_path):
-    flm = tmp_path / "flm"
+# -----------------------------------------------------------------------------
+# bad input: every flag of every script and every file read, checked at the door (one table)
+
+SCRIPTS = ["train_flm.py", "distill.py", "sample.py", "eval_ppl.py", "data.py", "bench.py"]
+NO_VALUE_TO_CHECK = {"--help", "--compile", "--resume", "--quiet", "--no-ema", "--allow-long", "--per-line", "--seed",
+                     "--dtype", "--preset", "--model", "--evaluator", "--compact", "--hf", "--attention"}  # switches,
+# seeds (any integer) and choices (argparse refuses others; the table checks one of each kind)
+
+
+@pytest.fixture(scope="module")
+def bad_files(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    flm, fmlm = root / "flm", root / "fmlm"
     train(data_dir, flm, "--max-steps", "2", "--eval-every", "2")
-    (tmp_path / "old.pt").write_bytes(b"")
-    torch.save(dict(format_version=99, kind="flm"), tmp_path / "v99.pt")
-    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00 not text")
-    other = tmp_path / "other"
-    (tmp_path / "other.txt").write_text("".join(f"completely different words {i} here\n" for i in range(40)))
-    run("data.py", "--text", str(tmp_path / "other.txt"), "--per-line", "--out", str(other), "--val-fraction", "0.3")
-    cases = [
-        (["train_flm.py", "--data", str(tmp_path / "nope")], "has no meta.json"),
-        (["sample.py", "--ckpt", str(flm / "ckpt.pt"), "--steps", "0"], "--steps must be at least 1"),
-        (["sample.py", "--ckpt", str(flm / "ckpt.pt"), "--steps", "-3"], "--steps must be at least 1"),
-        (["sample.py", "--ckpt", str(flm / "ckpt.pt"), "--gamma", "0.5"], "needs an FMLM checkpoint"),
-        (["sample.py", "--ckpt", str(tmp_path / "old.pt")], "not a readable checkpoint"),
-        (["sample.py", "--ckpt", str(tmp_path / "v99.pt")], "format version 99"),
-        (["sample.py", "--ckpt", str(tmp_path / "missing.pt")], "does not exist"),
-        (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
-        (["data.py", "--text", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "d2")], "bad.txt is not UTF-8"),
-        (["distill.py", "--teacher", str(flm / "ckpt.pt"), "--data", str(other), "--out-dir", str(tmp_path / "x")],
-         "another vocabulary"),
-    ]
-    for args, message in cases:
-        proc = run(*args, check=False)
-        assert proc.returncode != 0, args
-        assert message in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
-        assert "Traceback" not in proc.stderr, (args, proc.stderr)
-    fmlm = tmp_path / "fmlm"
     distill(flm / "ckpt.pt", fmlm, "--max-steps", "1", "--eval-every", "1")
-    proc = run("distill.py", "--teacher", str(fmlm / "ckpt.pt"), "--out-dir", str(tmp_path / "y"), check=False)
-    assert proc.returncode != 0 and "holds a flow-map model (distill.py), but an FLM denoiser" in proc.stdout + proc.stderr
+    (root / "empty.pt").write_bytes(b"")
+    torch.save(dict(format_version=99, kind="flm"), root / "v99.pt")
+    (root / "bad.txt").write_bytes(b"\xff\xfe\x00 not text")
+    (root / "bad.jsonl").write_text('{"text": "a", "tokens": [1, 2]}\n{not json\n')
+    (root / "a_file").write_text("x")
+    (root / "teacher_dir").mkdir()
+    bad_meta = root / "bad_meta"
+    shutil.copytree(data_dir, bad_meta)
+    (bad_meta / "meta.json").write_text("{not json")
+    (root / "other.txt").write_text("".join(f"completely different words {i} here\n" for i in range(40)))
+    run("data.py", "--text", str(root / "other.txt"), "--per-line", "--out", str(root / "other"), "--val-fraction", "0.3")
+    return root
+
+
+def bad_cases(d, r):
+    """(script, flags, what the one-line error must say); d: a prepared data folder, r: the bad_files folder."""
+    flm, fmlm, out = str(r / "flm" / "ckpt.pt"), str(r / "fmlm" / "ckpt.pt"), str(r / "unused")
+    t = ["train_flm.py", "--data", d, "--out-dir", out]
+    s = ["sample.py", "--ckpt", flm]
+    e = ["eval_ppl.py", "--ckpt", flm, "--steps", "1"]
+    return [
+        (["train_flm.py", "--data", str(r / "nope")], "has no meta.json"),
+        (["train_flm.py", "--data", str(r / "bad_meta")], "bad_meta/meta.json is not a valid meta.json"),
+        (t + ["--seq-len", "4096"], "argument --seq-len: got 4096, expected at most"),
+        (t + ["--lr", "-1"], "argument --lr: got -1.0, expected a finite number > 0"),
+        (t + ["--batch-size", "0"], "argument --batch-size: got 0"),
+        (t + ["--micro-batch", "-2"], "argument --micro-batch: got -2"),
+        (t + ["--batch-size", "6", "--micro-batch", "4"], "must be a multiple of --micro-batch 4"),
+        (t + ["--warmup", "0"], "argument --warmup: got 0"),
+        (t + ["--max-steps", "0"], "argument --max-steps: got 0"),
+        (t + ["--ema", "1.5"], "argument --ema: got 1.5, expected a number in [0, 1)"),
+        (t + ["--grad-clip", "-1"], "argument --grad-clip: got -1.0"),
+        (t + ["--eval-every", "0"], "argument --eval-every: got 0"),
+        (t + ["--eval-windows", "0"], "argument --eval-windows: got 0"),
+        (t + ["--log-every", "0"], "argument --log-every: got 0"),
+        (t + ["--dropout", "1"], "argument --dropout: got 1.0"),
+        (t + ["--device", "tpu"], "argument --device: got tpu"),
+        (["train_flm.py", "--data", d, "--out-dir", str(r / "a_file")], "argument --out-dir: got"),
+        (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
+        (["distill.py", "--teacher", str(r / "teacher_dir")], "teacher_dir has no config.json"),
+        (["distill.py", "--teacher", str(r / "missing.pt")], "does not exist"),
+        (["distill.py", "--teacher", fmlm], "holds a flow-map model (distill.py), but an FLM denoiser"),
+        (["distill.py", "--teacher", flm, "--data", str(r / "other"), "--out-dir", out], "another vocabulary"),
+        (["distill.py", "--teacher", flm, "--seq-len", "4096", "--out-dir", out], "argument --seq-len: got 4096"),
+        (["distill.py", "--teacher", flm, "--diag-frac", "1.5"], "argument --diag-frac: got 1.5"),
+        (["distill.py", "--teacher", flm, "--boundary-frac", "-0.1"], "argument --boundary-frac: got -0.1"),
+        (["distill.py", "--teacher", flm, "--logit-cap", "-1"], "argument --logit-cap: got -1.0"),
+        (["distill.py", "--teacher", flm, "--dropout", "-0.1"], "argument --dropout: got -0.1"),
+        (["distill.py", "--teacher", flm, "--out-dir", str(r / "a_file")], "argument --out-dir: got"),
+        (["distill.py", "--teacher", flm, "--device", "tpu"], "argument --device: got tpu"),
+        *[(["distill.py", "--teacher", flm, flag, "0"], f"argument {flag}: got 0") for flag in (
+            "--batch-size", "--micro-batch", "--lr", "--warmup", "--max-steps", "--eval-every", "--eval-windows",
+            "--log-every")],
+        (["distill.py", "--teacher", flm, "--ema", "1"], "argument --ema: got 1.0"),
+        (["distill.py", "--teacher", flm, "--grad-clip", "-1"], "argument --grad-clip: got -1.0"),
+        (s + ["--steps", "0"], "argument --steps: got 0, expected an integer >= 1"),
+        (s + ["--steps", "-3"], "argument --steps: got -3"),
+        (s + ["--num-samples", "0"], "argument --num-samples: got 0"),
+        (s + ["--num-samples", "-3"], "argument --num-samples: got -3"),
+        (s + ["--seq-len", "100000"], "expected at most the training length 16 (at batch 8 it would need about"),
+        (s + ["--batch-size", "0"], "argument --batch-size: got 0"),
+        (s + ["--gamma", "0.5"], "needs an FMLM checkpoint"),
+        (s + ["--gamma", "2"], "argument --gamma: got 2.0, expected a number in [0, 1]"),
+        (s + ["--eta", "nan"], "argument --eta: got nan, expected a finite number"),
+        (s + ["--logit-cap", "-1"], "argument --logit-cap: got -1.0"),
+        (s + ["--guide-ckpt", str(r / "missing.pt")], "does not exist"),
+        (s + ["--out", str(r)], "argument --out: got"),
+        (s + ["--device", "cuda:3"], "argument --device: got cuda:3"),
+        (["sample.py", "--ckpt", str(r / "empty.pt")], "not a readable checkpoint"),
+        (["sample.py", "--ckpt", str(r / "v99.pt")], "format version 99"),
+        (["sample.py", "--ckpt", str(r / "missing.pt")], "does not exist"),
+        (["eval_ppl.py", "--ckpt", flm, "--steps", "0"], "argument --steps: got [0], expected integers >= 1"),
+        (["eval_ppl.py", "--ckpt", flm], "give one --steps list after each --ckpt"),
+        (e + ["--num-samples", "0"], "argument --num-samples: got 0"),
+        (e + ["--seq-len", "0"], "argument --seq-len: got 0"),
+        (e + ["--batch-size", "0"], "argument --batch-size: got 0"),
+        (e + ["--logit-cap", "-2"], "argument --logit-cap: got -2.0"),
+        (e + ["--markdown", str(r)], "argument --markdown: got"),
+        (e + ["--plot", str(r)], "argument --plot: got"),
+        (e + ["--device", "tpu"], "argument --device: got tpu"),
+        (["eval_ppl.py", "--samples", str(r / "missing.jsonl")], "missing.jsonl does not exist"),
+        (["eval_ppl.py", "--samples", str(r / "bad.jsonl")], "bad.jsonl is not a sample file"),
+        (["eval_ppl.py", "--ckpt", str(r / "v99.pt"), "--steps", "1"], "format version 99"),
+        (["eval_ppl.py", "--ckpt", flm, "--steps", "1", "--data", str(r / "nope")], "has no meta.json"),
+        (["data.py", "--text", str(r / "bad.txt"), "--out", str(r / "d2")], "bad.txt is not UTF-8"),
+        (["data.py", "--text", str(r / "nope.txt"), "--out", str(r / "d3")], "no such file or folder"),
+        (["data.py", "--out", str(r / "a_file")], "argument --out: got"),
+        (["data.py", "--shard-size", "0"], "argument --shard-size: got 0"),
+        (["data.py", "--num-proc", "0"], "argument --num-proc: got 0"),
+        (["data.py", "--val-fraction", "1"], "argument --val-fraction: got 1.0"),
+        (["data.py", "--tokenizer", "nope", "--out", str(r / "d4")], "expected gpt2, bert-base-uncased"),
+        (["bench.py", "--iters", "0"], "argument --iters: got 0"),
+        (["bench.py", "--vocab", "1"], "argument --vocab: got 1"),
+        (["bench.py", "--batch-size", "0"], "argument --batch-size: got 0"),
+        (["bench.py", "--seq-len", "0"], "argument --seq-len: got 0"),
+        (["bench.py", "--sample-batch", "0"], "argument --sample-batch: got 0"),
+        (["bench.py", "--sample-len", "0"], "argument --sample-len: got 0"),
+        (["bench.py", "--flm-steps", "0"], "argument --flm-steps: got 0"),
+        (["bench.py", "--device", "tpu"], "argument --device: got tpu"),
+    ]
+
+
+def test_every_bad_flag_and_file_gets_one_line_and_a_nonzero_exit(data_dir, bad_files):
+    from concurrent.futures import ThreadPoolExecutor
+    cases = bad_cases(data_dir, bad_files)
+    before = {p: os.path.getmtime(p) for p in (bad_files / "flm" / "ckpt.pt", bad_files / "fmlm" / "ckpt.pt")}
+    with ThreadPoolExecutor(4) as pool:
+        procs = list(pool.map(lambda case: run(*case[0], check=False), cases))
+    for (args, message), proc in zip(cases, procs):
+        err = (proc.stdout + proc.stderr).strip()
+        assert proc.returncode != 0, args
+        assert message in err, (args, message, err)
+        assert "Traceback" not in err, (args, err)
+        error_lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(error_lines) == 1, (args, err)
+    assert not (bad_files / "unused").exists()  # no bad run made its output folder
+    assert before == {p: os.path.getmtime(p) for p in before}  # nor touched the checkpoints it read
+
+
+def test_the_table_covers_every_flag_of_every_script(data_dir, tmp_path):
+    covered = {}
+    for args, _ in bad_cases(data_dir, tmp_path):
+        covered.setdefault(args[0], set()).update(a for a in args if a.startswith("--"))
+    for script in SCRIPTS:
+        flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", run(script, "--help").stdout, re.M))
+        assert "--help" in flags and len(flags) > 5, (script, flags)  # the help was read
+        missing = flags - covered.get(script, set()) - NO_VALUE_TO_CHECK
+        assert not missing, f"{script}: flags without a bad-value case in bad_cases: {sorted(missing)}"
 
 
 def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
-    import shutil
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
     with open(copy / "train_000000.bin", "r+b") as f:

@@ -16,7 +16,7 @@ import torch
 
 from data import Data, DataError
 from model import MODEL_PRESETS, DiT, DiTConfig, TimeWarp, flm_loss, slot_keys, step_generator, stratified_tau
-from trainer import Trainer, add_run_args, apply_presets
+from trainer import Trainer, add_run_args, apply_presets, usage_error
 
 # -----------------------------------------------------------------------------
 # settings: a preset fills every flag that the command line leaves unset
@@ -39,7 +39,7 @@ parser.add_argument("--model", choices=list(MODEL_PRESETS), help="model shape pr
 parser.add_argument("--dropout", type=float, default=None, help="override the model preset's dropout")
 parser.add_argument("--seq-len", type=int, help="tokens per sequence (windows of the token stream)")
 add_run_args(parser)
-args = apply_presets(parser.parse_args(), RUN_PRESETS, "flm")
+args = apply_presets(parser.parse_args(), RUN_PRESETS, "flm", "train_flm.py")
 run = Trainer(args, "train_flm.py")  # DDP, device, precision, batch arithmetic
 device = run.device
 
@@ -50,6 +50,9 @@ try:
     data = Data(args.data)
 except DataError as e:
     run.fail(e)
+if args.seq_len > data.max_seq_len():
+    usage_error("train_flm.py", f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
+                f"the longest window that both splits of {args.data} hold")
 cfg = DiTConfig(vocab_size=data.vocab_size, **MODEL_PRESETS[args.model])
 if args.dropout is not None:
     cfg.dropout = args.dropout

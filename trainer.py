@@ -1,5 +1,6 @@
 """
-The training harness that train_flm.py and distill.py share, so that the two loops cannot drift apart:
+The command-line checks that every script uses, and the training harness that train_flm.py and distill.py share,
+so that the two loops cannot drift apart:
 the run flags, DDP and devices, precision, the batch arithmetic, per-slot randomness, warmup, evaluation
 sharded over ranks, logging, the finite check and checkpoint guard, resume, and the loop skeleton.
 
@@ -13,7 +14,9 @@ dropout masks from the key (seed, k, i) (model.row_key), and rank r's micro-step
 train on the same global batch, and a run resumes on any number of ranks.
 """
 
+import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -26,6 +29,59 @@ from model import (CheckpointError, all_finite, autocast_for, ema_update, load_c
                    unwrap)
 
 PEAK_FLOPS = {"bf16": 989e12, "fp32": 67e12}  # H100 SXM dense peak, for the MFU of the log line
+
+
+# -----------------------------------------------------------------------------
+# command-line checks: a bad value gets one line naming the flag, the value and what was expected, and exit 2
+
+AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+NONNEG = (lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+FINITE = (lambda v: math.isfinite(v), "a finite number")
+FRACTION = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+BELOW_1 = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def usage_error(script, message):
+    """Exit like argparse (code 2) with one line on stderr, printed by one rank only under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{script}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_args(args, script, **rules):
+    """rules: flag name -> (predicate, what is expected); unset flags (None) are not checked."""
+    for name, (ok, expected) in rules.items():
+        value = getattr(args, name)
+        for v in (value if isinstance(value, list) else [value]):
+            if v is not None and not ok(v):
+                usage_error(script, f"argument --{name.replace('_', '-')}: got {v}, expected {expected}")
+
+
+def check_device(args, script):
+    """--device names a device this machine has."""
+    if args.device is None:
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        usage_error(script, f"argument --device: got {args.device}, expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        usage_error(script, f"argument --device: got {args.device}, but this machine has "
+                            f"{torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        usage_error(script, f"argument --device: got {args.device}, expected cpu, cuda or cuda:N")
+
+
+def check_out_file(path, flag, script):
+    """An output file path whose folder can be made and which is not a folder itself."""
+    if path is not None and os.path.isdir(path):
+        usage_error(script, f"argument {flag}: got {path}, which is a folder; expected a file path")
+
+
+RUN_RULES = dict(batch_size=AT_LEAST_1, micro_batch=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_1, max_steps=AT_LEAST_1,
+                 ema=BELOW_1, grad_clip=NONNEG, eval_every=AT_LEAST_1, eval_windows=AT_LEAST_1, log_every=AT_LEAST_1,
+                 dropout=BELOW_1, seq_len=AT_LEAST_1)
 
 
 def add_run_args(parser):
@@ -51,11 +107,16 @@ def add_run_args(parser):
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt (on any number of ranks)")
 
 
-def apply_presets(args, presets, stage):
+def apply_presets(args, presets, stage, script):
+    """Check the flags given, then fill those left unset from the preset."""
+    check_args(args, script, **RUN_RULES)
+    check_device(args, script)
     for key, value in presets[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.out_dir = args.out_dir or f"out/{stage}-{args.preset}"
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        usage_error(script, f"argument --out-dir: got {args.out_dir}, which is a file; expected a folder")
     return args
 
 
