@@ -1,13 +1,19 @@
 """
-Stage 2: semigroup distillation of a trained FLM into its flow map (FMLM, FLM.md 5 and 6).
+Stage 2: distillation of a trained FLM into its flow map (FMLM, FLM.md 5 and 6), by the semigroup objective
+(the paper's) or the Lagrangian or Eulerian one, or self-distillation of a flow map from scratch.
 
     python distill.py                                          # CPU quick start, teacher out/flm-ptb/ckpt.pt
+    python distill.py --objective lagrangian --out-dir out/fmlm-lagrangian
+    python distill.py --self-distill --data data/ptb --model ptb   # no teacher: one model trained into a flow map
     torchrun --standalone --nproc_per_node=8 distill.py --preset owt --teacher out/flm-owt/ckpt.pt --compile
 
 The student is the teacher's DiT plus a second time embedder for tau_t (zero-initialized, so it starts as
 delta_{s,t} = D_s). Its input matrix E stays frozen at the teacher's, so teacher and student read the same
 projected state h = x_s @ E. Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and
-off-diagonal rows (target: the student's own two-step semigroup composition, without gradient).
+off-diagonal rows (target: the student's own two-step semigroup composition, without gradient; or the
+Lagrangian / Eulerian target from a forward-mode JVP through the student and the teacher). Self-distillation
+has no teacher: the diagonal rows learn the one-hot data by cross-entropy, and the student's own diagonal
+delta_{s,s} plays the teacher's denoiser in the off-diagonal targets; its E trains.
 """
 
 import argparse
@@ -16,8 +22,8 @@ import copy
 import torch
 
 from data import Data, DataError
-from model import (CheckpointError, TimeWarp, distill_loss, distill_times, load_checkpoint, model_from_checkpoint,
-                   slot_keys, step_generator)
+from model import (MODEL_PRESETS, OBJECTIVES, CheckpointError, DiT, DiTConfig, TimeWarp, distill_loss, distill_times,
+                   load_checkpoint, model_from_checkpoint, slot_keys, step_generator)
 from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, check_args, usage_error
 
 # -----------------------------------------------------------------------------
@@ -34,12 +40,18 @@ RUN_PRESETS = {
                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256),
 }
 
-parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM) with the semigroup loss.")
+parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM).")
 parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
 parser.add_argument("--teacher", help="FLM checkpoint from train_flm.py (its EMA weights are the teacher), or an "
                     "authors' released FLM as in sample.py --ckpt (then --data is needed)")
 parser.add_argument("--logit-cap", type=float, default=None,
                     help="teacher's (and student's) output logit cap; default: the teacher's, 30 for the authors'")
+parser.add_argument("--objective", choices=OBJECTIVES, default="semigroup",
+                    help="the off-diagonal target (FLM.md 6): semigroup (the paper's), lagrangian or eulerian (a JVP "
+                    "through the student with the explicit attention formula; targets clipped onto the simplex)")
+parser.add_argument("--self-distill", action="store_true",
+                    help="no teacher: train a fresh two-time DiT (--model, --data) into a flow map")
+parser.add_argument("--model", choices=list(MODEL_PRESETS), help="--self-distill: model shape preset (model.py)")
 parser.add_argument("--data", help="prepared data folder (default: the teacher's)")
 parser.add_argument("--dropout", type=float, default=0.0, help="student dropout")
 parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the teacher's)")
@@ -49,11 +61,17 @@ parser.add_argument("--boundary-frac", type=float, default=1 / 32,
 add_run_args(parser)
 args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm", "distill.py")
 check_args(args, "distill.py", diag_frac=FRACTION, boundary_frac=FRACTION, logit_cap=NONNEG)
-try:  # before the harness, which needs the sequence length for its batch arithmetic
-    teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
-except CheckpointError as e:
-    raise SystemExit(f"distill.py: error: {e}")
-args.seq_len = args.seq_len or teacher_ckpt["args"]["seq_len"]
+if args.self_distill:
+    teacher_ckpt, args.teacher = None, None
+    args.model = args.model or {"ptb": "ptb"}.get(args.preset, "small")
+    args.seq_len = args.seq_len or {"ptb": 64, "lm1b": 128, "owt": 1024}[args.preset]
+    args.data = args.data or {"ptb": "data/ptb"}.get(args.preset, f"data/{args.preset}")
+else:
+    try:  # before the harness, which needs the sequence length for its batch arithmetic
+        teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
+    except CheckpointError as e:
+        raise SystemExit(f"distill.py: error: {e}")
+    args.seq_len = args.seq_len or teacher_ckpt["args"]["seq_len"]
 run = Trainer(args, "distill.py")  # DDP, device, precision, batch arithmetic
 device = run.device
 
@@ -67,19 +85,25 @@ try:
     data = Data(args.data or teacher_ckpt["data"]["dir"])
 except DataError as e:
     run.fail(e)
-if (data.vocab != teacher_ckpt["data"]["vocab"] or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
-        or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]):
+if teacher_ckpt and (data.vocab != teacher_ckpt["data"]["vocab"]
+                     or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
+                     or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]):
     run.fail(f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on")
 if args.seq_len > data.max_seq_len():
     usage_error("distill.py", f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
                 f"the longest window that both splits of {data.dir} hold")
 args.data = data.dir
-teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)
-raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
-raw_model.config.dropout = args.dropout  # the deep copy has its own config
 torch.manual_seed(args.seed)
-raw_model.add_second_time()
-raw_model.embed.requires_grad_(False)  # E frozen: teacher and student read the same h = x_s @ E
+if args.self_distill:
+    teacher = None
+    raw_model = DiT(DiTConfig(vocab_size=data.vocab_size, two_time=True, **dict(MODEL_PRESETS[args.model],
+                                                                                dropout=args.dropout))).to(device)
+else:
+    teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)
+    raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
+    raw_model.config.dropout = args.dropout  # the deep copy has its own config
+    raw_model.add_second_time()
+    raw_model.embed.requires_grad_(False)  # E frozen: teacher and student read the same h = x_s @ E
 cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -88,7 +112,9 @@ warp = TimeWarp(cfg.vocab_size)
 start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
 model = run.wrap(raw_model)
 run.print_setup(f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} trained), "
-                f"V = {cfg.vocab_size:,}, teacher {args.teacher} (step {teacher_ckpt['step']})")
+                f"V = {cfg.vocab_size:,}, objective {args.objective}, " + (
+                    "self-distillation (no teacher)" if teacher is None else
+                    f"teacher {args.teacher} (step {teacher_ckpt['step']})"))
 
 # -----------------------------------------------------------------------------
 # the loss of a micro-batch, validation, checkpoint contents
@@ -101,7 +127,7 @@ def micro_loss(model, step, slots):
     tokens = data.get_batch("train", args.seq_len, keys, device)
     tau_s, tau_t, diag = (z[slots].to(device) for z in distill_times(
         args.batch_size, step_generator(args.seed, step), args.diag_frac, args.boundary_frac))
-    return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys)
+    return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective)
 
 
 eval_times = distill_times(args.eval_windows, torch.Generator().manual_seed(0), args.diag_frac, args.boundary_frac)
@@ -111,12 +137,14 @@ def evaluate(net):
     """The distillation loss on fixed validation windows with fixed times and noise."""
     def loss_of(net, tokens, slots):
         tau_s, tau_t, diag = (z[slots].to(device) for z in eval_times)
-        return distill_loss(net, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(0, -1, slots))
+        return distill_loss(net, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(0, -1, slots), args.objective)
     return run.evaluate(net, data, loss_of)
 
 
 def checkpoint():
-    return dict(kind="fmlm", teacher=args.teacher, data=teacher_ckpt["data"])
+    return dict(kind="fmlm", teacher=args.teacher, objective=args.objective, data=teacher_ckpt["data"] if teacher_ckpt
+                else dict(dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab, source=data.meta["source"],
+                          tokenizer=data.tokenizer))
 
 
 # -----------------------------------------------------------------------------

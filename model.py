@@ -386,6 +386,13 @@ class TimeWarp:
         t_tab, tau_tab = self._on(t.device)
         return _interp(t, t_tab, tau_tab)
 
+    def dtau_dt(self, t):
+        """d tau / dt at physical time t: the slope of the interpolated segment, so exactly the derivative of
+        tau(t) as computed here (the chain rule of the Lagrangian and Eulerian objectives)."""
+        t_tab, tau_tab = self._on(t.device)
+        i = torch.searchsorted(t_tab, t.double().clamp(0.0, 1.0), right=True).clamp(1, len(t_tab) - 1)
+        return ((tau_tab[i] - tau_tab[i - 1]) / (t_tab[i] - t_tab[i - 1])).to(t.dtype)
+
 
 def stratified_tau(n, generator):
     """n stratified tau ~ U(0, 1), randomly permuted: tau_i = (u + i) / n (FLM.md 3); slice it per rank."""
@@ -504,22 +511,96 @@ def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32):
     return tau_s[perm], tau_t[perm], diag[perm]
 
 
-def distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys):
-    """Semigroup distillation loss (FLM.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
-    frozen teacher's D_s(x_s) on diagonal rows and against the student's own semigroup target on the others.
-    The student's E is the teacher's, so both read h = x_s @ E; keys (B,) give each row its noise and dropout."""
+# the Lagrangian and Eulerian characterizations of the flow map (FLM.md 6), as targets for delta_{s,t}; s < t are
+# physical times, D the teacher's denoiser, x = I_s the state at s. They are written on given quantities so that
+# the tests can check them on an exact flow map; *_target below builds them from a student and a teacher.
+
+
+def lagrangian(D_t_of_X, ddelta_dt, s, t):
+    """D_t(X_{s,t}(x)) - (1 - t)(t - s) / (1 - s) d/dt delta_{s,t}(x): d/dt X_{s,t} = b_t(X_{s,t}) solved for delta."""
+    s, t = (z.view(-1, 1, 1) if torch.is_tensor(z) and z.dim() == 1 else z for z in (s, t))
+    return D_t_of_X - (1 - t) * (t - s) / (1 - s) * ddelta_dt
+
+
+def eulerian(D_s, directional, s, t):
+    """D_s(x) + (t - s) / (1 - t) ((1 - s) d/ds delta_{s,t}(x) + (D_s(x) - x) . grad_x delta_{s,t}(x)), the second
+    factor given as `directional`: d/ds X_{s,t} + b_s . grad X_{s,t} = 0 solved for delta."""
+    s, t = (z.view(-1, 1, 1) if torch.is_tensor(z) and z.dim() == 1 else z for z in (s, t))
+    return D_s + (t - s) / (1 - t) * directional
+
+
+def jvp_denoiser(model, h, tau_s, tau_t, dh, dtau_s, dtau_t):
+    """delta_{s,t}(h) (B, L, V) and its derivative along the tangent (dh, dtau_s, dtau_t), in forward mode. The
+    explicit attention formula runs here: flash-attn and flex_attention have no forward-mode AD."""
+    global ATTENTION
+    net, saved, ATTENTION = unwrap(model), ATTENTION, "explicit"
+    try:
+        return torch.func.jvp(lambda h, a, b: net(h, a, b).float().softmax(dim=-1), (h, tau_s, tau_t),
+                              (dh, dtau_s, dtau_t))
+    finally:
+        ATTENTION = saved
+
+
+@torch.no_grad()
+def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, warp):
+    """The Lagrangian target from the student (stop-gradient) and D = teacher_denoiser(h, tau); (B, L, V)."""
+    s, t = warp.t(tau_s), warp.t(tau_t)
+    zero = torch.zeros_like(tau_s)
+    delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, torch.zeros_like(h_s), zero, torch.ones_like(tau_s))
+    X = flow_map(h_s, unwrap(student).project(delta), s, t)  # X_{s,t}(x_s) with the student's delta
+    return lagrangian(teacher_denoiser(X, tau_t), ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1), s, t)
+
+
+@torch.no_grad()
+def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, warp):
+    """The Eulerian target; in the projected state the x-tangent D_s - x_s is D_s @ E - h_s; (B, L, V)."""
+    s, t = warp.t(tau_s), warp.t(tau_t)
+    D_s = teacher_denoiser(h_s, tau_s)
+    dh = unwrap(student).project(D_s) - h_s
+    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
+    return eulerian(D_s, directional, s, t.clamp(max=1 - 1e-3))  # (1 - t) -> 0 at the one-step jump t = 1
+
+
+def onto_simplex(target):
+    """The Lagrangian and Eulerian targets are not convex combinations and can leave the simplex, and the soft
+    cross-entropy is unbounded below for a negative target: clip at 0 and renormalize (FLM.md 6)."""
+    target = target.clamp_min(0)
+    return target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
+
+
+def distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys, objective="semigroup"):
+    """Flow-map distillation loss (FLM.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
+    frozen teacher's D_s(x_s) on diagonal rows and against the objective's target on the others (semigroup:
+    the student's own two-step composition; lagrangian, eulerian: from the student's JVP and the teacher).
+    teacher None: self-distillation, with the one-hot data as the diagonal target and the student's own diagonal
+    delta_{s,s} as D. The student's E is the teacher's, so both read h = x_s @ E; keys (B,) give each row its
+    noise and dropout."""
     keys = keys.to(tokens.device)
     h = noisy_input(student, tokens, warp.t(tau_s), keys)
+    net = unwrap(student)
+    if teacher is None:
+        D = lambda h, tau: denoiser(net, h, tau, tau)  # noqa: E731 (the student's own denoiser, no gradient)
+    else:
+        D = lambda h, tau: denoiser(teacher, h, tau)  # noqa: E731
     with torch.no_grad():
-        target = torch.empty(*tokens.shape, unwrap(student).config.vocab_size, device=h.device)
+        target = torch.empty(*tokens.shape, net.config.vocab_size, device=h.device)
         if diag.any():
-            target[diag] = denoiser(teacher, h[diag], tau_s[diag])
+            target[diag] = (F.one_hot(tokens[diag], net.config.vocab_size).float() if teacher is None
+                            else D(h[diag], tau_s[diag]))
         off = ~diag
         if off.any():
-            mid = (tau_s[off] + tau_t[off]) / 2
-            target[off] = semigroup_target(student, h[off], tau_s[off], mid, tau_t[off], warp, keys[off])
+            args = (h[off], tau_s[off], tau_t[off])
+            if objective == "semigroup":
+                mid = (tau_s[off] + tau_t[off]) / 2
+                target[off] = semigroup_target(net, args[0], args[1], mid, args[2], warp, keys[off])
+            elif objective == "lagrangian":
+                target[off] = onto_simplex(lagrangian_target(net, D, *args, warp))
+            else:
+                target[off] = onto_simplex(eulerian_target(net, D, *args, warp))
     return soft_cross_entropy(student(h, tau_s, tau_t, keys=keys), target)
-
 
 # -----------------------------------------------------------------------------
 # the samplers (FLM.md 4, 7, 8)

@@ -98,6 +98,22 @@ def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path, stage):
             assert torch.equal(a[key][name], b[key][name]), (key, name, killed_at)
 
 
+def test_lagrangian_eulerian_and_self_distillation_run_end_to_end(data_dir, tmp_path):
+    train(data_dir, tmp_path / "flm", "--max-steps", "3", "--eval-every", "3")
+    for objective in ("lagrangian", "eulerian"):
+        proc = distill(tmp_path / "flm" / "ckpt.pt", tmp_path / objective, "--objective", objective, "--max-steps", "2",
+                       "--eval-every", "2")
+        assert f"objective {objective}" in proc.stdout and "step 2 | val loss" in proc.stdout
+    proc = run("distill.py", "--self-distill", "--data", data_dir, "--model", "tiny", "--seq-len", "16", "--out-dir",
+               str(tmp_path / "self"), "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8",
+               "--max-steps", "2", "--eval-every", "2")
+    assert "self-distillation (no teacher)" in proc.stdout
+    ckpt = torch.load(tmp_path / "self" / "ckpt.pt", weights_only=True)
+    assert ckpt["kind"] == "fmlm" and ckpt["teacher"] is None and ckpt["model_config"]["two_time"]
+    one = run("sample.py", "--ckpt", str(tmp_path / "self" / "ckpt.pt"), "--steps", "1", "--num-samples", "2")
+    assert one.stdout.count("--- sample") == 2
+
+
 def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     train(data_dir, tmp_path, "--max-steps", "2", "--eval-every", "2")
     proc = run("train_flm.py", "--data", data_dir, "--out-dir", str(tmp_path), *TINY, "--max-steps", "8",
@@ -114,7 +130,8 @@ def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, 
 
 SCRIPTS = ["train_flm.py", "distill.py", "sample.py", "eval_ppl.py", "data.py", "bench.py"]
 NO_VALUE_TO_CHECK = {"--help", "--compile", "--resume", "--quiet", "--no-ema", "--allow-long", "--per-line", "--seed",
-                     "--dtype", "--preset", "--model", "--evaluator", "--compact", "--hf", "--attention"}  # switches,
+                     "--dtype", "--preset", "--model", "--evaluator", "--compact", "--hf", "--attention", "--objective",
+                     "--self-distill", "--hf-config", "--hf-split", "--hf-revision", "--val-split", "--text-field"}  # switches,
 # seeds (any integer) and choices (argparse refuses others; the table checks one of each kind)
 
 
