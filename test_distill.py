@@ -75,18 +75,24 @@ def _train_flm_on(data, steps, batch, seed):
     return model.eval()
 
 
-def distill_on(data, teacher, steps, batch, lr, seed=0):
-    """Semigroup distillation with the paper's batch fractions; returns the EMA student (decay 0.99)."""
-    student = copy.deepcopy(teacher).train()
-    student.add_second_time()
-    student.embed.requires_grad_(False)
+def distill_on(data, teacher, steps, batch, lr, seed=0, objective="semigroup"):
+    """Distillation with the paper's batch fractions; returns the EMA student (decay 0.99). teacher None:
+    self-distillation of a fresh two-time model."""
+    if teacher is None:
+        torch.manual_seed(seed)
+        student = DiT(DiTConfig(vocab_size=V, two_time=True, **dict(MODEL_PRESETS["tiny"], n_embd=64, n_head=4)))
+    else:
+        student = copy.deepcopy(teacher).train()
+        student.add_second_time()
+        student.embed.requires_grad_(False)
     ema = copy.deepcopy(student).eval()
     warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
     for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
         tau_s, tau_t, diag = distill_times(batch, g)
-        loss = distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(seed, step, range(batch)))
+        loss = distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(seed, step, range(batch)),
+                            objective)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -181,30 +187,6 @@ def test_jvp_through_the_dit_equals_central_finite_differences():
         torch.testing.assert_close(jvp, richardson, atol=5e-4, rtol=0)
 
 
-def distill_objective_on(data, teacher, objective, steps, batch, lr, seed=0):
-    """distill_on with another objective, or from scratch (teacher None: self-distillation)."""
-    if teacher is None:
-        torch.manual_seed(seed)
-        student = DiT(DiTConfig(vocab_size=V, two_time=True, **dict(MODEL_PRESETS["tiny"], n_embd=64, n_head=4)))
-    else:
-        student = copy.deepcopy(teacher).train()
-        student.add_second_time()
-        student.embed.requires_grad_(False)
-    ema = copy.deepcopy(student).eval()
-    warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
-    for step in range(steps):
-        tokens = data[torch.randint(len(data), (batch,), generator=g)]
-        tau_s, tau_t, diag = distill_times(batch, g)
-        loss = distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(seed, step, range(batch)),
-                            objective)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        ema_update(ema, student, min(0.99, (1 + step) / (10 + step)))
-    return ema
-
-
 # objective, teacher: "flm" or None (self-distillation from scratch), steps (batch 128), and the one-step validity
 # asserted. Measured on 2 cores: Lagrangian 98.8%, Eulerian 99.3%, self-distillation 98.7%; independent draws 50%.
 OBJECTIVE_SETTINGS = [("lagrangian", "flm", 300, 0.95), ("eulerian", "flm", 300, 0.95), ("semigroup", None, 600, 0.95)]
@@ -214,7 +196,7 @@ OBJECTIVE_SETTINGS = [("lagrangian", "flm", 300, 0.95), ("eulerian", "flm", 300,
 def test_every_objective_distills_the_phrases_to_one_step(objective, teacher, steps, one_step_valid):
     data, n, warp = phrases(2), 2000, TimeWarp(V)
     flm = train_flm_on(data, 500, 256) if teacher else None
-    student = distill_objective_on(data, flm, objective, steps, 128, 1e-3)
+    student = distill_on(data, flm, steps, 128, 1e-3, objective=objective)
     one_step = generate(student, warp, n, L, steps=1, batch_size=n, seed=2)
     valid = valid_share(one_step, data)
     shares = (one_step[:, None, :] == data[None]).all(-1).double().mean(0)
