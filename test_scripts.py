@@ -232,6 +232,8 @@ def bad_cases(d, r):
         (["data.py", "--num-proc", "0"], "argument --num-proc: got 0"),
         (["data.py", "--val-fraction", "1"], "argument --val-fraction: got 1.0"),
         (["data.py", "--tokenizer", "nope", "--out", str(r / "d4")], "expected gpt2, bert-base-uncased"),
+        (["data.py", "--index", str(r)], "expected *train*.bin and *val*.bin shards"),
+        (["data.py", "--val-last", "0"], "argument --val-last: got 0"),
         (["bench.py", "--iters", "0"], "argument --iters: got 0"),
         (["bench.py", "--vocab", "1"], "argument --vocab: got 1"),
         (["bench.py", "--batch-size", "0"], "argument --batch-size: got 0"),

@@ -259,6 +259,7 @@ class Trainer:
                 self.log(f"step {step + 1} | loss {loss_sum.item() / self.accum:.4f} | lr {lr:.2e} | grad "
                          f"{grad_norm.item():.3f} | {dt * 1000:.0f} ms | {tokens_per_step / dt:,.0f} tok/s{mfu}")
         if self.ddp:
+            dist.barrier()  # every rank leaves together, after rank 0 has written the last checkpoint
             dist.destroy_process_group()
 
     def check_finite(self, first_bad, *models):
