@@ -424,9 +424,11 @@ def draw_noise(model, keys, L, stream=NOISE, dense=False):
     model = unwrap(model)
     E, keys = model.embed, keys.to(model.embed.device)
     (V, D), B = E.shape, len(keys)
-    if dense or V <= D:  # V <= D: E^T E is singular; such vocabularies are tiny, so draw x_0 itself
-        x0 = row_normal(keys, L * V, stream).view(B, L, V)
-        return x0 if dense else model.project(x0)
+    if dense:  # the authors' (B, L, V) state: torch's generator per row (the hash is slow at V = 50,257 on CPU)
+        return torch.stack([torch.randn(L, V, device=E.device, generator=torch.Generator(E.device).manual_seed(
+            row_key(int(k), stream, 0))) for k in keys.tolist()])
+    if V <= D:  # E^T E is singular; such vocabularies are tiny, so draw x_0 itself
+        return model.project(row_normal(keys, L * V, stream).view(B, L, V))
     z = row_normal(keys, L * D, stream).view(B, L, D)
     return z @ noise_factor(E).T
 
