@@ -131,7 +131,11 @@ for path, step_list in zip(args.ckpt, args.steps):
         with tqdm(desc=f"{ckpt['kind']} {steps} steps", total=steps * -(-args.num_samples // 64), file=sys.stderr,
                   leave=False) as bar, autocast:
             tokens = generate(model, warp, args.num_samples, seq_len, steps, 64, args.seed, ticking(bar)).cpu()
-        rows.append((ckpt["kind"].upper(), steps, [decode(t, vocab, tokenizer) for t in tokens.tolist()], tokens))
+        try:
+            texts = [decode(t, vocab, tokenizer) for t in tokens.tolist()]
+        except DataError as e:
+            fail(e)
+        rows.append((ckpt["kind"].upper(), steps, texts, tokens))
 for path in args.samples:
     try:
         with open(path) as f:

@@ -13,7 +13,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import decode
+from data import DataError, decode
 from model import CheckpointError, TimeWarp, autocast_for, generate, load_checkpoint, model_from_checkpoint
 from trainer import (AT_LEAST_1, FINITE, FRACTION, NONNEG, check_args, check_device, check_out_file,
                      usage_error)
@@ -97,7 +97,10 @@ with autocast:
     tokens = generate(model, warp, args.num_samples, seq_len, steps, args.batch_size, args.seed, progress,
                       gamma=args.gamma, weak_model=weak_model, eta=args.eta).cpu()
 bar.close()
-texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]
+try:
+    texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]
+except DataError as e:
+    fail(e)
 if not args.quiet:
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")

