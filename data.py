@@ -121,6 +121,32 @@ def encode_document(text, tokenizer="gpt2"):
     return np.array(ids, dtype=np.uint16)
 
 
+MASK = re.compile(r"\[MASK(?:\*(\d+))?\]")
+
+
+def encode_text(text, vocab=None, tokenizer="gpt2"):
+    """Model ids of a text with gaps (conditioning): "[MASK]" is one token to generate, "[MASK*n]" n of them.
+    Returns ids and given (lists of one length; gap ids are 0). The text before a gap loses its trailing spaces,
+    so that GPT-2 reads "the [MASK] said" as "the" + gap + " said". A token outside the vocabulary (a compact
+    one keeps only the corpus's ids) raises DataError naming it."""
+    tok, index = get_tokenizer(tokenizer), None if vocab is None else {int(v): i for i, v in enumerate(vocab)}
+    pieces, ids, given = MASK.split(text), [], []
+    for k in range(0, len(pieces), 2):  # text, gap size, text, ..., text
+        piece = pieces[k].rstrip() if k + 1 < len(pieces) else pieces[k]
+        raw = (tok.encode_ordinary(piece) if tokenizer == "gpt2" else tok.encode(piece, add_special_tokens=False).ids)
+        for i in raw:
+            if index is not None and i not in index:
+                raise DataError(f"{decode([i], None, tokenizer)!r} (token {i}) in {text!r} is not in the model's "
+                                f"vocabulary of {len(vocab):,} tokens (the corpus it was trained on has no such token)")
+            ids.append(i if index is None else index[i])
+            given.append(True)
+        if k + 1 < len(pieces):
+            n = int(pieces[k + 1] or 1)
+            ids += [0] * n
+            given += [False] * n
+    return ids, given
+
+
 def decode(ids, vocab=None, tokenizer="gpt2"):
     """Text of a sequence of (compact) ids. GPT-2: end-of-text becomes a newline, and the pad id 50257 of the
     authors' OWT models decodes to nothing. WordPiece: [SEP] becomes a newline, [CLS] and [PAD] nothing."""

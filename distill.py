@@ -8,8 +8,9 @@ Stage 2: distillation of a trained FLM into its flow map (FMLM, FLM.md 5 and 6),
     torchrun --standalone --nproc_per_node=8 distill.py --preset owt --teacher out/flm-owt/ckpt.pt --compile
 
 The student is the teacher's DiT plus a second time embedder for tau_t (zero-initialized, so it starts as
-delta_{s,t} = D_s). Its input matrix E stays frozen at the teacher's, so teacher and student read the same
-projected state h = x_s @ E. Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and
+delta_{s,t} = D_s). Its input matrix E either stays frozen at the teacher's (the quick start), so teacher and
+student read the same projected state h = x_s @ E, or trains (--train-embed, the authors' and the paper presets),
+and then both read their own columns of one joint state x_s @ [E_teacher, E_student] (model.JointView). Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and
 off-diagonal rows (target: the student's own two-step semigroup composition, without gradient; or the
 Lagrangian / Eulerian target from a forward-mode JVP through the student and the teacher). Self-distillation
 has no teacher: the diagonal rows learn the one-hot data by cross-entropy, and the student's own diagonal
@@ -23,7 +24,7 @@ import torch
 
 from data import Data, DataError
 from model import (MODEL_PRESETS, OBJECTIVES, CheckpointError, DiT, DiTConfig, TimeWarp, distill_loss, distill_times,
-                   load_checkpoint, model_from_checkpoint, slot_keys, step_generator)
+                   given_mask, load_checkpoint, model_from_checkpoint, slot_keys, step_generator)
 from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, check_args, usage_error
 
 # -----------------------------------------------------------------------------
@@ -32,12 +33,13 @@ from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, chec
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU
     "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, max_steps=400,
-                ema=0.99, eval_every=100, eval_windows=64),
-    # the paper's settings (FLM.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT)
+                ema=0.99, eval_every=100, eval_windows=64, dropout=0.0, train_embed=False),
+    # the paper's settings (FLM.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
+    # the authors' student trains with dropout 0.1 and trains its E
     "lm1b": dict(teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, lr=3e-4, warmup=1000,
-                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024),
+                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024, dropout=0.1, train_embed=True),
     "owt": dict(teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, lr=3e-4, warmup=1000,
-                max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256),
+                max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256, dropout=0.1, train_embed=True),
 }
 
 parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM).")
@@ -53,7 +55,10 @@ parser.add_argument("--self-distill", action="store_true",
                     help="no teacher: train a fresh two-time DiT (--model, --data) into a flow map")
 parser.add_argument("--model", choices=list(MODEL_PRESETS), help="--self-distill: model shape preset (model.py)")
 parser.add_argument("--data", help="prepared data folder (default: the teacher's)")
-parser.add_argument("--dropout", type=float, default=0.0, help="student dropout")
+parser.add_argument("--dropout", type=float, help="student dropout (default: the preset's; the authors' 0.1)")
+parser.add_argument("--train-embed", action=argparse.BooleanOptionalAction, default=None,
+                    help="train the student's input matrix E (the authors'; teacher and student then read one joint "
+                    "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's (default: the preset's)")
 parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the teacher's)")
 parser.add_argument("--diag-frac", type=float, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
 parser.add_argument("--boundary-frac", type=float, default=1 / 32,
@@ -103,7 +108,7 @@ else:
     raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
     raw_model.config.dropout = args.dropout  # the deep copy has its own config
     raw_model.add_second_time()
-    raw_model.embed.requires_grad_(False)  # E frozen: teacher and student read the same h = x_s @ E
+    raw_model.embed.requires_grad_(args.train_embed)  # frozen: teacher and student read the same h = x_s @ E
 cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -112,7 +117,7 @@ warp = TimeWarp(cfg.vocab_size)
 start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
 model = run.wrap(raw_model)
 run.print_setup(f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} trained), "
-                f"V = {cfg.vocab_size:,}, objective {args.objective}, " + (
+                f"V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, objective {args.objective}, " + (
                     "self-distillation (no teacher)" if teacher is None else
                     f"teacher {args.teacher} (step {teacher_ckpt['step']})"))
 
@@ -127,7 +132,12 @@ def micro_loss(model, step, slots):
     tokens = data.get_batch("train", args.seq_len, keys, device)
     tau_s, tau_t, diag = (z[slots].to(device) for z in distill_times(
         args.batch_size, step_generator(args.seed, step), args.diag_frac, args.boundary_frac))
-    return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective)
+    return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, given_of(keys))
+
+
+def given_of(keys):
+    """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
+    return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
 
 
 eval_times = distill_times(args.eval_windows, torch.Generator().manual_seed(0), args.diag_frac, args.boundary_frac)
@@ -137,7 +147,8 @@ def evaluate(net):
     """The distillation loss on fixed validation windows with fixed times and noise."""
     def loss_of(net, tokens, slots):
         tau_s, tau_t, diag = (z[slots].to(device) for z in eval_times)
-        return distill_loss(net, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(0, -1, slots), args.objective)
+        keys = slot_keys(0, -1, slots)
+        return distill_loss(net, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, given_of(keys))
     return run.evaluate(net, data, loss_of)
 
 

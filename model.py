@@ -114,7 +114,8 @@ def attention(q, k, v, softcap, backend=None):
 # integer hash below is plain tensor arithmetic that torch.compile fuses into its kernels.
 
 _M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
-NOISE, DROPOUT = 0, 1 << 24  # stream bases: noise stream i uses 2i and 2i + 1, dropout of layer l uses 2l and 2l + 1
+NOISE, GIVEN, DROPOUT = 0, 1 << 23, 1 << 24  # stream bases: noise stream i uses 2i and 2i + 1, dropout of layer l
+# uses 2l and 2l + 1, the conditioning masks GIVEN
 
 
 def _mul32(x, c):
@@ -419,6 +420,45 @@ def noise_factor(embed):
     return torch.linalg.cholesky(e.T @ e).to(embed.dtype)
 
 
+def joint_noise_factor(embed):
+    """W (D', D') with W^T W = E^T E for an E (V, D') whose columns may be dependent, as in the joint state below,
+    where the student's E starts equal to the teacher's. With E^T E = U diag(lam) U^T, Q = E U diag(lam)^-1/2 is an
+    orthonormal basis of E's columns (its dependent directions dropped) and W = Q^T E, so x_0 @ E = (x_0 @ Q) W with
+    x_0 @ Q ~ N(0, I) exactly. Q is held without gradient: the gradient in E is then the pathwise one of x_0 @ E
+    projected on E's column space, whose complement is independent of the loss, so it is unbiased."""
+    with torch.no_grad():
+        e = embed.double()
+        lam, U = torch.linalg.eigh(e.T @ e)
+        inv_sqrt = torch.where(lam > lam.max() * 1e-10, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+        Q = (e @ (U * inv_sqrt)).to(embed.dtype)
+    return Q.T @ embed
+
+
+class JointView(nn.Module):
+    """Two DiTs with input matrices of their own read one x: the state is h = x @ [E_a, E_b] (B, L, D_a + D_b) and
+    each network reads its own columns. Distillation with a trained student E reads the teacher and the student
+    this way, and autoguidance the model and its weaker checkpoint. The noise x_0 @ [E_a, E_b] is one Gaussian of
+    dimension D_a + D_b (joint_noise_factor), and the flow-map arithmetic is linear, so it runs on h unchanged."""
+
+    def __init__(self, net, embed, cols):
+        super().__init__()
+        self.net, self.embed, self.cols, self.config = net, embed, cols, net.config
+
+    def project(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() @ self.embed
+
+    def forward(self, h, *args, **kwargs):
+        return self.net(h[..., self.cols], *args, **kwargs)
+
+
+def joint_views(a, b):
+    """JointView of each of two DiTs on the state x @ [E_a, E_b]."""
+    a, b = unwrap(a), unwrap(b)
+    embed, D = torch.cat([a.embed, b.embed], dim=1), a.config.n_embd
+    return JointView(a, embed, slice(0, D)), JointView(b, embed, slice(D, None))
+
+
 def draw_noise(model, keys, L, stream=NOISE, dense=False):
     """x_0 ~ N(0, I) for rows with keys (B,): dense (B, L, V), or projected x_0 @ E (B, L, D) without forming x_0."""
     model = unwrap(model)
@@ -430,6 +470,8 @@ def draw_noise(model, keys, L, stream=NOISE, dense=False):
     if V <= D:  # E^T E is singular; such vocabularies are tiny, so draw x_0 itself
         return model.project(row_normal(keys, L * V, stream).view(B, L, V))
     z = row_normal(keys, L * D, stream).view(B, L, D)
+    if isinstance(model, JointView):
+        return z @ joint_noise_factor(E)
     return z @ noise_factor(E).T
 
 
@@ -439,28 +481,64 @@ def interpolate(x0, x1, t):
     return (1 - t) * x0 + t * x1
 
 
-def noisy_input(model, tokens, t, keys, dense=False):
-    """The network input h_t = x_t @ E for tokens (B, L) at times t (B,), noise from the rows' keys -> (B, L, D)."""
+def noisy_input(model, tokens, t, keys, dense=False, given=None):
+    """The network input h_t = x_t @ E for tokens (B, L) at times t (B,), noise from the rows' keys -> (B, L, D).
+    given (B, L) bool: positions fed clean, x_1 = one_hot(token), at every time (conditioning)."""
     model = unwrap(model)
     x0 = draw_noise(model, keys, tokens.size(1), dense=dense)
     if dense:
         x1 = F.one_hot(tokens, model.config.vocab_size).float()
-        return model.project(interpolate(x0, x1, t))
-    return interpolate(x0, model.embed[tokens], t)  # one_hot(tokens) @ E = E[tokens]
+        return model.project(clamp_given(interpolate(x0, x1, t), given, x1))
+    x1 = model.embed[tokens]  # one_hot(tokens) @ E = E[tokens]
+    return clamp_given(interpolate(x0, x1, t), given, x1)
 
 
-def flm_loss(model, tokens, tau, warp, keys, dense=False):
+def flm_loss(model, tokens, tau, warp, keys, dense=False, given=None):
     """Token cross-entropy of the denoiser at reparameterized times tau (B,) (FLM.md 2); keys (B,) give each
-    row its noise and dropout."""
+    row its noise and dropout. given (B, L): positions fed clean and left out of the loss (conditioning)."""
     keys = keys.to(tokens.device)
-    h = noisy_input(model, tokens, warp.t(tau), keys, dense)
+    h = noisy_input(model, tokens, warp.t(tau), keys, dense, given)
     logits = model(h, tau, keys=keys)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), tokens.view(-1))
+    if given is None:
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), tokens.view(-1))
+    return free_mean(F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none"), given)
 
 
-def soft_cross_entropy(logits, target):
-    """-sum_V target * log_softmax(logits), mean over positions (FLM.md 6)."""
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+def soft_cross_entropy(logits, target, given=None):
+    """-sum_V target * log_softmax(logits), mean over positions (FLM.md 6), or over the free ones of each row."""
+    ce = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    return ce.mean() if given is None else free_mean(ce, given)
+
+
+# -----------------------------------------------------------------------------
+# conditioning: given positions stay clean at every time and are left out of the loss (the authors' answer to
+# prompts, david3684/flm#8); the time stays one global time per row
+
+
+def given_mask(keys, L, frac):
+    """(B, L) bool from each row's key: a row is conditional with probability frac; half of those are given a
+    prefix of 1 to L - 1 tokens (a prompt), the others alternating given and free spans (infilling), a boundary
+    after each position with probability 4 / L and a random first span. The last position of an all-given row
+    is freed."""
+    u = row_uniform(keys, L + 4, GIVEN)
+    cond, prefix = u[:, :1] < frac, u[:, 1:2] < 0.5
+    pos = torch.arange(L, device=keys.device)
+    prompt = pos < 1 + (u[:, 2:3] * (L - 1)).long()
+    spans = ((u[:, 4:] < 4 / L).long().cumsum(1) + (u[:, 3:4] < 0.5).long()) % 2 == 1
+    given = cond & torch.where(prefix, prompt, spans)
+    return given & ~(given.all(1, keepdim=True) & (pos == L - 1))
+
+
+def clamp_given(h, given, clean):
+    """h with its given positions set to their clean state; h itself when nothing is given."""
+    return h if given is None else torch.where(given[..., None], clean, h)
+
+
+def free_mean(loss, given):
+    """Mean of a per-position loss (B, L) over each row's free positions, then over rows: a row weighs the same
+    whatever it is given, so the mean does not depend on how the batch is split."""
+    free = (~given).float()
+    return ((loss * free).sum(1) / free.sum(1).clamp_min(1)).mean()
 
 
 def denoiser(model, h, tau_s, tau_t=None, keys=None):
@@ -483,14 +561,14 @@ def semigroup_weight(s, u, t):
 
 
 @torch.no_grad()
-def semigroup_target(model, h_s, tau_s, tau_u, tau_t, warp, keys=None):
+def semigroup_target(model, h_s, tau_s, tau_u, tau_t, warp, keys=None, given=None, clean=None):
     """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)), from the model itself (FLM.md 6); (B, L, V).
-    keys + 1 and keys + 2 give the two passes dropout masks of their own."""
+    keys + 1 and keys + 2 give the two passes dropout masks of their own; given positions stay clean."""
     model = unwrap(model)
     s, u, t = warp.t(tau_s), warp.t(tau_u), warp.t(tau_t)
     more = (lambda i: None) if keys is None else (lambda i: keys + i)
     delta_su = denoiser(model, h_s, tau_s, tau_u, more(1))
-    y = flow_map(h_s, model.project(delta_su), s, u)
+    y = clamp_given(flow_map(h_s, model.project(delta_su), s, u), given, clean)
     delta_ut = denoiser(model, y, tau_u, tau_t, more(2))
     g = semigroup_weight(s, u, t).view(-1, 1, 1)
     return g * delta_su + (1 - g) * delta_ut
@@ -544,21 +622,23 @@ def jvp_denoiser(model, h, tau_s, tau_t, dh, dtau_s, dtau_t):
 
 
 @torch.no_grad()
-def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, warp):
+def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, warp, given=None, clean=None):
     """The Lagrangian target from the student (stop-gradient) and D = teacher_denoiser(h, tau); (B, L, V)."""
     s, t = warp.t(tau_s), warp.t(tau_t)
     zero = torch.zeros_like(tau_s)
     delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, torch.zeros_like(h_s), zero, torch.ones_like(tau_s))
-    X = flow_map(h_s, unwrap(student).project(delta), s, t)  # X_{s,t}(x_s) with the student's delta
+    X = clamp_given(flow_map(h_s, unwrap(student).project(delta), s, t), given, clean)  # X_{s,t}(x_s), student's delta
     return lagrangian(teacher_denoiser(X, tau_t), ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1), s, t)
 
 
 @torch.no_grad()
-def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, warp):
-    """The Eulerian target; in the projected state the x-tangent D_s - x_s is D_s @ E - h_s; (B, L, V)."""
+def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, warp, given=None, clean=None):
+    """The Eulerian target; in the projected state the x-tangent D_s - x_s is D_s @ E - h_s, and 0 at given
+    positions, which do not move; (B, L, V)."""
     s, t = warp.t(tau_s), warp.t(tau_t)
     D_s = teacher_denoiser(h_s, tau_s)
     dh = unwrap(student).project(D_s) - h_s
+    dh = clamp_given(dh, given, torch.zeros_like(dh))
     _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
     return eulerian(D_s, directional, s, t.clamp(max=1 - 1e-3))  # (1 - t) -> 0 at the one-step jump t = 1
 
@@ -573,16 +653,20 @@ def onto_simplex(target):
 OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
 
 
-def distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys, objective="semigroup"):
+def distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys, objective="semigroup", given=None):
     """Flow-map distillation loss (FLM.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
     frozen teacher's D_s(x_s) on diagonal rows and against the objective's target on the others (semigroup:
     the student's own two-step composition; lagrangian, eulerian: from the student's JVP and the teacher).
     teacher None: self-distillation, with the one-hot data as the diagonal target and the student's own diagonal
-    delta_{s,s} as D. The student's E is the teacher's, so both read h = x_s @ E; keys (B,) give each row its
-    noise and dropout."""
+    delta_{s,s} as D. A student with a frozen E (the teacher's) reads the teacher's h = x_s @ E; one that trains
+    its E reads its own columns of the joint state x_s @ [E_teacher, E_student] (JointView). keys (B,) give each
+    row its noise and dropout; given (B, L): positions kept clean and left out of the loss (conditioning)."""
     keys = keys.to(tokens.device)
-    h = noisy_input(student, tokens, warp.t(tau_s), keys)
-    net = unwrap(student)
+    net, cols = unwrap(student), slice(None)
+    if teacher is not None and net.embed.requires_grad:
+        teacher, net = joint_views(teacher, net)
+        cols = net.cols
+    h = noisy_input(net, tokens, warp.t(tau_s), keys, given=given)
     if teacher is None:
         D = lambda h, tau: denoiser(net, h, tau, tau)  # noqa: E731 (the student's own denoiser, no gradient)
     else:
@@ -595,26 +679,29 @@ def distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys, objec
         off = ~diag
         if off.any():
             args = (h[off], tau_s[off], tau_t[off])
+            fix = {} if given is None else dict(given=given[off], clean=net.embed[tokens[off]])
             if objective == "semigroup":
                 mid = (tau_s[off] + tau_t[off]) / 2
-                target[off] = semigroup_target(net, args[0], args[1], mid, args[2], warp, keys[off])
+                target[off] = semigroup_target(net, args[0], args[1], mid, args[2], warp, keys[off], **fix)
             elif objective == "lagrangian":
-                target[off] = onto_simplex(lagrangian_target(net, D, *args, warp))
+                target[off] = onto_simplex(lagrangian_target(net, D, *args, warp, **fix))
             else:
-                target[off] = onto_simplex(eulerian_target(net, D, *args, warp))
-    return soft_cross_entropy(student(h, tau_s, tau_t, keys=keys), target)
+                target[off] = onto_simplex(eulerian_target(net, D, *args, warp, **fix))
+    return soft_cross_entropy(student(h[..., cols], tau_s, tau_t, keys=keys), target, given)
 
 # -----------------------------------------------------------------------------
 # the samplers (FLM.md 4, 7, 8)
 
 
 @torch.no_grad()
-def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, keys=None, dense=False, progress=None):
+def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, keys=None, dense=False, progress=None,
+           given=None, tokens=None):
     """Generate tokens (B, L) from noise x: the Euler ODE for a denoiser, the flow map for a two-time model.
 
     x is the dense state x_0 (B, L, V) if dense, else the projected x_0 @ E (B, L, D) from draw_noise.
     gamma > 0: the stochastic flow-map sampler (FLM.md 7), its noise from the rows' keys (B,).
-    weak_model, eta: autoguidance (FLM.md 8).
+    weak_model, eta: autoguidance (FLM.md 8); in the projected state both must read x (JointView, as generate does).
+    given (B, L) bool and tokens (B, L): conditioning, given positions clamped to their tokens at every step.
     """
     net = unwrap(model)
     two_time = net.config.two_time
@@ -622,7 +709,9 @@ def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, keys=None
         raise ValueError("gamma > 0 needs a flow-map (two-time) model and the rows' keys")
     B = x.size(0)
     lift = (lambda p: p) if dense else net.project  # denoiser (B, L, V) -> the state space
-    read = net.project if dense else (lambda z: z)  # state -> network input
+    read = (lambda m, z: unwrap(m).project(z)) if dense else (lambda m, z: z)  # state -> each network's input
+    clean = None if given is None else F.one_hot(tokens, net.config.vocab_size).float() if dense else net.embed[tokens]
+    x = clamp_given(x, given, clean)
     taus = torch.linspace(0, 1, steps + 1, device=x.device)
     ts = warp.t(taus)
     for i in (progress or (lambda r: r))(range(steps)):
@@ -630,25 +719,49 @@ def sample(model, warp, x, steps, gamma=0.0, weak_model=None, eta=1.0, keys=None
         t_jump = 1 - (1 - t) * math.sqrt(1 - gamma ** 2) if gamma > 0 else t
         tau_s = taus[i].expand(B)
         tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(B) if two_time else None
-        d = denoiser(model, read(x), tau_s, tau_t)
-        if weak_model is not None:
-            d_weak = denoiser(weak_model, read(x), tau_s, tau_t)
-            d = d_weak + eta * (d - d_weak)  # affine in D, so the step stays exact (FLM.md 8)
+        d = denoiser(model, read(model, x), tau_s, tau_t)
+        if weak_model is not None:  # affine in D, so the step stays exact (FLM.md 8); eta = 1 and 0 are exact
+            d = eta * d + (1 - eta) * denoiser(weak_model, read(weak_model, x), tau_s, tau_t)
         x = flow_map(x, lift(d), s, t_jump)
         if gamma > 0:
             noise = draw_noise(net, keys, x.size(1), NOISE + 1 + i, dense)
             x = x + (t - t_jump) * lift(d) + gamma * (1 - t) * noise
-    return d.argmax(dim=-1)  # the last step lands on t = 1, where x = d
+        x = clamp_given(x, given, clean)
+    out = d.argmax(dim=-1)  # the last step lands on t = 1, where x = d
+    return out if given is None else torch.where(given, tokens, out)
 
 
-def generate(model, warp, num_samples, L, steps, batch_size=64, seed=0, progress=None, **kwargs):
+def generate(model, warp, num_samples, L, steps, batch_size=64, seed=0, progress=None, weak_model=None,
+             given=None, tokens=None, **kwargs):
     """num_samples sequences (num_samples, L) in batches; sample i comes from the key (seed, 0, i), so it is the
-    same whatever the batch size."""
+    same whatever the batch size. given, tokens (num_samples, L) or (L,): conditioning. A weak model with
+    another E than the model's reads the same x through the joint state (JointView)."""
+    if weak_model is not None and not torch.equal(unwrap(model).embed, unwrap(weak_model).embed):
+        model, weak_model = joint_views(model, weak_model)
+    if given is not None:
+        given, tokens = given.expand(num_samples, L), tokens.expand(num_samples, L)
     out = []
     for start in range(0, num_samples, batch_size):
-        keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
+        rows = slice(start, min(start + batch_size, num_samples))
+        keys = slot_keys(seed, 0, range(rows.start, rows.stop))
         x = draw_noise(model, keys, L)
-        out.append(sample(model, warp, x, steps, keys=keys, progress=progress, **kwargs))
+        cond = {} if given is None else dict(given=given[rows], tokens=tokens[rows])
+        out.append(sample(model, warp, x, steps, keys=keys, progress=progress, weak_model=weak_model, **cond,
+                          **kwargs))
+    return torch.cat(out)
+
+
+def factorized_sample(model, warp, num_samples, L, batch_size=64, seed=0):
+    """The one-step control (FLM.md 11): each position drawn independently from the model's own per-position
+    marginal D(x_0, tau = 0), which is what a discrete diffusion sampler does in one step. Tokens (num_samples, L)."""
+    net, out = unwrap(model), []
+    for start in range(0, num_samples, batch_size):
+        keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
+        tau = torch.zeros(len(keys), device=net.embed.device)
+        p = denoiser(net, draw_noise(net, keys, L), tau, tau if net.config.two_time else None)  # (B, L, V)
+        u = row_uniform(keys.to(p.device), L, NOISE + 1)[..., None]  # inverse CDF, one uniform per position
+        idx = (p.cumsum(-1) < u * p.sum(-1, keepdim=True)).sum(-1)
+        out.append(idx.clamp_max(p.size(-1) - 1))
     return torch.cat(out)
 
 

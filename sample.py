@@ -3,6 +3,11 @@ Generate text: the Euler ODE for an FLM checkpoint (FLM.md 4), the flow map for 
 
     python sample.py --steps 1                                   # one forward pass of the distilled model
     python sample.py --ckpt out/flm-ptb/ckpt.pt --steps 256      # the FLM's ODE with 256 Euler steps
+    python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --prompt "the company said"          # continue a prompt
+    python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --infill "the [MASK*3] said [MASK] stock"   # fill gaps
+
+Conditioning clamps the given tokens to their clean one-hot state at every step, so they come back unchanged;
+a model trained with --cond-frac (train_flm.py, distill.py) has learned to read them.
 """
 
 import argparse
@@ -13,7 +18,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import DataError, decode
+from data import DataError, decode, encode_text
 from model import CheckpointError, TimeWarp, autocast_for, generate, load_checkpoint, model_from_checkpoint
 from trainer import (AT_LEAST_1, FINITE, FRACTION, NONNEG, check_args, check_device, check_out_file,
                      usage_error)
@@ -41,6 +46,9 @@ parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="autocast precision of the network (default: bf16 on CUDA, fp32 on CPU); state stays fp32")
 parser.add_argument("--allow-long", action="store_true",
                     help="allow --seq-len beyond the training length (the model has never seen it; memory grows as L^2)")
+parser.add_argument("--prompt", default=None, help="condition on this text as the start of every sample")
+parser.add_argument("--infill", default=None, help='condition on a text with gaps: "[MASK]" is one token to '
+                    'generate, "[MASK*n]" n tokens; the positions after the text are generated too')
 parser.add_argument("--quiet", action="store_true", help="do not print the texts")
 args = parser.parse_args()
 check_args(args, "sample.py", steps=AT_LEAST_1, num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1,
@@ -80,6 +88,35 @@ seq_len = args.seq_len or ckpt["args"]["seq_len"]
 vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
 
 # -----------------------------------------------------------------------------
+# conditioning: the given tokens and positions, one set shared by every sample
+
+cond = {}
+if args.prompt is not None and args.infill is not None:
+    usage_error("sample.py", "give --prompt or --infill, not both")
+text, flag = (args.prompt, "--prompt") if args.prompt is not None else (args.infill, "--infill")
+if text is not None:
+    if not text.strip():
+        usage_error("sample.py", f"argument {flag}: got {text!r}, expected some text to condition on")
+    try:
+        ids, given = encode_text(text, vocab, tokenizer)
+    except DataError as e:
+        usage_error("sample.py", f"argument {flag}: {e}")
+    if not any(given):
+        usage_error("sample.py", f"argument {flag}: got {text!r}, which has no tokens to condition on")
+    if len(ids) > seq_len:
+        usage_error("sample.py", f"argument {flag}: got {len(ids)} tokens, expected at most --seq-len {seq_len} "
+                    f"(and fewer, to leave positions to generate)")
+    if len(ids) == seq_len and all(given):
+        usage_error("sample.py", f"argument {flag}: its {len(ids)} tokens fill the whole sequence of {seq_len}; "
+                    "nothing is left to generate")
+    pad = seq_len - len(ids)
+    cond = dict(tokens=torch.tensor(ids + [0] * pad, device=device),
+                given=torch.tensor(given + [False] * pad, device=device))
+    if not ckpt["args"].get("cond_frac"):
+        print(f"sample.py: note: {args.ckpt} was trained without --cond-frac; it has not learned to read given "
+              "tokens, so expect weak conditioning", file=sys.stderr)
+
+# -----------------------------------------------------------------------------
 # sample, decode, write
 
 bar = tqdm(total=steps * -(-args.num_samples // args.batch_size), desc=f"{ckpt['kind']} {steps} steps",
@@ -95,7 +132,7 @@ def progress(steps_range):
 autocast, _ = autocast_for(device, args.dtype)
 with autocast:
     tokens = generate(model, warp, args.num_samples, seq_len, steps, args.batch_size, args.seed, progress,
-                      gamma=args.gamma, weak_model=weak_model, eta=args.eta).cpu()
+                      gamma=args.gamma, weak_model=weak_model, eta=args.eta, **cond).cpu()
 bar.close()
 try:
     texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]
@@ -109,6 +146,6 @@ if args.out:
     with open(args.out + ".tmp", "w") as f:
         for text, row in zip(texts, tokens.tolist()):
             f.write(json.dumps(dict(text=text, tokens=row, kind=ckpt["kind"], steps=steps, ckpt=args.ckpt,
-                                    seed=args.seed, gamma=args.gamma)) + "\n")
+                                    seed=args.seed, gamma=args.gamma, prompt=args.prompt, infill=args.infill)) + "\n")
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)

@@ -81,7 +81,7 @@ def check_out_file(path, flag, script):
 
 RUN_RULES = dict(batch_size=AT_LEAST_1, micro_batch=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_1, max_steps=AT_LEAST_1,
                  ema=BELOW_1, grad_clip=NONNEG, eval_every=AT_LEAST_1, eval_windows=AT_LEAST_1, log_every=AT_LEAST_1,
-                 dropout=BELOW_1, seq_len=AT_LEAST_1)
+                 dropout=BELOW_1, seq_len=AT_LEAST_1, cond_frac=FRACTION)
 
 
 def add_run_args(parser):
@@ -98,6 +98,9 @@ def add_run_args(parser):
     a("--eval-every", type=int, help="steps between validation and checkpoint")
     a("--eval-windows", type=int, help="validation windows (fixed windows, times and noise), split over ranks")
     a("--log-every", type=int, default=10, help="steps between log lines")
+    a("--cond-frac", type=float, default=0.0,
+      help="conditioning: the share of rows given a prompt (a prefix of random length) or spans to fill, fed clean "
+           "at every time and left out of the loss (0: off, the training of an unconditional model unchanged)")
     a("--seed", type=int, default=1337, help="seed; every random draw of a step derives from (seed, step, slot)")
     a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available; torchrun: LOCAL_RANK)")
     a("--dtype", choices=["fp32", "bf16"], default=None,
