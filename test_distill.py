@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, denoiser, distill_loss, distill_times, draw_noise,
-                   ema_update, eulerian, flm_loss, generate, jvp_denoiser, lagrangian, semigroup_target, slot_keys,
-                   stratified_tau)
+                   ema_update, eulerian, flm_loss, generate, given_mask, jvp_denoiser, lagrangian, semigroup_target,
+                   slot_keys, stratified_tau)
 from test_simplex import exact_denoiser, exact_flow_map, phrase_data, tiny_model
 
 
@@ -54,28 +54,31 @@ def phrases(k):
 _TEACHERS = {}  # the k = 2 teacher is shared by the tests that use the same settings
 
 
-def train_flm_on(data, steps, batch, seed=0):
-    key = (tuple(data.flatten().tolist()), steps, batch, seed)
+def train_flm_on(data, steps, batch, seed=0, cond_frac=0.0):
+    key = (tuple(data.flatten().tolist()), steps, batch, seed, cond_frac)
     if key not in _TEACHERS:
-        _TEACHERS[key] = _train_flm_on(data, steps, batch, seed)
+        _TEACHERS[key] = _train_flm_on(data, steps, batch, seed, cond_frac)
     return _TEACHERS[key]
 
 
-def _train_flm_on(data, steps, batch, seed):
+def _train_flm_on(data, steps, batch, seed, cond_frac):
     torch.manual_seed(seed)
     model = DiT(DiTConfig(vocab_size=V, **dict(MODEL_PRESETS["tiny"], n_embd=64, n_head=4, n_layer=2)))
     warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
-        loss = flm_loss(model, tokens, stratified_tau(batch, g), warp, slot_keys(seed, step, range(batch)))
+        keys = slot_keys(seed, step, range(batch))
+        given = given_mask(keys, L, cond_frac) if cond_frac else None
+        loss = flm_loss(model, tokens, stratified_tau(batch, g), warp, keys, given=given)
         loss.backward()
         opt.step()
         opt.zero_grad()
     return model.eval()
 
 
-def distill_on(data, teacher, steps, batch, lr, seed=0, objective="semigroup"):
+def distill_on(data, teacher, steps, batch, lr, seed=0, objective="semigroup", cond_frac=0.0, train_embed=False,
+               dropout=0.0):
     """Distillation with the paper's batch fractions; returns the EMA student (decay 0.99). teacher None:
     self-distillation of a fresh two-time model."""
     if teacher is None:
@@ -84,15 +87,17 @@ def distill_on(data, teacher, steps, batch, lr, seed=0, objective="semigroup"):
     else:
         student = copy.deepcopy(teacher).train()
         student.add_second_time()
-        student.embed.requires_grad_(False)
+        student.embed.requires_grad_(train_embed)
+        student.config.dropout = dropout
     ema = copy.deepcopy(student).eval()
     warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
     for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
         tau_s, tau_t, diag = distill_times(batch, g)
-        loss = distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, slot_keys(seed, step, range(batch)),
-                            objective)
+        keys = slot_keys(seed, step, range(batch))
+        given = given_mask(keys, L, cond_frac) if cond_frac else None
+        loss = distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys, objective, given)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -203,3 +208,37 @@ def test_every_objective_distills_the_phrases_to_one_step(objective, teacher, st
     print(f"{objective}{'' if teacher else ' (self-distillation, no teacher)'}: one-step valid {valid:.3f}, "
           f"shares {[round(x, 3) for x in shares.tolist()]} (independent draws: 0.5)")
     assert valid >= one_step_valid and (shares > 0.25).all()
+
+
+# -----------------------------------------------------------------------------
+# the authors' student settings (dropout 0.1, a trained E read through the joint state), and conditioning
+
+
+def test_student_with_a_trained_e_and_dropout_distills_the_phrases_to_one_step():
+    data, n, warp = phrases(2), 2000, TimeWarp(V)
+    flm = train_flm_on(data, 500, 256)
+    student = distill_on(data, flm, 300, 128, 1e-3, train_embed=True, dropout=0.1)
+    assert not torch.equal(student.embed, flm.embed)  # E trained
+    valid = valid_share(generate(student, warp, n, L, steps=1, batch_size=n, seed=2), data)
+    print(f"trained E, dropout 0.1: one-step valid {valid:.3f} (independent draws: 0.5)")
+    assert valid >= 0.95
+
+
+def test_a_model_distilled_with_prompts_continues_new_with_york_in_one_step():
+    """phrases(2) = "new york" / "san diego" as (0, 1) / (1, 0). With --cond-frac, given the first token, one step
+    gives the phrase's second; an unconditional one-step sample's first token is 50/50."""
+    data, n, warp = phrases(2), 1000, TimeWarp(V)
+    flm = train_flm_on(data, 500, 256, cond_frac=0.5)
+    student = distill_on(data, flm, 600, 256, 1e-3, cond_frac=0.5)
+    given = torch.tensor([True, False])
+    right = []
+    for first in (0, 1):
+        out = generate(student, warp, n, L, steps=1, batch_size=n, seed=4, given=given, tokens=torch.tensor([first, 0]))
+        assert (out[:, 0] == first).all()
+        right.append((out[:, 1] == (first + 1) % 2).double().mean().item())
+    free = generate(student, warp, n, L, steps=1, batch_size=n, seed=5)
+    share = (free[:, 0] == 0).double().mean().item()
+    print(f"conditional one step: 'new' -> 'york' {right[0]:.3f}, 'san' -> 'diego' {right[1]:.3f}; "
+          f"unconditional first token 'new' {share:.3f}")
+    assert min(right) >= 0.95
+    assert abs(share - 0.5) < 0.1

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, attention, denoiser, draw_noise, flex_attention,
-                   flm_loss, flow_map, interpolate, noise_factor, row_normal, row_uniform, sample, semigroup_target,
-                   semigroup_weight, slot_keys, stratified_tau)
+                   flm_loss, flow_map, given_mask, interpolate, joint_noise_factor, joint_views, noise_factor,
+                   noisy_input, row_normal, row_uniform, sample, semigroup_target, semigroup_weight, slot_keys,
+                   stratified_tau)
 
 
 def tiny_model(V=64, seed=0, two_time=False, perturb=True):
@@ -278,3 +279,99 @@ def test_flex_attention_with_softcap_score_mod_equals_the_explicit_formula():
     explicit = attention(q, k, v, softcap=5.0, backend="explicit")
     torch.testing.assert_close(attention(q, k, v, softcap=5.0, backend="flex"), explicit, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(attention(q, k, v, softcap=500.0, backend="explicit"), explicit, atol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# conditioning, autoguidance, the joint state
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("two_time", [False, True])
+def test_given_positions_come_back_unchanged_from_every_sampler_at_every_step_count(two_time, dense):
+    model, weak, warp = tiny_model(two_time=two_time), tiny_model(seed=1, two_time=two_time), TimeWarp(64)
+    B, L, keys = 6, 10, slot_keys(0, 0, range(6))
+    given = given_mask(keys, L, 1.0)
+    tokens = torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(0))
+    x = draw_noise(model, keys, L, dense=dense)
+    variants = [dict(), dict(weak_model=weak, eta=1.5)] + ([dict(gamma=0.5)] if two_time else [])
+    for steps in (1, 2, 3, 8):
+        for kw in variants:
+            out = sample(model, warp, x, steps, keys=keys, dense=dense, given=given, tokens=tokens, **kw)
+            assert torch.equal(out[given], tokens[given]), (steps, kw)
+            free = sample(model, warp, x, steps, keys=keys, dense=dense, **kw)
+            assert not torch.equal(out, free)  # the given tokens reach the free positions
+
+
+def test_given_masks_are_prefixes_or_spans_keyed_by_row_and_never_all_given():
+    keys, L = slot_keys(0, 0, range(4000)), 16
+    given = given_mask(keys, L, 0.5)
+    cond = given.any(1)
+    assert abs(cond.double().mean().item() - 0.5) < 0.05  # the share of conditional rows
+    assert not given.all(1).any()
+    prefix = torch.tensor([torch.equal(g, torch.arange(L) < g.sum()) for g in given])
+    assert 0.2 < (prefix & cond).double().mean() < 0.35  # about half the conditional rows are prompts
+    assert torch.equal(given_mask(keys[7:9], L, 0.5), given[7:9])  # a row's mask is its key's alone
+    assert not given_mask(keys, L, 0.0).any()
+
+
+def test_conditional_loss_leaves_given_positions_out_and_feeds_them_clean():
+    model, warp = tiny_model(), TimeWarp(64)
+    B, L, keys = 4, 8, slot_keys(0, 0, range(4))
+    tokens = torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(1))
+    given = torch.zeros(B, L, dtype=torch.bool)
+    given[:, :3] = True
+    h = noisy_input(model, tokens, torch.full((B,), 0.3), keys, given=given)
+    torch.testing.assert_close(h[:, :3], model.embed[tokens[:, :3]], atol=0, rtol=0)
+    # changing a given token changes the loss only through the free positions' view of it
+    other = tokens.clone()
+    other[:, 4:] = (other[:, 4:] + 1) % 64  # free tokens differ: loss differs
+    tau = torch.full((B,), 0.5)
+    assert flm_loss(model, tokens, tau, warp, keys, given=given) != flm_loss(model, other, tau, warp, keys, given=given)
+    # all free: the conditional mean equals the plain mean
+    none = torch.zeros(B, L, dtype=torch.bool)
+    torch.testing.assert_close(flm_loss(model, tokens, tau, warp, keys, given=none), flm_loss(model, tokens, tau, warp, keys))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_autoguidance_eta_one_is_the_model_and_eta_zero_the_weak_model_exactly(dense):
+    model, warp = tiny_model(two_time=False), TimeWarp(64)
+    weak = tiny_model(seed=1)
+    if not dense:  # the projected state needs one E for both, else they read a joint state (next test)
+        weak.embed.data.copy_(model.embed.data)
+    keys = slot_keys(0, 0, range(8))
+    x = draw_noise(model, keys, 12, dense=dense)
+    for steps in (1, 4):
+        plain, weak_only = (sample(m, warp, x, steps, keys=keys, dense=dense) for m in (model, weak))
+        assert not torch.equal(plain, weak_only)
+        assert torch.equal(sample(model, warp, x, steps, weak_model=weak, eta=1.0, keys=keys, dense=dense), plain)
+        assert torch.equal(sample(model, warp, x, steps, weak_model=weak, eta=0.0, keys=keys, dense=dense), weak_only)
+
+
+def test_joint_noise_factor_has_the_joint_covariance_even_for_dependent_columns():
+    E = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    for joint in (torch.cat([E, E], 1), torch.cat([E, E + 0.1 * torch.randn_like(E)], 1)):
+        W = joint_noise_factor(joint)
+        torch.testing.assert_close(W.T @ W, joint.T @ joint, atol=1e-3, rtol=1e-4)
+    a, b = joint_views(tiny_model(), tiny_model())
+    b.net.embed.data.copy_(a.net.embed.data)
+    a, b = joint_views(a.net, b.net)
+    h = draw_noise(a, slot_keys(0, 0, range(3)), 5)
+    torch.testing.assert_close(h[..., :32], h[..., 32:], atol=1e-5, rtol=0)  # equal E: the two halves agree
+
+
+def test_joint_noise_gradient_in_e_is_unbiased():
+    """E[d/dE f(x_0 @ E)] by the joint factor (its basis held fixed) equals the pathwise gradient of the dense
+    draw, for dependent columns too: Monte Carlo over 1,000,000 draws."""
+    g = torch.Generator().manual_seed(0)
+    V, D, n = 12, 3, 1_000_000
+    E0 = torch.randn(V, D, generator=g, dtype=torch.float64)
+    c = torch.randn(2 * D, generator=g, dtype=torch.float64)
+    f = lambda h: (torch.sin(h) @ c).mean()  # noqa: E731
+    grads = []
+    for dense in (True, False):
+        Es = E0.clone().requires_grad_(True)
+        joint = torch.cat([E0, Es + 0.3 * E0.flip(0)], 1)  # the second block depends on the first
+        z = torch.randn(n, V if dense else 2 * D, generator=g, dtype=torch.float64)
+        f(z @ joint if dense else z @ joint_noise_factor(joint)).backward()
+        grads.append(Es.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=0.02, rtol=0)
