@@ -126,13 +126,13 @@ MASK = re.compile(r"\[MASK(?:\*(\d+))?\]")
 
 def encode_text(text, vocab=None, tokenizer="gpt2"):
     """Model ids of a text with gaps (conditioning): "[MASK]" is one token to generate, "[MASK*n]" n of them.
-    Returns ids and given (lists of one length; gap ids are 0). The text before a gap loses its trailing spaces,
-    so that GPT-2 reads "the [MASK] said" as "the" + gap + " said". A token outside the vocabulary (a compact
+    Returns ids and given (lists of one length; gap ids are 0). The text before a gap, and the text's end, lose
+    their trailing spaces, so that GPT-2 reads "the [MASK] said" as "the" + gap + " said". A token outside the vocabulary (a compact
     one keeps only the corpus's ids) raises DataError naming it."""
     tok, index = get_tokenizer(tokenizer), None if vocab is None else {int(v): i for i, v in enumerate(vocab)}
     pieces, ids, given = MASK.split(text), [], []
     for k in range(0, len(pieces), 2):  # text, gap size, text, ..., text
-        piece = pieces[k].rstrip() if k + 1 < len(pieces) else pieces[k]
+        piece = pieces[k].rstrip()
         raw = (tok.encode_ordinary(piece) if tokenizer == "gpt2" else tok.encode(piece, add_special_tokens=False).ids)
         for i in raw:
             if index is not None and i not in index:

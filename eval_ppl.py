@@ -17,7 +17,6 @@ continuation scored given the prompt. Gen PPL comes with a 95% bootstrap interva
 import argparse
 import importlib.util
 import json
-import math
 import os
 import random
 import sys
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from data import Data, DataError, decode
 from model import (CheckpointError, TimeWarp, autocast_for, causal_nll, factorized_sample, generate, load_checkpoint,
                    model_from_checkpoint, unigram_entropy)
-from trainer import AT_LEAST_1, FRACTION, NONNEG, check_args, check_device, check_out_file, usage_error
+from trainer import AT_LEAST_1, FINITE, FRACTION, NONNEG, check_args, check_device, check_out_file, usage_error
 
 parser = argparse.ArgumentParser(description="Generative perplexity and entropy of samples under a pretrained LM.")
 parser.add_argument("--ckpt", action="append", default=[],
@@ -64,8 +63,7 @@ parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="autocast precision of the sampled network (default: bf16 on CUDA, fp32 on CPU)")
 args = parser.parse_args()
 check_args(args, "eval_ppl.py", num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, logit_cap=NONNEG,
-           gamma=FRACTION, guide_steps=AT_LEAST_1, prompt_len=AT_LEAST_1, eta=(lambda v: all(map(math.isfinite, v)),
-                                                                                "finite numbers"),
+           gamma=FRACTION, guide_steps=AT_LEAST_1, prompt_len=AT_LEAST_1, eta=FINITE,
            steps=(lambda v: all(n >= 1 for n in v), "integers >= 1"))
 check_device(args, "eval_ppl.py")
 check_out_file(args.markdown, "--markdown", "eval_ppl.py")

@@ -16,6 +16,7 @@ train on the same global batch, and a run resumes on any number of ranks.
 
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -81,7 +82,7 @@ def check_out_file(path, flag, script):
 
 RUN_RULES = dict(batch_size=AT_LEAST_1, micro_batch=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_1, max_steps=AT_LEAST_1,
                  ema=BELOW_1, grad_clip=NONNEG, eval_every=AT_LEAST_1, eval_windows=AT_LEAST_1, log_every=AT_LEAST_1,
-                 dropout=BELOW_1, seq_len=AT_LEAST_1, cond_frac=FRACTION)
+                 dropout=BELOW_1, seq_len=AT_LEAST_1, cond_frac=FRACTION, keep_every=NONNEG)
 
 
 def add_run_args(parser):
@@ -98,6 +99,8 @@ def add_run_args(parser):
     a("--eval-every", type=int, help="steps between validation and checkpoint")
     a("--eval-windows", type=int, help="validation windows (fixed windows, times and noise), split over ranks")
     a("--log-every", type=int, default=10, help="steps between log lines")
+    a("--keep-every", type=int, help="also keep the checkpoint of every multiple of this many steps as "
+      "ckpt-STEP.pt, at validation steps (0: only the latest; an earlier one is autoguidance's weak model)")
     a("--cond-frac", type=float, default=0.0,
       help="conditioning: the share of rows given a prompt (a prefix of random length) or spans to fill, fed clean "
            "at every time and left out of the loss (0: off, the training of an unconditional model unchanged)")
@@ -230,6 +233,10 @@ class Trainer:
                             checkpoint(), model=raw_model.state_dict(), ema=ema_model.state_dict(),
                             optimizer=optimizer.state_dict(), model_config=asdict(raw_model.config), step=step,
                             args=vars(a), val_loss=val_ema))
+                        if a.keep_every and step % a.keep_every == 0 and step < a.max_steps:  # e.g. autoguidance
+                            kept = os.path.join(a.out_dir, f"ckpt-{step}.pt")
+                            shutil.copyfile(self.ckpt_path, kept + ".tmp")
+                            os.replace(kept + ".tmp", kept)
                 t0 = time.time()
             if step == a.max_steps:
                 break
