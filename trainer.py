@@ -101,9 +101,10 @@ def add_run_args(parser):
     a("--log-every", type=int, default=10, help="steps between log lines")
     a("--keep-every", type=int, help="also keep the checkpoint of every multiple of this many steps as "
       "ckpt-STEP.pt, at validation steps (0: only the latest; an earlier one is autoguidance's weak model)")
-    a("--cond-frac", type=float, default=0.0,
+    a("--cond-frac", type=float,
       help="conditioning: the share of rows given a prompt (a prefix of random length) or spans to fill, fed clean "
-           "at every time and left out of the loss (0: off, the training of an unconditional model unchanged)")
+           "at every time and left out of the loss (0: off, the training of an unconditional model unchanged; "
+           "default: the preset's, 0.2 for the quick start, 0 for the paper's)")
     a("--seed", type=int, default=1337, help="seed; every random draw of a step derives from (seed, step, slot)")
     a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available; torchrun: LOCAL_RANK)")
     a("--dtype", choices=["fp32", "bf16"], default=None,
