@@ -100,7 +100,11 @@ if text is not None:
     try:
         ids, given = encode_text(text, vocab, tokenizer)
     except DataError as e:
-        usage_error("sample.py", f"argument {flag}: {e}")
+        try:  # corpora such as the Penn Treebank write words with a leading space: " new", not "new"
+            ids, given = encode_text(" " + text, vocab, tokenizer)
+            print(f"sample.py: note: {flag} read as {' ' + text!r}, with a leading space ({e})", file=sys.stderr)
+        except DataError:
+            usage_error("sample.py", f"argument {flag}: {e}")
     if not any(given):
         usage_error("sample.py", f"argument {flag}: got {text!r}, which has no tokens to condition on")
     if len(ids) > seq_len:
