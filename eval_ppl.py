@@ -201,8 +201,9 @@ for path, step_list in zip(args.ckpt, args.steps):
     ckpt, model = load(path)
     L, data_dir = seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
     name = ckpt["kind"].upper() + ("" if ckpt.get("objective", "semigroup") == "semigroup" else f" {ckpt['objective']}")
-    if ckpt["args"].get("train_embed"):
-        name += f", E trained, dropout {ckpt['args'].get('dropout', 0):g}"
+    if ckpt["kind"] == "fmlm":  # the student settings that differ from the quick start's
+        name += ", E trained" if ckpt["args"].get("train_embed") else ""
+        name += f", dropout {ckpt['args']['dropout']:g}" if ckpt["args"].get("dropout") else ""
     cond = bool(ckpt["args"].get("cond_frac")) and args.prompt_len is not None
     for steps in step_list:
         add_rows(name, ckpt, model, steps)
