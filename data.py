@@ -127,8 +127,8 @@ MASK = re.compile(r"\[MASK(?:\*(\d+))?\]")
 def encode_text(text, vocab=None, tokenizer="gpt2"):
     """Model ids of a text with gaps (conditioning): "[MASK]" is one token to generate, "[MASK*n]" n of them.
     Returns ids and given (lists of one length; gap ids are 0). The text before a gap, and the text's end, lose
-    their trailing spaces, so that GPT-2 reads "the [MASK] said" as "the" + gap + " said". A token outside the vocabulary (a compact
-    one keeps only the corpus's ids) raises DataError naming it."""
+    their trailing spaces, so that GPT-2 reads "the [MASK] said" as "the" + gap + " said". A token outside the
+    vocabulary (a compact one keeps only the corpus's ids) raises DataError naming it."""
     tok, index = get_tokenizer(tokenizer), None if vocab is None else {int(v): i for i, v in enumerate(vocab)}
     pieces, ids, given = MASK.split(text), [], []
     for k in range(0, len(pieces), 2):  # text, gap size, text, ..., text

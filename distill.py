@@ -10,7 +10,8 @@ Stage 2: distillation of a trained FLM into its flow map (FMLM, FLM.md 5 and 6),
 The student is the teacher's DiT plus a second time embedder for tau_t (zero-initialized, so it starts as
 delta_{s,t} = D_s). Its input matrix E either stays frozen at the teacher's (the quick start), so teacher and
 student read the same projected state h = x_s @ E, or trains (--train-embed, the authors' and the paper presets),
-and then both read their own columns of one joint state x_s @ [E_teacher, E_student] (model.JointView). Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and
+and then both read their own columns of one joint state x_s @ [E_teacher, E_student] (model.JointView).
+Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and
 off-diagonal rows (target: the student's own two-step semigroup composition, without gradient; or the
 Lagrangian / Eulerian target from a forward-mode JVP through the student and the teacher). Self-distillation
 has no teacher: the diagonal rows learn the one-hot data by cross-entropy, and the student's own diagonal
@@ -119,7 +120,8 @@ warp = TimeWarp(cfg.vocab_size)
 start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
 model = run.wrap(raw_model)
 run.print_setup(f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} trained), "
-                f"V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, objective {args.objective}, " + (
+                f"V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, "
+                f"objective {args.objective}, " + (
                     "self-distillation (no teacher)" if teacher is None else
                     f"teacher {args.teacher} (step {teacher_ckpt['step']})"))
 

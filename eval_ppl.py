@@ -50,8 +50,8 @@ parser.add_argument("--guide-steps", type=int, default=64, help="Euler steps of 
 parser.add_argument("--factorized", action="store_true", help="add each checkpoint's factorized one-step control: "
                     "every position drawn independently from the model's marginal D(x_0, 0)")
 parser.add_argument("--prompt-len", type=int, default=None,
-                    help="add conditional rows for the checkpoints trained with --cond-frac: held-out windows' first "
-                    "PROMPT_LEN tokens as prompts, the continuation scored given the prompt")
+                    help="add conditional rows for the checkpoints trained with prompts (cond_frac > 0): held-out "
+                    "windows' first PROMPT_LEN tokens as prompts, the continuation scored given the prompt")
 parser.add_argument("--prompt-steps", type=int, nargs="+", default=None,
                     help="step counts of the conditional rows (default: every --steps of the checkpoint)")
 parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
@@ -241,8 +241,8 @@ for path in args.samples:
         ok = False
     if not ok:
         fail(f"{path} is not a sample file of sample.py --out (JSONL lines with text and equally long tokens)")
-    rows.append(dict(label=os.path.basename(path), steps=samples[0].get("steps", "-"), texts=[s["text"] for s in samples],
-                     tokens=torch.tensor([s["tokens"] for s in samples]), prefixes=None))
+    rows.append(dict(label=os.path.basename(path), steps=samples[0].get("steps", "-"), prefixes=None,
+                     texts=[s["text"] for s in samples], tokens=torch.tensor([s["tokens"] for s in samples])))
 if data_dir:
     L = rows[0]["tokens"].size(1) if rows[0]["prefixes"] is None else rows[0]["tokens"].size(1) + args.prompt_len
     data, windows = held_out(L)
@@ -269,7 +269,8 @@ for r in rows:
     entropy = unigram_entropy(r["tokens"]) if r["tokens"] is not None else float("nan")
     results.append(dict(model=r["label"], steps=r["steps"], gen_ppl=ppl, lo=lo, hi=hi, entropy=entropy,
                         samples=len(r["texts"])))
-lines = [f"| model | steps | gen PPL ({args.evaluator}) | 95% interval | entropy | samples |", "|---|---|---|---|---|---|"]
+lines = [f"| model | steps | gen PPL ({args.evaluator}) | 95% interval | entropy | samples |",
+         "|---|---|---|---|---|---|"]
 lines += [f"| {r['model']} | {r['steps']} | {r['gen_ppl']:.2f} | {r['lo']:.2f} - {r['hi']:.2f} | {r['entropy']:.2f} | "
           f"{r['samples']} |" for r in results]
 table = "\n".join(lines)

@@ -329,7 +329,8 @@ def test_conditional_loss_leaves_given_positions_out_and_feeds_them_clean():
     assert flm_loss(model, tokens, tau, warp, keys, given=given) != flm_loss(model, other, tau, warp, keys, given=given)
     # all free: the conditional mean equals the plain mean
     none = torch.zeros(B, L, dtype=torch.bool)
-    torch.testing.assert_close(flm_loss(model, tokens, tau, warp, keys, given=none), flm_loss(model, tokens, tau, warp, keys))
+    torch.testing.assert_close(flm_loss(model, tokens, tau, warp, keys, given=none),
+                               flm_loss(model, tokens, tau, warp, keys))
 
 
 @pytest.mark.parametrize("dense", [False, True])
