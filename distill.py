@@ -25,7 +25,7 @@ import torch
 
 from data import Data, DataError
 from model import (MODEL_PRESETS, OBJECTIVES, CheckpointError, DiT, DiTConfig, TimeWarp, distill_loss, distill_times,
-                   given_mask, load_checkpoint, model_from_checkpoint, slot_keys, step_generator)
+                   load_checkpoint, model_from_checkpoint, slot_keys, step_generator)
 from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, check_args, usage_error
 
 # -----------------------------------------------------------------------------
@@ -136,12 +136,8 @@ def micro_loss(model, step, slots):
     tokens = data.get_batch("train", args.seq_len, keys, device)
     tau_s, tau_t, diag = (z[slots].to(device) for z in distill_times(
         args.batch_size, step_generator(args.seed, step), args.diag_frac, args.boundary_frac))
-    return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, given_of(keys))
+    return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, run.given(keys))
 
-
-def given_of(keys):
-    """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
-    return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
 
 
 eval_times = distill_times(args.eval_windows, torch.Generator().manual_seed(0), args.diag_frac, args.boundary_frac)
@@ -152,7 +148,7 @@ def evaluate(net):
     def loss_of(net, tokens, slots):
         tau_s, tau_t, diag = (z[slots].to(device) for z in eval_times)
         keys = slot_keys(0, -1, slots)
-        return distill_loss(net, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, given_of(keys))
+        return distill_loss(net, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, run.given(keys))
     return run.evaluate(net, data, loss_of)
 
 

@@ -15,8 +15,7 @@ import math
 import torch
 
 from data import Data, DataError
-from model import (MODEL_PRESETS, DiT, DiTConfig, TimeWarp, flm_loss, given_mask, slot_keys, step_generator,
-                   stratified_tau)
+from model import MODEL_PRESETS, DiT, DiTConfig, TimeWarp, flm_loss, slot_keys, step_generator, stratified_tau
 from trainer import Trainer, add_run_args, apply_presets, usage_error
 
 # -----------------------------------------------------------------------------
@@ -84,19 +83,15 @@ def micro_loss(model, step, slots):
     keys = slot_keys(args.seed, step, slots)
     tokens = data.get_batch("train", args.seq_len, keys, device)
     tau = stratified_tau(args.batch_size, step_generator(args.seed, step))[slots]
-    return flm_loss(model, tokens, tau.to(device), warp, keys, given=given_of(keys))
+    return flm_loss(model, tokens, tau.to(device), warp, keys, given=run.given(keys))
 
-
-def given_of(keys):
-    """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
-    return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
 
 
 def evaluate(net):
     """Validation cross-entropy on fixed windows at fixed, evenly spread tau with fixed noise."""
     def loss_of(net, tokens, slots):
         tau, keys = (slots.double() + 0.5) / args.eval_windows, slot_keys(0, -1, slots)
-        return flm_loss(net, tokens, tau.float().to(device), warp, keys, given=given_of(keys))
+        return flm_loss(net, tokens, tau.float().to(device), warp, keys, given=run.given(keys))
     return run.evaluate(net, data, loss_of)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (CheckpointError, all_finite, autocast_for, ema_update, load_checkpoint, save_checkpoint,
+from model import (CheckpointError, all_finite, autocast_for, ema_update, given_mask, load_checkpoint, save_checkpoint,
                    unwrap)
 
 PEAK_FLOPS = {"bf16": 989e12, "fp32": 67e12}  # H100 SXM dense peak, for the MFU of the log line
@@ -210,6 +210,11 @@ class Trainer:
             dist.all_reduce(total)
         net.train(was_training)
         return total.item() / a.eval_windows
+
+    def given(self, keys):
+        """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
+        a = self.args
+        return given_mask(keys.to(self.device), a.seq_len, a.cond_frac) if a.cond_frac > 0 else None
 
     def fit(self, model, ema_model, optimizer, micro_loss, evaluate, checkpoint, start_step, flops_per_token):
         """The loop. micro_loss(model, step, slots) -> mean loss of those global-batch slots; evaluate(net) ->
