@@ -33,17 +33,20 @@ from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, chec
 
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU
-    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, max_steps=400,
-                ema=0.99, eval_every=100, eval_windows=64, dropout=0.0, train_embed=False, cond_frac=0.2),
+    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, max_steps=1000,
+                ema=0.99, eval_every=100, eval_windows=64, dropout=0.0, train_embed=False, cond_frac=0.2,
+                boundary_frac=0.25),
     # the paper's settings (FLM.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
     # the authors' student trains with dropout 0.1 and trains its E
     "lm1b": dict(teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, lr=3e-4, warmup=1000,
                  max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024, dropout=0.1, train_embed=True,
-                 cond_frac=0.0),
+                 cond_frac=0.0, boundary_frac=1 / 32),
     "owt": dict(teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, lr=3e-4, warmup=1000,
                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256, dropout=0.1, train_embed=True,
-                cond_frac=0.0),
+                cond_frac=0.0, boundary_frac=1 / 32),
 }
+# the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps
+RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000)
 
 parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM).")
 parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
@@ -64,16 +67,18 @@ parser.add_argument("--train-embed", action=argparse.BooleanOptionalAction, defa
                     "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's (default: the preset's)")
 parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the teacher's)")
 parser.add_argument("--diag-frac", type=float, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
-parser.add_argument("--boundary-frac", type=float, default=1 / 32,
-                    help="share of the non-diagonal rows with (tau_s, tau_t) = (0, 1), the one-step jump")
+parser.add_argument("--boundary-frac", type=float, help="share of the non-diagonal rows with (tau_s, tau_t) = "
+                    "(0, 1), the one-step jump (the paper's 1/32 rounds to none in a batch of 32: the ptb presets "
+                    "use 0.25)")
 add_run_args(parser)
 args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm", "distill.py")
 check_args(args, "distill.py", diag_frac=FRACTION, boundary_frac=FRACTION, logit_cap=NONNEG)
 if args.self_distill:
     teacher_ckpt, args.teacher = None, None
-    args.model = args.model or {"ptb": "ptb"}.get(args.preset, "small")
-    args.seq_len = args.seq_len or {"ptb": 64, "lm1b": 128, "owt": 1024}[args.preset]
-    args.data = args.data or {"ptb": "data/ptb"}.get(args.preset, f"data/{args.preset}")
+    corpus = args.preset.removesuffix("-long")
+    args.model = args.model or {"ptb": "ptb"}.get(corpus, "small")
+    args.seq_len = args.seq_len or {"ptb": 64, "lm1b": 128, "owt": 1024}[corpus]
+    args.data = args.data or {"ptb": "data/ptb"}.get(corpus, f"data/{corpus}")
 else:
     try:  # before the harness, which needs the sequence length for its batch arithmetic
         teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
