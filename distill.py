@@ -67,9 +67,8 @@ parser.add_argument("--train-embed", action=argparse.BooleanOptionalAction, defa
                     "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's (default: the preset's)")
 parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the teacher's)")
 parser.add_argument("--diag-frac", type=float, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
-parser.add_argument("--boundary-frac", type=float, help="share of the non-diagonal rows with (tau_s, tau_t) = "
-                    "(0, 1), the one-step jump (the paper's 1/32 rounds to none in a batch of 32: the ptb presets "
-                    "use 0.25)")
+parser.add_argument("--boundary-frac", type=float, help="share of the non-diagonal rows at (tau_s, tau_t) = (0, 1), "
+                    "the one-step jump (default: the preset's; the paper's 1/32 is no row of a batch of 32)")
 add_run_args(parser)
 args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm", "distill.py")
 check_args(args, "distill.py", diag_frac=FRACTION, boundary_frac=FRACTION, logit_cap=NONNEG)
@@ -77,8 +76,7 @@ if args.self_distill:
     teacher_ckpt, args.teacher = None, None
     args.model = args.model or ("ptb" if args.preset.startswith("ptb") else "small")
     args.seq_len = args.seq_len or {"ptb": 32, "ptb-long": 64, "lm1b": 128, "owt": 1024}[args.preset]
-    args.data = args.data or {"ptb": "data/ptb", "ptb-long": "data/ptb", "lm1b": "data/lm1b",
-                              "owt": "data/openwebtext"}[args.preset]
+    args.data = args.data or "data/" + {"ptb-long": "ptb", "owt": "openwebtext"}.get(args.preset, args.preset)
 else:
     try:  # before the harness, which needs the sequence length for its batch arithmetic
         teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
