@@ -142,7 +142,6 @@ def micro_loss(model, step, slots):
     return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, run.given(keys))
 
 
-
 eval_times = distill_times(args.eval_windows, torch.Generator().manual_seed(0), args.diag_frac, args.boundary_frac)
 
 

@@ -88,7 +88,6 @@ def micro_loss(model, step, slots):
     return flm_loss(model, tokens, tau.to(device), warp, keys, given=run.given(keys))
 
 
-
 def evaluate(net):
     """Validation cross-entropy on fixed windows at fixed, evenly spread tau with fixed noise."""
     def loss_of(net, tokens, slots):
