@@ -33,15 +33,15 @@ from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, chec
 
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU
-    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, max_steps=600,
-                ema=0.99, eval_every=100, eval_windows=64, dropout=0.0, train_embed=False, cond_frac=0.2,
-                boundary_frac=0.25),
+    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, decay=0.0,
+                max_steps=600, ema=0.99, eval_every=100, eval_windows=64, dropout=0.0, train_embed=False,
+                cond_frac=0.2, boundary_frac=0.25),
     # the paper's settings (FLM.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
     # the authors' student trains with dropout 0.1 and trains its E
-    "lm1b": dict(teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, lr=3e-4, warmup=1000,
+    "lm1b": dict(teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, lr=3e-4, warmup=1000, decay=0.0,
                  max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024, dropout=0.1, train_embed=True,
                  cond_frac=0.0, boundary_frac=1 / 32),
-    "owt": dict(teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, lr=3e-4, warmup=1000,
+    "owt": dict(teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, lr=3e-4, warmup=1000, decay=0.0,
                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256, dropout=0.1, train_embed=True,
                 cond_frac=0.0, boundary_frac=1 / 32),
 }

@@ -61,8 +61,10 @@ def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
     assert len(rows) == 3 and all(len(r["tokens"]) == 16 and r["steps"] == 4 for r in rows)
 
     fmlm = tmp_path / "fmlm"
-    distill(flm / "ckpt.pt", fmlm, "--max-steps", "4", "--eval-every", "2")
+    proc = distill(flm / "ckpt.pt", fmlm, "--max-steps", "4", "--eval-every", "2", "--warmup", "1", "--decay", "0.5")
     assert torch.load(fmlm / "ckpt.pt", weights_only=True)["kind"] == "fmlm"
+    lrs = re.findall(r"\| lr ([\d.e+-]+) \|", proc.stdout)  # the last half of the steps decays linearly to 0
+    assert [float(v) for v in lrs] == [1e-3, 1e-3, 1e-3, 5e-4], lrs
     one = run("sample.py", "--ckpt", str(fmlm / "ckpt.pt"), "--steps", "1", "--num-samples", "2")
     assert one.stdout.count("--- sample") == 2
     run("sample.py", "--ckpt", str(fmlm / "ckpt.pt"), "--steps", "2", "--gamma", "0.8", "--num-samples", "2")
@@ -180,6 +182,7 @@ def bad_cases(d, r):
         (t + ["--device", "tpu"], "argument --device: got tpu"),
         (t + ["--cond-frac", "1.5"], "argument --cond-frac: got 1.5, expected a number in [0, 1]"),
         (t + ["--keep-every", "-1"], "argument --keep-every: got -1"),
+        (t + ["--decay", "1.5"], "argument --decay: got 1.5, expected a number in [0, 1]"),
         (["train_flm.py", "--data", d, "--out-dir", str(r / "a_file")], "argument --out-dir: got"),
         (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
         (["distill.py", "--teacher", str(r / "teacher_dir")], "teacher_dir has no config.json"),
@@ -200,6 +203,7 @@ def bad_cases(d, r):
         (["distill.py", "--teacher", flm, "--grad-clip", "-1"], "argument --grad-clip: got -1.0"),
         (["distill.py", "--teacher", flm, "--cond-frac", "-0.5"], "argument --cond-frac: got -0.5"),
         (["distill.py", "--teacher", flm, "--keep-every", "-2"], "argument --keep-every: got -2"),
+        (["distill.py", "--teacher", flm, "--decay", "-1"], "argument --decay: got -1.0"),
         (s + ["--prompt", "  "], "argument --prompt: got '  ', expected some text"),
         (s + ["--prompt", "the " * 40], "argument --prompt: got 40 tokens, expected at most --seq-len 16"),
         (s + ["--prompt", "zebra"], "is not in the model's vocabulary"),

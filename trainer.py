@@ -80,9 +80,9 @@ def check_out_file(path, flag, script):
         usage_error(script, f"argument {flag}: got {path}, which is a folder; expected a file path")
 
 
-RUN_RULES = dict(batch_size=AT_LEAST_1, micro_batch=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_1, max_steps=AT_LEAST_1,
-                 ema=BELOW_1, grad_clip=NONNEG, eval_every=AT_LEAST_1, eval_windows=AT_LEAST_1, log_every=AT_LEAST_1,
-                 dropout=BELOW_1, seq_len=AT_LEAST_1, cond_frac=FRACTION, keep_every=NONNEG)
+RUN_RULES = dict(batch_size=AT_LEAST_1, micro_batch=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_1, decay=FRACTION,
+                 max_steps=AT_LEAST_1, ema=BELOW_1, grad_clip=NONNEG, eval_every=AT_LEAST_1, eval_windows=AT_LEAST_1,
+                 log_every=AT_LEAST_1, dropout=BELOW_1, seq_len=AT_LEAST_1, cond_frac=FRACTION, keep_every=NONNEG)
 
 
 def add_run_args(parser):
@@ -91,8 +91,10 @@ def add_run_args(parser):
     a("--out-dir", default=None, help="checkpoint and log folder (default out/<stage>-<preset>)")
     a("--batch-size", type=int, help="global batch in sequences, over all ranks and micro-steps")
     a("--micro-batch", type=int, help="sequences per rank per forward; accumulation = batch / (micro x world)")
-    a("--lr", type=float, help="AdamW learning rate after warmup (constant)")
+    a("--lr", type=float, help="AdamW learning rate after warmup")
     a("--warmup", type=int, help="linear warmup steps")
+    a("--decay", type=float, help="share of the last steps over which the lr falls linearly to 0 (0: constant, the "
+      "paper's; default: the preset's)")
     a("--max-steps", type=int, help="optimizer steps")
     a("--ema", type=float, help="EMA decay (with warmup: min(ema, (1 + step) / (10 + step)))")
     a("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
@@ -225,7 +227,7 @@ class Trainer:
         first_bad = torch.tensor(-1, device=self.device)  # first step with a non-finite loss or gradient
         t0 = time.time()
         for step in range(start_step, a.max_steps + 1):
-            lr = a.lr * min(1.0, (step + 1) / a.warmup)
+            lr = a.lr * min(1.0, (step + 1) / a.warmup, (a.max_steps - step) / max(a.decay * a.max_steps, 1e-9))
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
