@@ -33,7 +33,7 @@ from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, chec
 
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU
-    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=1e-3, warmup=50, decay=0.0,
+    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=2e-3, warmup=50, decay=0.0,
                 max_steps=600, ema=0.99, eval_every=100, eval_windows=64, dropout=0.0, train_embed=False,
                 cond_frac=0.2, boundary_frac=0.25),
     # the paper's settings (FLM.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
@@ -46,7 +46,7 @@ RUN_PRESETS = {
                 cond_frac=0.0, boundary_frac=1 / 32),
 }
 # the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps
-RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000)
+RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3)
 
 parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM).")
 parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
