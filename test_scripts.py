@@ -61,7 +61,8 @@ def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
     assert len(rows) == 3 and all(len(r["tokens"]) == 16 and r["steps"] == 4 for r in rows)
 
     fmlm = tmp_path / "fmlm"
-    proc = distill(flm / "ckpt.pt", fmlm, "--max-steps", "4", "--eval-every", "2", "--warmup", "1", "--decay", "0.5")
+    proc = distill(flm / "ckpt.pt", fmlm, "--max-steps", "4", "--eval-every", "2", "--lr", "1e-3", "--warmup", "1",
+                   "--decay", "0.5")
     assert torch.load(fmlm / "ckpt.pt", weights_only=True)["kind"] == "fmlm"
     lrs = re.findall(r"\| lr ([\d.e+-]+) \|", proc.stdout)  # the last half of the steps decays linearly to 0
     assert [float(v) for v in lrs] == [1e-3, 1e-3, 1e-3, 5e-4], lrs
