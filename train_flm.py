@@ -22,7 +22,7 @@ from trainer import Trainer, add_run_args, apply_presets, usage_error
 # settings: a preset fills every flag that the command line leaves unset
 
 RUN_PRESETS = {
-    # the embedded corpus on a laptop CPU: about 6 minutes on 2 cores; the lr falls to 0 over the last 30% of steps,
+    # the embedded corpus on a laptop CPU: about 7 minutes on 2 cores; the lr falls to 0 over the last 30% of steps,
     # and a short EMA follows it (a long one averages in the weights of before the decay)
     "ptb": dict(data="data/ptb", model="ptb", batch_size=32, micro_batch=32, seq_len=32, lr=2e-3, warmup=100,
                 decay=0.3, max_steps=1300, ema=0.99, eval_every=100, eval_windows=128, keep_every=500,
