@@ -45,7 +45,8 @@ RUN_PRESETS = {
                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256, dropout=0.1, train_embed=True,
                 cond_frac=0.0, boundary_frac=1 / 32),
 }
-# the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps
+# the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps,
+# and the lr 1e-3 that made its table (results-long.md)
 RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3)
 
 parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM).")
