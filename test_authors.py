@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "authors_ckpt")

@@ -1,4 +1,4 @@
-"""Semigroup distillation (FLM.md 6) and why one step works (FLM.md 13), on tiny models (CPU)."""
+"""Semigroup distillation (METHOD.md 6) and why one step works (METHOD.md 13), on tiny models (CPU)."""
 
 import copy
 import os
@@ -6,10 +6,23 @@ import os
 import pytest
 import torch
 
-from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, denoiser, distill_loss, distill_times, draw_noise,
-                   ema_update, eulerian, flm_loss, generate, given_mask, jvp_denoiser, lagrangian, semigroup_target,
-                   slot_keys, stratified_tau)
+from flow import (
+    denoiser,
+    distill_loss,
+    distill_times,
+    draw_noise,
+    eulerian,
+    flm_loss,
+    generate,
+    given_mask,
+    jvp_denoiser,
+    lagrangian,
+    semigroup_target,
+    stratified_tau,
+)
+from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys
 from test_simplex import exact_denoiser, exact_flow_map, phrase_data, tiny_model
+from trainer import ema_update
 
 
 def test_distill_times_honor_the_batch_fractions():
@@ -31,16 +44,16 @@ def test_student_at_initialization_equals_teacher_on_the_diagonal():
 
 
 def test_semigroup_target_at_equal_times_is_the_model_itself():
-    model, warp = tiny_model(two_time=True), TimeWarp(64)
+    model = tiny_model(two_time=True)
     h, tau = draw_noise(model, slot_keys(1, 0, range(3)), 8), torch.tensor([0.2, 0.5, 0.7])
     t2 = tau + 0.3
     # u = s: g = 0 and X_{s,s} is the identity, so the target is delta_{s,t} itself
-    torch.testing.assert_close(semigroup_target(model, h, tau, tau, t2, warp), denoiser(model, h, tau, t2),
+    torch.testing.assert_close(semigroup_target(model, h, tau, tau, t2), denoiser(model, h, tau, t2),
                                atol=1e-5, rtol=0)
 
 
 # -----------------------------------------------------------------------------
-# FLM.md 13: one step keeps the correlation between tokens that independent per-position draws lose
+# METHOD.md 13: one step keeps the correlation between tokens that independent per-position draws lose
 
 V, L = 8, 2
 
@@ -64,13 +77,13 @@ def train_flm_on(data, steps, batch, seed=0, cond_frac=0.0):
 def _train_flm_on(data, steps, batch, seed, cond_frac):
     torch.manual_seed(seed)
     model = DiT(DiTConfig(vocab_size=V, **dict(MODEL_PRESETS["tiny"], n_embd=64, n_head=4, n_layer=2)))
-    warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
         keys = slot_keys(seed, step, range(batch))
         given = given_mask(keys, L, cond_frac) if cond_frac else None
-        loss = flm_loss(model, tokens, stratified_tau(batch, g), warp, keys, given=given)
+        loss = flm_loss(model, tokens, stratified_tau(batch, g), keys, given=given)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -90,14 +103,14 @@ def distill_on(data, teacher, steps, batch, lr, seed=0, objective="semigroup", c
         student.embed.requires_grad_(train_embed)
         student.config.dropout = dropout
     ema = copy.deepcopy(student).eval()
-    warp, g = TimeWarp(V), torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
     for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
         tau_s, tau_t, diag = distill_times(batch, g)
         keys = slot_keys(seed, step, range(batch))
         given = given_mask(keys, L, cond_frac) if cond_frac else None
-        loss = distill_loss(student, teacher, tokens, tau_s, tau_t, diag, warp, keys, objective, given)
+        loss = distill_loss(student, teacher, tokens, (tau_s, tau_t, diag), keys, objective, given)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -121,13 +134,13 @@ SETTINGS = [(2, 500, 256, 600, 256, 1e-3, 0.95), (4, 800, 256, 600, 256, 1e-3, 0
 @pytest.mark.parametrize("k, steps, batch, distill_steps, distill_batch, lr, one_step_valid", SETTINGS)
 def test_one_step_flow_map_keeps_the_correlation_that_independent_draws_lose(
         k, steps, batch, distill_steps, distill_batch, lr, one_step_valid):
-    data, n, warp = phrases(k), 2000, TimeWarp(V)
+    data, n = phrases(k), 2000
     teacher = train_flm_on(data, steps, batch)
-    flm = generate(teacher, warp, n, L, steps=64, batch_size=n, seed=1)
+    flm = generate(teacher, n, L, steps=64, batch_size=n, seed=1)
     flm_valid = valid_share(flm, data)
 
     student = distill_on(data, teacher, distill_steps, distill_batch, lr)
-    one_step = generate(student, warp, n, L, steps=1, batch_size=n, seed=2)
+    one_step = generate(student, n, L, steps=1, batch_size=n, seed=2)
     shares = (one_step[:, None, :] == data[None]).all(-1).double().mean(0)
 
     # what a one-step discrete sampler does: draw each position independently from the model's marginal, the
@@ -147,7 +160,7 @@ def test_one_step_flow_map_keeps_the_correlation_that_independent_draws_lose(
 
 
 # -----------------------------------------------------------------------------
-# the Lagrangian and Eulerian objectives (FLM.md 6) and self-distillation
+# the Lagrangian and Eulerian objectives (METHOD.md 6) and self-distillation
 
 
 def test_exact_delta_is_a_fixed_point_of_the_lagrangian_and_eulerian_targets():
@@ -199,10 +212,10 @@ OBJECTIVE_SETTINGS = [("lagrangian", "flm", 300, 0.95), ("eulerian", "flm", 300,
 
 @pytest.mark.parametrize("objective, teacher, steps, one_step_valid", OBJECTIVE_SETTINGS)
 def test_every_objective_distills_the_phrases_to_one_step(objective, teacher, steps, one_step_valid):
-    data, n, warp = phrases(2), 2000, TimeWarp(V)
+    data, n = phrases(2), 2000
     flm = train_flm_on(data, 500, 256) if teacher else None
     student = distill_on(data, flm, steps, 128, 1e-3, objective=objective)
-    one_step = generate(student, warp, n, L, steps=1, batch_size=n, seed=2)
+    one_step = generate(student, n, L, steps=1, batch_size=n, seed=2)
     valid = valid_share(one_step, data)
     shares = (one_step[:, None, :] == data[None]).all(-1).double().mean(0)
     print(f"{objective}{'' if teacher else ' (self-distillation, no teacher)'}: one-step valid {valid:.3f}, "
@@ -215,11 +228,11 @@ def test_every_objective_distills_the_phrases_to_one_step(objective, teacher, st
 
 
 def test_student_with_a_trained_e_and_dropout_distills_the_phrases_to_one_step():
-    data, n, warp = phrases(2), 2000, TimeWarp(V)
+    data, n = phrases(2), 2000
     flm = train_flm_on(data, 500, 256)
     student = distill_on(data, flm, 300, 128, 1e-3, train_embed=True, dropout=0.1)
     assert not torch.equal(student.embed, flm.embed)  # E trained
-    valid = valid_share(generate(student, warp, n, L, steps=1, batch_size=n, seed=2), data)
+    valid = valid_share(generate(student, n, L, steps=1, batch_size=n, seed=2), data)
     print(f"trained E, dropout 0.1: one-step valid {valid:.3f} (independent draws: 0.5)")
     assert valid >= 0.95
 
@@ -227,16 +240,16 @@ def test_student_with_a_trained_e_and_dropout_distills_the_phrases_to_one_step()
 def test_a_model_distilled_with_prompts_continues_new_with_york_in_one_step():
     """phrases(2) = "new york" / "san diego" as (0, 1) / (1, 0). With --cond-frac, given the first token, one step
     gives the phrase's second; an unconditional one-step sample's first token is 50/50."""
-    data, n, warp = phrases(2), 1000, TimeWarp(V)
+    data, n = phrases(2), 1000
     flm = train_flm_on(data, 500, 256, cond_frac=0.5)
     student = distill_on(data, flm, 600, 256, 1e-3, cond_frac=0.5)
     given = torch.tensor([True, False])
     right = []
     for first in (0, 1):
-        out = generate(student, warp, n, L, steps=1, batch_size=n, seed=4, given=given, tokens=torch.tensor([first, 0]))
+        out = generate(student, n, L, steps=1, batch_size=n, seed=4, cond=(given, torch.tensor([first, 0])))
         assert (out[:, 0] == first).all()
         right.append((out[:, 1] == (first + 1) % 2).double().mean().item())
-    free = generate(student, warp, n, L, steps=1, batch_size=n, seed=5)
+    free = generate(student, n, L, steps=1, batch_size=n, seed=5)
     share = (free[:, 0] == 0).double().mean().item()
     print(f"conditional one step: 'new' -> 'york' {right[0]:.3f}, 'san' -> 'diego' {right[1]:.3f}; "
           f"unconditional first token 'new' {share:.3f}")

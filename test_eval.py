@@ -1,4 +1,4 @@
-"""Evaluation conventions (FLM.md 11) on hand-computable cases, and the real offline evaluator once."""
+"""Evaluation conventions (METHOD.md 11) on hand-computable cases, and the real offline evaluator once."""
 
 import importlib.util
 import json
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from model import causal_nll, unigram_entropy
+from flow import causal_nll, unigram_entropy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,4 +1,4 @@
-"""The mathematics of FLM.md, checked on small seeded tensors (CPU, seconds)."""
+"""The mathematics of METHOD.md, checked on small seeded tensors (CPU, seconds)."""
 
 import math
 
@@ -6,10 +6,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (DiT, DiTConfig, MODEL_PRESETS, TimeWarp, attention, denoiser, draw_noise, flex_attention,
-                   flm_loss, flow_map, given_mask, interpolate, joint_noise_factor, joint_views, noise_factor,
-                   noisy_input, row_normal, row_uniform, sample, semigroup_target, semigroup_weight, slot_keys,
-                   stratified_tau)
+from flow import (
+    TimeWarp,
+    denoiser,
+    draw_noise,
+    flm_loss,
+    flow_map,
+    given_mask,
+    interpolate,
+    joint_noise_factor,
+    joint_views,
+    noise_factor,
+    noisy_input,
+    sample,
+    semigroup_target,
+    semigroup_weight,
+    stratified_tau,
+)
+from model import MODEL_PRESETS, DiT, DiTConfig, attention, flex_attention, row_normal, row_uniform, slot_keys
 
 
 def tiny_model(V=64, seed=0, two_time=False, perturb=True):
@@ -28,14 +42,14 @@ def tiny_model(V=64, seed=0, two_time=False, perturb=True):
 
 
 def test_denoiser_and_semigroup_target_lie_on_the_simplex():
-    model, warp = tiny_model(two_time=True), TimeWarp(64)
+    model = tiny_model(two_time=True)
     h = draw_noise(model, slot_keys(0, 0, range(4)), 8)
     tau_s = torch.tensor([0.0, 0.1, 0.5, 0.3])
     tau_t = torch.tensor([1.0, 0.9, 0.7, 0.31])
     d = denoiser(model, h, tau_s, tau_t)
     assert (d >= 0).all()
     torch.testing.assert_close(d.sum(-1), torch.ones(4, 8), atol=1e-5, rtol=0)
-    target = semigroup_target(model, h, tau_s, tau_s / 2 + tau_t / 2, tau_t, warp)
+    target = semigroup_target(model, h, tau_s, tau_s / 2 + tau_t / 2, tau_t)
     assert (target >= 0).all()
     torch.testing.assert_close(target.sum(-1), torch.ones(4, 8), atol=1e-5, rtol=0)
 
@@ -46,7 +60,7 @@ def test_semigroup_weight_is_in_unit_interval_and_matches_its_complement():
     u = s + (t - s) * torch.rand(1000, dtype=torch.float64)
     g = semigroup_weight(s, u, t)
     assert ((g >= 0) & (g <= 1)).all()
-    one_minus_g = (t - u) * (1 - s) / ((1 - u) * (t - s))  # FLM.md 5
+    one_minus_g = (t - u) * (1 - s) / ((1 - u) * (t - s))  # METHOD.md 5
     torch.testing.assert_close(1 - g, one_minus_g, atol=1e-10, rtol=0)
 
 
@@ -76,7 +90,7 @@ def test_euler_step_equals_flow_map_with_the_denoiser():
 
 
 # -----------------------------------------------------------------------------
-# time warp (FLM.md 3)
+# time warp (METHOD.md 3)
 
 
 def test_time_warp_endpoints_monotone_and_inverse():
@@ -142,7 +156,7 @@ def test_euler_sampler_with_exact_denoiser_returns_data_sequences():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, 3, 8, generator=g, dtype=torch.float64)
     ts = warp.t(torch.linspace(0, 1, 201, dtype=torch.float64))
-    for i in range(200):  # FLM.md 4 with the exact denoiser
+    for i in range(200):  # METHOD.md 4 with the exact denoiser
         d = exact_denoiser(data, x, ts[i])
         x = flow_map(x, d, ts[i], ts[i + 1])
     tokens, seqs = x.argmax(-1), data.argmax(-1)
@@ -194,11 +208,11 @@ def test_two_time_model_with_zeroed_second_embedder_equals_one_time_model():
 
 @pytest.mark.parametrize("two_time", [False, True])
 def test_projected_and_dense_samplers_return_identical_tokens(two_time):
-    model, warp = tiny_model(two_time=two_time), TimeWarp(64)
+    model = tiny_model(two_time=two_time)
     x0 = torch.randn(16, 8, 64, generator=torch.Generator().manual_seed(3))
     for steps in (1, 4, 16):
-        dense = sample(model, warp, x0, steps, dense=True)
-        projected = sample(model, warp, model.project(x0), steps)
+        dense = sample(model, x0, steps, dense=True)
+        projected = sample(model, model.project(x0), steps)
         assert torch.equal(dense, projected)
 
 
@@ -214,11 +228,11 @@ def test_projected_noise_has_covariance_ete():
 
 
 def test_projected_and_dense_losses_agree_in_expectation():
-    model, warp = tiny_model(V=64), TimeWarp(64)
+    model = tiny_model(V=64)
     g = torch.Generator().manual_seed(5)
     tokens, tau = torch.randint(64, (8, 8), generator=g), torch.rand(8, generator=g)
     with torch.no_grad():
-        losses = {dense: torch.stack([flm_loss(model, tokens, tau, warp, slot_keys(5 + dense, i, range(8)), dense=dense)
+        losses = {dense: torch.stack([flm_loss(model, tokens, tau, slot_keys(5 + dense, i, range(8)), dense=dense)
                                       for i in range(300)]) for dense in (False, True)}
     diff = losses[False].mean() - losses[True].mean()
     stderr = torch.sqrt(losses[False].var() / 300 + losses[True].var() / 300)
@@ -227,14 +241,14 @@ def test_projected_and_dense_losses_agree_in_expectation():
 
 
 def test_a_hundred_steps_on_one_batch_drive_the_loss_down():
-    model, warp = tiny_model(V=64, perturb=False).train(), TimeWarp(64)
+    model = tiny_model(V=64, perturb=False).train()
     g = torch.Generator().manual_seed(6)
     tokens = torch.randint(64, (16, 16), generator=g)
     tau = torch.linspace(0.05, 0.95, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(100):
-        loss = flm_loss(model, tokens, tau, warp, slot_keys(6, step, range(16)))  # fresh noise every step
+        loss = flm_loss(model, tokens, tau, slot_keys(6, step, range(16)))  # fresh noise every step
         losses.append(loss.item())
         loss.backward()
         opt.step()
@@ -288,17 +302,17 @@ def test_flex_attention_with_softcap_score_mod_equals_the_explicit_formula():
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("two_time", [False, True])
 def test_given_positions_come_back_unchanged_from_every_sampler_at_every_step_count(two_time, dense):
-    model, weak, warp = tiny_model(two_time=two_time), tiny_model(seed=1, two_time=two_time), TimeWarp(64)
+    model, weak = tiny_model(two_time=two_time), tiny_model(seed=1, two_time=two_time)
     B, L, keys = 6, 10, slot_keys(0, 0, range(6))
     given = given_mask(keys, L, 1.0)
     tokens = torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(0))
     x = draw_noise(model, keys, L, dense=dense)
-    variants = [dict(), dict(weak_model=weak, eta=1.5)] + ([dict(gamma=0.5)] if two_time else [])
+    variants = [dict(), dict(guide=(weak, 1.5))] + ([dict(gamma=0.5)] if two_time else [])
     for steps in (1, 2, 3, 8):
         for kw in variants:
-            out = sample(model, warp, x, steps, keys=keys, dense=dense, given=given, tokens=tokens, **kw)
+            out = sample(model, x, steps, (given, tokens), keys=keys, dense=dense, **kw)
             assert torch.equal(out[given], tokens[given]), (steps, kw)
-            free = sample(model, warp, x, steps, keys=keys, dense=dense, **kw)
+            free = sample(model, x, steps, keys=keys, dense=dense, **kw)
             assert not torch.equal(out, free)  # the given tokens reach the free positions
 
 
@@ -315,7 +329,7 @@ def test_given_masks_are_prefixes_or_spans_keyed_by_row_and_never_all_given():
 
 
 def test_conditional_loss_leaves_given_positions_out_and_feeds_them_clean():
-    model, warp = tiny_model(), TimeWarp(64)
+    model = tiny_model()
     B, L, keys = 4, 8, slot_keys(0, 0, range(4))
     tokens = torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(1))
     given = torch.zeros(B, L, dtype=torch.bool)
@@ -326,26 +340,26 @@ def test_conditional_loss_leaves_given_positions_out_and_feeds_them_clean():
     other = tokens.clone()
     other[:, 4:] = (other[:, 4:] + 1) % 64  # free tokens differ: loss differs
     tau = torch.full((B,), 0.5)
-    assert flm_loss(model, tokens, tau, warp, keys, given=given) != flm_loss(model, other, tau, warp, keys, given=given)
+    assert flm_loss(model, tokens, tau, keys, given=given) != flm_loss(model, other, tau, keys, given=given)
     # all free: the conditional mean equals the plain mean
     none = torch.zeros(B, L, dtype=torch.bool)
-    torch.testing.assert_close(flm_loss(model, tokens, tau, warp, keys, given=none),
-                               flm_loss(model, tokens, tau, warp, keys))
+    torch.testing.assert_close(flm_loss(model, tokens, tau, keys, given=none),
+                               flm_loss(model, tokens, tau, keys))
 
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_autoguidance_eta_one_is_the_model_and_eta_zero_the_weak_model_exactly(dense):
-    model, warp = tiny_model(two_time=False), TimeWarp(64)
+    model = tiny_model(two_time=False)
     weak = tiny_model(seed=1)
     if not dense:  # the projected state needs one E for both, else they read a joint state (next test)
         weak.embed.data.copy_(model.embed.data)
     keys = slot_keys(0, 0, range(8))
     x = draw_noise(model, keys, 12, dense=dense)
     for steps in (1, 4):
-        plain, weak_only = (sample(m, warp, x, steps, keys=keys, dense=dense) for m in (model, weak))
+        plain, weak_only = (sample(m, x, steps, keys=keys, dense=dense) for m in (model, weak))
         assert not torch.equal(plain, weak_only)
-        assert torch.equal(sample(model, warp, x, steps, weak_model=weak, eta=1.0, keys=keys, dense=dense), plain)
-        assert torch.equal(sample(model, warp, x, steps, weak_model=weak, eta=0.0, keys=keys, dense=dense), weak_only)
+        assert torch.equal(sample(model, x, steps, guide=(weak, 1.0), keys=keys, dense=dense), plain)
+        assert torch.equal(sample(model, x, steps, guide=(weak, 0.0), keys=keys, dense=dense), weak_only)
 
 
 def test_joint_noise_factor_has_the_joint_covariance_even_for_dependent_columns():

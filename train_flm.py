@@ -1,5 +1,5 @@
 """
-Stage 1: train a flow language model (FLM), the denoiser D(x_t, tau) of FLM.md 2, with cross-entropy.
+Stage 1: train a flow language model (FLM), the denoiser D(x_t, tau) of METHOD.md 2, with cross-entropy.
 
     python train_flm.py                                        # CPU quick start on the Penn Treebank
     torchrun --standalone --nproc_per_node=8 train_flm.py --preset owt --compile
@@ -8,18 +8,43 @@ Runs unchanged under plain python (CPU or one GPU) and under torchrun (DDP; NCCL
 trains on the same global batches whatever the number of ranks and --micro-batch (trainer.py).
 """
 
-import argparse
 import copy
 import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
+from checkpoint import CheckpointError, load_checkpoint
 from data import Data, DataError
-from model import MODEL_PRESETS, DiT, DiTConfig, TimeWarp, flm_loss, slot_keys, step_generator, stratified_tau
-from trainer import Trainer, add_run_args, apply_presets, usage_error
+from flow import flm_loss, given_mask, stratified_tau
+from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys, step_generator
+from trainer import (
+    BELOW_1,
+    COUNT,
+    accumulation,
+    add_run_args,
+    check_finite,
+    ema_update,
+    evaluate,
+    fail,
+    get_lr,
+    init_ranks,
+    log,
+    log_step,
+    micro_slots,
+    parse_with_preset,
+    parser_for,
+    print_setup,
+    usage_error,
+    wrap,
+    write_checkpoint,
+)
 
 # -----------------------------------------------------------------------------
-# settings: a preset fills every flag that the command line leaves unset
+# settings: --preset sets the defaults of every run flag (--help shows them)
 
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU: about 7 minutes on 2 cores; the lr falls to 0 over the last 30% of steps,
@@ -27,35 +52,41 @@ RUN_PRESETS = {
     "ptb": dict(data="data/ptb", model="ptb", batch_size=32, micro_batch=32, seq_len=32, lr=2e-3, warmup=100,
                 decay=0.3, max_steps=1300, ema=0.99, eval_every=100, eval_windows=128, keep_every=500,
                 cond_frac=0.2),
-    # the paper's settings (FLM.md 10): AdamW 3e-4, warmup 2,500 then constant, batch 512, EMA 0.9999, 1M steps
+    # the paper's settings (METHOD.md 10): AdamW 3e-4, warmup 2,500 then constant, batch 512, EMA 0.9999, 1M steps
     "lm1b": dict(data="data/lm1b", model="small", batch_size=512, micro_batch=64, seq_len=128, lr=3e-4, warmup=2500,
-                 decay=0.0, max_steps=1_000_000, ema=0.9999, eval_every=10_000, eval_windows=2048, cond_frac=0.0),
+                 decay=0.0, max_steps=1_000_000, ema=0.9999, eval_every=10_000, eval_windows=2048, keep_every=0,
+                 cond_frac=0.0),
     "owt": dict(data="data/openwebtext", model="small", batch_size=512, micro_batch=16, seq_len=1024, lr=3e-4,
                 warmup=2500, decay=0.0, max_steps=1_000_000, ema=0.9999, eval_every=10_000, eval_windows=512,
-                cond_frac=0.0),
+                keep_every=0, cond_frac=0.0),
 }
 # the longer CPU recipe (with distill.py --preset ptb-long, about 40 minutes on 2 cores): sequences of 64 tokens
 # and the constant lr and long EMA that made its table (results-long.md)
 RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], seq_len=64, max_steps=1000, keep_every=500, decay=0.0, ema=0.999)
 
-parser = argparse.ArgumentParser(description="Train an FLM denoiser (stage 1).")
+parser = parser_for("Train an FLM denoiser (stage 1).", "train_flm.py")
 parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
 parser.add_argument("--data", help="prepared data folder (python data.py)")
 parser.add_argument("--model", choices=list(MODEL_PRESETS), help="model shape preset (model.py)")
-parser.add_argument("--dropout", type=float, default=None, help="override the model preset's dropout")
-parser.add_argument("--seq-len", type=int, help="tokens per sequence (windows of the token stream)")
+parser.add_argument("--dropout", type=BELOW_1, help="override the model preset's dropout")
+parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (windows of the token stream)")
 add_run_args(parser)
-args = apply_presets(parser.parse_args(), RUN_PRESETS, "flm", "train_flm.py")
-run = Trainer(args, "train_flm.py")  # DDP, device, precision, batch arithmetic
-device = run.device
+args = parse_with_preset(parser, RUN_PRESETS, "flm")
 
 # -----------------------------------------------------------------------------
-# data, model, optimizer, resume
+# ranks, precision, data, model, optimizer, resume
 
+ranks = init_ranks(args.device, "train_flm.py")
+device, master = ranks.device, ranks.master
+autocast, args.dtype = autocast_for(device, args.dtype)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+accum = accumulation(args, ranks)
+ckpt_path = f"{args.out_dir}/ckpt.pt"
 try:
     data = Data(args.data)
 except DataError as e:
-    run.fail(e)
+    fail(ranks, e)
 if args.seq_len > data.max_seq_len():
     usage_error("train_flm.py", f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
                 f"the longest window that both splits of {args.data} hold")
@@ -66,46 +97,98 @@ torch.manual_seed(args.seed)  # identical initial weights on every rank
 raw_model = DiT(cfg).to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-warp = TimeWarp(cfg.vocab_size)
 start_step = 0
 if args.resume:
-    ckpt = run.resume("flm", raw_model, ema_model, optimizer)
+    try:
+        ckpt = load_checkpoint(ckpt_path, kind="flm")
+    except CheckpointError as e:
+        fail(ranks, e)
+    if ckpt["model_config"] != asdict(cfg):
+        fail(ranks, f"{ckpt_path} has model {ckpt['model_config']}, these flags give {asdict(cfg)}")
     if ckpt["data"]["vocab"] != data.vocab:
-        run.fail(f"{run.ckpt_path} was trained on data with another vocabulary than {args.data}")
+        fail(ranks, f"{ckpt_path} was trained on data with another vocabulary than {args.data}")
+    raw_model.load_state_dict(ckpt["model"])
+    ema_model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
     start_step = ckpt["step"]
     del ckpt
-model = run.wrap(raw_model)
-run.print_setup(f"model {args.model}: {raw_model.num_params():,} parameters, V = {cfg.vocab_size:,}, "
-                f"ln V = {math.log(cfg.vocab_size):.4f}")
-
-# -----------------------------------------------------------------------------
-# the loss of a micro-batch, validation, checkpoint contents
+model = wrap(raw_model, args, ranks)
+print_setup(args, ranks, accum, f"model {args.model}: {raw_model.num_params():,} parameters, V = {cfg.vocab_size:,}, "
+            f"ln V = {math.log(cfg.vocab_size):.4f}")
 
 
-def micro_loss(model, step, slots):
-    """FLM.md 2: cross-entropy of the denoiser at stratified tau; slot i's window, noise and dropout come from
-    its key (seed, step, i) and its tau from the step's one stratified draw, so no rank draws its own."""
-    keys = slot_keys(args.seed, step, slots)
-    tokens = data.get_batch("train", args.seq_len, keys, device)
-    tau = stratified_tau(args.batch_size, step_generator(args.seed, step))[slots]
-    return flm_loss(model, tokens, tau.to(device), warp, keys, given=run.given(keys))
+def given(keys):
+    """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
+    return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
 
 
-def evaluate(net):
+def val_loss(net):
     """Validation cross-entropy on fixed windows at fixed, evenly spread tau with fixed noise."""
     def loss_of(net, tokens, slots):
         tau, keys = (slots.double() + 0.5) / args.eval_windows, slot_keys(0, -1, slots)
-        return flm_loss(net, tokens, tau.float().to(device), warp, keys, given=run.given(keys))
-    return run.evaluate(net, data, loss_of)
-
-
-def checkpoint():
-    return dict(kind="flm", data=dict(dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab,
-                                      source=data.meta["source"]))
+        return flm_loss(net, tokens, tau.float().to(device), keys, given=given(keys))
+    return evaluate(net, data, loss_of, args, ranks, autocast)
 
 
 # -----------------------------------------------------------------------------
-# training loop (trainer.py): lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
+# training loop: lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
 
-run.fit(model, ema_model, optimizer, micro_loss, evaluate, checkpoint, start_step,
-        flops_per_token=raw_model.flops_per_token(args.seq_len))
+params = [p for p in raw_model.parameters() if p.requires_grad]
+first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, checked when logging
+t0 = time.time()
+for step in range(start_step, args.max_steps + 1):
+    # learning rate of this step
+    lr = get_lr(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    # validation of the raw and EMA weights; a checkpoint of every validated step after the start
+    if step % args.eval_every == 0 or step == args.max_steps:
+        val, val_ema = val_loss(raw_model), val_loss(ema_model)
+        log(f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}", args, ranks)
+        if step > start_step:
+            check_finite(ranks, first_bad, ckpt_path, raw_model, ema_model)
+            if master:
+                write_checkpoint(ckpt_path, dict(
+                    kind="flm", data=dict(dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab,
+                                          source=data.meta["source"]),
+                    model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
+                    model_config=asdict(cfg), step=step, args=vars(args), val_loss=val_ema), args)
+        t0 = time.time()
+    if step == args.max_steps:
+        break
+
+    # micro-steps: cross-entropy of the denoiser at stratified tau (METHOD.md 2); slot i's window, noise and
+    # dropout come from its key (seed, step, i) and its tau from the step's one stratified draw of the global batch
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        slots = micro_slots(micro, ranks, args.micro_batch)
+        keys = slot_keys(args.seed, step, slots)
+        tokens = data.get_batch("train", args.seq_len, keys, device)
+        tau = stratified_tau(args.batch_size, step_generator(args.seed, step))[slots].to(device)
+        sync = model.no_sync() if ranks.ddp and micro < accum - 1 else nullcontext()  # all-reduce on the last
+        with sync, autocast:
+            loss = flm_loss(model, tokens, tau, keys, given=given(keys))
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+
+    # clip, step, EMA
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+
+    # log (the only host syncs of a step)
+    if (step + 1) % args.log_every == 0:
+        check_finite(ranks, first_bad, ckpt_path)
+        if ranks.ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        dt, t0 = (time.time() - t0) / args.log_every, time.time()
+        log_step(step + 1, loss_sum.item() / accum, grad_norm.item(), lr, dt,
+                 raw_model.flops_per_token(args.seq_len), args, ranks)
+
+if ranks.ddp:
+    dist.barrier()  # every rank leaves together, after rank 0 has written the last checkpoint
+    dist.destroy_process_group()

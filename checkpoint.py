@@ -1,0 +1,235 @@
+"""
+Checkpoints: ours (one flat dict of plain types, read with torch.load(weights_only=True)), and the authors' released
+models (a Hugging Face repo id or folder with config.json + model.safetensors, or a Lightning .ckpt), converted to
+ours through one key map, like nanoGPT's from_pretrained. Reading a pickled .ckpt never runs code from it: a
+restricted unpickler admits tensors and plain containers and turns every other class into inert data.
+"""
+
+import collections
+import json
+import os
+import pickle
+import types
+from dataclasses import asdict
+
+import torch
+
+from model import DiT, DiTConfig
+
+# -----------------------------------------------------------------------------
+# our checkpoints: one flat dict of plain types, written under a temporary name and renamed
+
+CKPT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt, of another format version, or of the wrong kind."""
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save under a temporary name, then rename: a crash never leaves a half-written file at path."""
+    tmp = path + ".tmp"
+    torch.save(dict(ckpt, format_version=CKPT_VERSION), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind=None, logit_cap=None):
+    """Load and validate a checkpoint: ours (train_flm.py, distill.py), or the authors' released models (a Hugging
+    Face repo id, a folder with config.json + model.safetensors, or a Lightning .ckpt), converted to ours.
+    kind ('flm' or 'fmlm') is checked if given; logit_cap, if given, overrides the model's output logit cap."""
+    if os.path.isdir(path) or path.endswith(".ckpt") or (not os.path.exists(path) and _is_hub_id(path)):
+        ckpt = load_authors_checkpoint(path)
+    elif not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    else:
+        ckpt = _torch_load(path, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CKPT_VERSION:
+        version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this code reads version "
+                              f"{CKPT_VERSION}")
+    if kind is not None and ckpt["kind"] != kind:
+        what = {"flm": "an FLM denoiser (train_flm.py)", "fmlm": "a flow-map model (distill.py)"}
+        raise CheckpointError(f"{path} holds {what[ckpt['kind']]}, but {what[kind]} is needed here")
+    if logit_cap is not None:
+        ckpt["model_config"]["logit_cap"] = logit_cap
+    return ckpt
+
+
+def _torch_load(path, **kwargs):
+    try:
+        return torch.load(path, map_location="cpu", **kwargs)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
+# -----------------------------------------------------------------------------
+# the authors' released checkpoints (METHOD.md 9): one key map, like nanoGPT's from_pretrained
+#
+# Hugging Face david3684/{FLM,FMLM}-B-{OWT,LM1B} (config.json + model.safetensors, EMA weights) and the same
+# models as Lightning .ckpt files (raw weights in state_dict, EMA weights in ema["shadow_params"]).
+
+AUTHORS_LOGIT_CAP = 30.0  # the authors' original and later code cap output logits at 30 (METHOD.md 9)
+AUTHORS_KEYS = [("vocab_embed.embedding", "embed"), ("sigma_map_prime.", "t2_embedder."),
+                ("sigma_map.", "t_embedder."), ("output_layer.", "final_layer.")]
+AUTHORS_DROPPED = ("rotary_emb.inv_freq", "learnable_loss_weighting.", "teacher")
+
+
+def _is_hub_id(path):
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.endswith((".pt", ".ckpt", ".json"))
+
+
+def authors_key(name):
+    """Our parameter name for one of the authors', or None for what we drop."""
+    name = name.replace("._orig_mod.", ".").removeprefix("_orig_mod.").removeprefix("backbone.")
+    if name.startswith(AUTHORS_DROPPED):
+        return None
+    for theirs, ours in AUTHORS_KEYS:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return name
+
+
+class _Inert:
+    """Stands in for any class a pickle names that is not a tensor or a plain container: it keeps the call's
+    arguments and state as data and runs nothing (an OmegaConf config, a tokenizer, os.system alike)."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs = args, kwargs
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("list", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("list", []).extend(values)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Admits tensors, storages, dtypes and plain containers; every other class becomes an inert _Inert."""
+    SAFE = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
+            ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter}
+
+    def find_class(self, module, name):
+        if (module, name) in self.SAFE:
+            return self.SAFE[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return type(name, (_Inert,), {"source": f"{module}.{name}"})
+
+
+def _plain(obj):
+    """Plain Python data from an inert OmegaConf config (its _content, its nodes' _val)."""
+    if isinstance(obj, _Inert):
+        state = getattr(obj, "state", None)
+        if isinstance(state, dict) and ("_content" in state or "_val" in state):
+            return _plain(state.get("_content", state.get("_val")))
+        return None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _read_lightning(path):
+    """(raw, ema, hydra config, step) of a Lightning .ckpt, read with the restricted unpickler (never runs code)."""
+    restricted = types.SimpleNamespace(Unpickler=_SafeUnpickler, __name__="flm_safe_pickle")
+    # torch.load hands storages to its own loader and every class lookup to _SafeUnpickler.find_class
+    ckpt = _torch_load(path, pickle_module=restricted, weights_only=False)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint of the authors' code (no state_dict)")
+    raw = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    names = [k for k in raw if not k.endswith("rotary_emb.inv_freq")]  # the backbone's parameters, in order
+    shadow = (ckpt.get("ema") or {}).get("shadow_params")
+    if not isinstance(shadow, list) or len(shadow) != len(names):
+        raise CheckpointError(f"{path}: ema['shadow_params'] should list the {len(names)} backbone parameters, "
+                              f"found {len(shadow) if isinstance(shadow, list) else 'none'}")
+    config = _plain((ckpt.get("hyper_parameters") or {}).get("config")) or {}
+    return raw, dict(zip(names, shadow)), config, int(ckpt.get("global_step", 0))
+
+
+def _read_hub_folder(path):
+    """(weights, hydra config) of a folder in the layout of the authors' Hugging Face repos; a repo id is
+    downloaded first (huggingface_hub, optional)."""
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(f"{path} is neither a file nor a folder; to download it from the Hugging Face "
+                                  "hub: pip install huggingface_hub") from None
+        try:
+            path = snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:
+            raise CheckpointError(f"{path}: not found locally and not downloadable from the Hugging Face hub "
+                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
+    for f in files:
+        if not os.path.isfile(f):
+            raise CheckpointError(f"{path} has no {os.path.basename(f)}: expected config.json + model.safetensors "
+                                  "(an authors' Hugging Face repo) or a checkpoint file")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{files[1]} needs safetensors: pip install safetensors") from None
+    try:
+        with open(files[0]) as f:
+            config = json.load(f)
+        weights = load_file(files[1])
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable config.json or model.safetensors "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    return weights, dict(config.get("config") or {}, vocab_size=config.get("vocab_size"))
+
+
+def load_authors_checkpoint(path):
+    """One of the authors' models as a checkpoint dict of ours (kind, model_config, model, ema, tokenizer)."""
+    if path.endswith(".ckpt"):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        raw, ema, config, step = _read_lightning(path)
+    else:
+        ema, config = _read_hub_folder(path)
+        raw, step = ema, 0
+    raw, ema = ({authors_key(k): v for k, v in d.items() if authors_key(k)} for d in (raw, ema))
+    model_cfg = config.get("model") or {}
+    two_time = "t2_embedder.mlp.0.weight" in ema
+    try:
+        V, D = ema["embed"].shape
+        cfg = DiTConfig(vocab_size=V, n_layer=int(model_cfg["n_blocks"]), n_head=int(model_cfg["n_heads"]),
+                        n_embd=D, cond_dim=int(model_cfg["cond_dim"]), dropout=float(model_cfg.get("dropout", 0.1)),
+                        logit_cap=AUTHORS_LOGIT_CAP, two_time=two_time)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config lacks the model size {e} (config.model: n_blocks, n_heads, "
+                              "cond_dim) or its weights lack vocab_embed.embedding") from None
+    expected = DiT(cfg).state_dict()
+    for weights in (raw, ema):
+        for key in sorted(set(expected) | set(weights)):
+            if key not in weights or key not in expected or weights[key].shape != expected[key].shape:
+                got = tuple(weights[key].shape) if key in weights else "missing"
+                want = tuple(expected[key].shape) if key in expected else "no such parameter"
+                raise CheckpointError(f"{path}: weight {key} is {got}, the config {model_cfg} needs {want}")
+    tokenizer = (config.get("data") or {}).get("tokenizer_name_or_path") or "gpt2"
+    seq_len = int(model_cfg.get("length") or (128 if "bert" in tokenizer else 1024))
+    return dict(kind="fmlm" if two_time else "flm", model=raw, ema=ema, model_config=asdict(cfg), step=step,
+                args=dict(seq_len=seq_len), format_version=CKPT_VERSION, source=path,
+                data=dict(dir=None, vocab_size=V, vocab=None, tokenizer=tokenizer))
+
+
+def model_from_checkpoint(ckpt, ema=True):
+    """The DiT of a checkpoint, with its EMA weights unless ema=False."""
+    model = DiT(DiTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
+    return model

@@ -1,0 +1,494 @@
+"""
+The method's mathematics as plain functions (METHOD.md), shared by training, distillation, sampling and
+evaluation: the time warp, the noise and the projected state, the interpolant, the losses, conditioning, the flow
+map, the semigroup / Lagrangian / Eulerian targets, and the samplers. The network is model.py; every function here
+takes it as an argument (bare, DDP-wrapped or compiled) and works on the projected state h = x @ E of METHOD.md 14,
+or on the dense (B, L, V) state where `dense=True`, the reference that the tests compare against.
+
+Times: flow maps take (x_s, s, t) with s <= t in physical time; the network is fed the reparameterized tau.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import DROPOUT, GIVEN, NOISE, row_key, row_normal, row_uniform, slot_keys, unwrap  # noqa: F401
+
+# -----------------------------------------------------------------------------
+# the flow math: time warp (METHOD.md 3)
+
+
+def _interp(x, xp, fp):
+    """Piecewise-linear interpolation of the increasing table (xp, fp) at x, on x's device, no host sync."""
+    x64 = x.double().clamp(0.0, 1.0)
+    i = torch.searchsorted(xp, x64, right=True).clamp(1, len(xp) - 1)
+    w = (x64 - xp[i - 1]) / (xp[i] - xp[i - 1])
+    return (fp[i - 1] + w * (fp[i] - fp[i - 1])).to(x.dtype)
+
+
+class TimeWarp:
+    """tau(t) = (q(t) - 1/V) / (1 - 1/V), q the argmax decoding rate of x_t (METHOD.md 3), tabulated once."""
+
+    def __init__(self, vocab_size, n_grid=10_000, n_quad=100):
+        V = vocab_size
+        nodes, weights = np.polynomial.hermite.hermgauss(n_quad)
+        z = torch.tensor(nodes * math.sqrt(2.0))  # E_{z~N(0,1)} f(z) = sum_k w_k / sqrt(pi) f(sqrt(2) x_k)
+        w = torch.tensor(weights / math.sqrt(math.pi))
+        t = torch.linspace(0, 1, n_grid + 1, dtype=torch.float64)[:-1]
+        m = t / (1 - t)
+        # P_e = 1 - q = E[1 - Phi(z + m)^(V-1)], with expm1 so that tiny error rates keep their precision
+        p_err = (w * -torch.expm1((V - 1) * torch.special.log_ndtr(z + m[:, None]))).sum(-1)
+        tau = 1 - V / (V - 1) * p_err
+        # the quadrature's error is about 1e-7 in tau near t = 0 (it can dip below 0 there), and near t = 1
+        # the error rate underflows so tau is 1.0 in float64: keep the strictly increasing points, then (1, 1)
+        tau[0] = 0.0
+        keep = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]]) & (tau < 1.0)
+        self.t_table = torch.cat([t[keep], torch.ones(1, dtype=torch.float64)])
+        self.tau_table = torch.cat([tau[keep], torch.ones(1, dtype=torch.float64)])
+        self._tables = {}
+
+    def _on(self, device):
+        if device not in self._tables:
+            self._tables[device] = (self.t_table.to(device), self.tau_table.to(device))
+        return self._tables[device]
+
+    def t(self, tau):
+        """Physical time of reparameterized time tau (any shape)."""
+        t_tab, tau_tab = self._on(tau.device)
+        return _interp(tau, tau_tab, t_tab)
+
+    def tau(self, t):
+        """Reparameterized time of physical time t (any shape)."""
+        t_tab, tau_tab = self._on(t.device)
+        return _interp(t, t_tab, tau_tab)
+
+    def dtau_dt(self, t):
+        """d tau / dt at physical time t: the slope of the interpolated segment, so exactly the derivative of
+        tau(t) as computed here (the chain rule of the Lagrangian and Eulerian objectives)."""
+        t_tab, tau_tab = self._on(t.device)
+        i = torch.searchsorted(t_tab, t.double().clamp(0.0, 1.0), right=True).clamp(1, len(t_tab) - 1)
+        return ((tau_tab[i] - tau_tab[i - 1]) / (t_tab[i] - t_tab[i - 1])).to(t.dtype)
+
+
+_warps = {}
+
+
+def time_warp(model):
+    """The TimeWarp of a model's vocabulary size, tabulated once per size."""
+    V = unwrap(model).config.vocab_size
+    if V not in _warps:
+        _warps[V] = TimeWarp(V)
+    return _warps[V]
+
+
+def stratified_tau(n, generator):
+    """n stratified tau ~ U(0, 1), randomly permuted: tau_i = (u + i) / n (METHOD.md 3); slice it per rank."""
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    tau = (u + torch.arange(n, dtype=torch.float64)) / n
+    return tau[torch.randperm(n, generator=generator)].float()
+
+
+# -----------------------------------------------------------------------------
+# the flow math: interpolant, denoiser, flow map, semigroup (METHOD.md 1, 2, 4, 5)
+
+
+def noise_factor(embed):
+    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14)."""
+    e = embed.double()
+    return torch.linalg.cholesky(e.T @ e).to(embed.dtype)
+
+
+def joint_noise_factor(embed):
+    """W (D', D') with W^T W = E^T E for an E (V, D') whose columns may be dependent, as in the joint state below,
+    where the student's E starts equal to the teacher's. With E^T E = U diag(lam) U^T, Q = E U diag(lam)^-1/2 is an
+    orthonormal basis of E's columns (its dependent directions dropped) and W = Q^T E, so x_0 @ E = (x_0 @ Q) W with
+    x_0 @ Q ~ N(0, I) exactly. Q is held without gradient: the gradient in E is then the pathwise one of x_0 @ E
+    projected on E's column space, whose complement is independent of the loss, so it is unbiased."""
+    with torch.no_grad():
+        e = embed.double()
+        lam, U = torch.linalg.eigh(e.T @ e)
+        inv_sqrt = torch.where(lam > lam.max() * 1e-10, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+        Q = (e @ (U * inv_sqrt)).to(embed.dtype)
+    return Q.T @ embed
+
+
+class JointView(nn.Module):
+    """Two DiTs with input matrices of their own read one x: the state is h = x @ [E_a, E_b] (B, L, D_a + D_b) and
+    each network reads its own columns. Distillation with a trained student E reads the teacher and the student
+    this way, and autoguidance the model and its weaker checkpoint. The noise x_0 @ [E_a, E_b] is one Gaussian of
+    dimension D_a + D_b (joint_noise_factor), and the flow-map arithmetic is linear, so it runs on h unchanged."""
+
+    def __init__(self, net, embed, cols):
+        super().__init__()
+        self.net, self.embed, self.cols, self.config = net, embed, cols, net.config
+
+    def project(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() @ self.embed
+
+    def forward(self, h, *args, **kwargs):
+        return self.net(h[..., self.cols], *args, **kwargs)
+
+
+def joint_views(a, b):
+    """JointView of each of two DiTs on the state x @ [E_a, E_b]."""
+    a, b = unwrap(a), unwrap(b)
+    embed, D = torch.cat([a.embed, b.embed], dim=1), a.config.n_embd
+    return JointView(a, embed, slice(0, D)), JointView(b, embed, slice(D, None))
+
+
+def draw_noise(model, keys, L, stream=NOISE, dense=False):
+    """x_0 ~ N(0, I) for rows with keys (B,): dense (B, L, V), or projected x_0 @ E (B, L, D) without forming x_0."""
+    model = unwrap(model)
+    E, keys = model.embed, keys.to(model.embed.device)
+    (V, D), B = E.shape, len(keys)
+    if dense:  # the authors' (B, L, V) state: torch's generator per row (the hash is slow at V = 50,257 on CPU)
+        return torch.stack([torch.randn(L, V, device=E.device, generator=torch.Generator(E.device).manual_seed(
+            row_key(int(k), stream, 0))) for k in keys.tolist()])
+    if V <= D:  # E^T E is singular; such vocabularies are tiny, so draw x_0 itself
+        return model.project(row_normal(keys, L * V, stream).view(B, L, V))
+    z = row_normal(keys, L * D, stream).view(B, L, D)
+    if isinstance(model, JointView):
+        return z @ joint_noise_factor(E)
+    return z @ noise_factor(E).T
+
+
+def interpolate(x0, x1, t):
+    """x_t = (1 - t) x_0 + t x_1 (METHOD.md 1); t (B,) broadcast over the trailing dims."""
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * x1
+
+
+def noisy_input(model, tokens, t, keys, dense=False, given=None):
+    """The network input h_t = x_t @ E for tokens (B, L) at times t (B,), noise from the rows' keys -> (B, L, D).
+    given (B, L) bool: positions fed clean, x_1 = one_hot(token), at every time (conditioning)."""
+    model = unwrap(model)
+    x0 = draw_noise(model, keys, tokens.size(1), dense=dense)
+    if dense:
+        x1 = F.one_hot(tokens, model.config.vocab_size).float()
+        return model.project(clamp_given(interpolate(x0, x1, t), given, x1))
+    x1 = model.embed[tokens]  # one_hot(tokens) @ E = E[tokens]
+    return clamp_given(interpolate(x0, x1, t), given, x1)
+
+
+def flm_loss(model, tokens, tau, keys, dense=False, given=None):
+    """Token cross-entropy of the denoiser at reparameterized times tau (B,) (METHOD.md 2); keys (B,) give each
+    row its noise and dropout. given (B, L): positions fed clean and left out of the loss (conditioning)."""
+    keys = keys.to(tokens.device)
+    h = noisy_input(model, tokens, time_warp(unwrap(model)).t(tau), keys, dense, given)
+    logits = model(h, tau, keys=keys)
+    if given is None:
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), tokens.view(-1))
+    return free_mean(F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none"), given)
+
+
+def soft_cross_entropy(logits, target, given=None):
+    """-sum_V target * log_softmax(logits), mean over positions (METHOD.md 6), or over the free ones of each row."""
+    ce = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    return ce.mean() if given is None else free_mean(ce, given)
+
+
+# -----------------------------------------------------------------------------
+# conditioning: given positions stay clean at every time and are left out of the loss (the authors' answer to
+# prompts, david3684/flm#8); the time stays one global time per row
+
+
+def given_mask(keys, L, frac):
+    """(B, L) bool from each row's key: a row is conditional with probability frac; half of those are given a
+    prefix of 1 to L - 1 tokens (a prompt), the others alternating given and free spans (infilling), a boundary
+    after each position with probability 4 / L and a random first span. The last position of an all-given row
+    is freed."""
+    u = row_uniform(keys, L + 4, GIVEN)
+    cond, prefix = u[:, :1] < frac, u[:, 1:2] < 0.5
+    pos = torch.arange(L, device=keys.device)
+    prompt = pos < 1 + (u[:, 2:3] * (L - 1)).long()
+    spans = ((u[:, 4:] < 4 / L).long().cumsum(1) + (u[:, 3:4] < 0.5).long()) % 2 == 1
+    given = cond & torch.where(prefix, prompt, spans)
+    return given & ~(given.all(1, keepdim=True) & (pos == L - 1))
+
+
+def clamp_given(h, given, clean):
+    """h with its given positions set to their clean state; h itself when nothing is given."""
+    return h if given is None else torch.where(given[..., None], clean, h)
+
+
+def free_mean(loss, given):
+    """Mean of a per-position loss (B, L) over each row's free positions, then over rows: a row weighs the same
+    whatever it is given, so the mean does not depend on how the batch is split."""
+    free = (~given).float()
+    return ((loss * free).sum(1) / free.sum(1).clamp_min(1)).mean()
+
+
+def denoiser(model, h, tau_s, tau_t=None, keys=None):
+    """D = softmax(f(h, tau_s[, tau_t])) in fp32: the posterior mean of x_1, or delta_{s,t} (METHOD.md 2, 5)."""
+    return model(h, tau_s, tau_t, keys=keys).float().softmax(dim=-1)
+
+
+def flow_map(x, delta, s, t):
+    """X_{s,t}(x) = ((1 - t) x + (t - s) delta) / (1 - s) (METHOD.md 5). With delta = D_s it is the Euler step
+    x + (t - s) (D - x) / (1 - s) of METHOD.md 4. s, t: scalars or (B,) tensors."""
+    if torch.is_tensor(s) and s.dim() == 1:
+        s, t = s.view(-1, 1, 1), t.view(-1, 1, 1)
+    return ((1 - t) * x + (t - s) * delta) / (1 - s)
+
+
+def semigroup_weight(s, u, t):
+    """g = (1 - t)(u - s) / ((1 - u)(t - s)) for s < u < t (METHOD.md 5); g is in [0, 1]."""
+    g = (1 - t) * (u - s) / ((1 - u) * (t - s))
+    return g.clamp(0.0, 1.0)  # float32 rounding when u is within an ulp of s or t
+
+
+@torch.no_grad()
+def semigroup_target(model, h_s, tau_s, tau_u, tau_t, keys=None, given=None, clean=None):
+    """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)), from the model itself (METHOD.md 6); (B, L, V).
+    keys + 1 and keys + 2 give the two passes dropout masks of their own; given positions stay clean."""
+    model = unwrap(model)
+    warp = time_warp(model)
+    s, u, t = warp.t(tau_s), warp.t(tau_u), warp.t(tau_t)
+    more = (lambda i: None) if keys is None else (lambda i: keys + i)
+    delta_su = denoiser(model, h_s, tau_s, tau_u, more(1))
+    y = clamp_given(flow_map(h_s, model.project(delta_su), s, u), given, clean)
+    delta_ut = denoiser(model, y, tau_u, tau_t, more(2))
+    g = semigroup_weight(s, u, t).view(-1, 1, 1)
+    return g * delta_su + (1 - g) * delta_ut
+
+
+def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32):
+    """tau_s, tau_t (n,) and a diagonal mask for a global distillation batch (METHOD.md 6), randomly permuted:
+    round(diag_frac n) diagonal rows tau_s = tau_t; of the rest, a boundary_frac share with (tau_s, tau_t) = (0, 1)
+    and the others off-diagonal with d ~ U(0, 1), tau_s = U' (1 - d), tau_t = tau_s + d."""
+    n_diag = round(n * diag_frac)
+    n_bnd = round((n - n_diag) * boundary_frac)
+    n_off = n - n_diag - n_bnd
+    tau_diag = torch.rand(n_diag, generator=generator)
+    d = torch.rand(n_off, generator=generator)
+    tau_off = torch.rand(n_off, generator=generator) * (1 - d)
+    tau_s = torch.cat([tau_diag, torch.zeros(n_bnd), tau_off])
+    tau_t = torch.cat([tau_diag, torch.ones(n_bnd), tau_off + d])
+    diag = torch.arange(n) < n_diag
+    perm = torch.randperm(n, generator=generator)
+    return tau_s[perm], tau_t[perm], diag[perm]
+
+
+# the Lagrangian and Eulerian characterizations of the flow map (METHOD.md 6), as targets for delta_{s,t}; s < t are
+# physical times, D the teacher's denoiser, x = I_s the state at s. They are written on given quantities so that
+# the tests can check them on an exact flow map; *_target below builds them from a student and a teacher.
+
+
+def lagrangian(D_t_of_X, ddelta_dt, s, t):
+    """D_t(X_{s,t}(x)) - (1 - t)(t - s) / (1 - s) d/dt delta_{s,t}(x): d/dt X_{s,t} = b_t(X_{s,t}) solved for delta."""
+    s, t = (z.view(-1, 1, 1) if torch.is_tensor(z) and z.dim() == 1 else z for z in (s, t))
+    return D_t_of_X - (1 - t) * (t - s) / (1 - s) * ddelta_dt
+
+
+def eulerian(D_s, directional, s, t):
+    """D_s(x) + (t - s) / (1 - t) ((1 - s) d/ds delta_{s,t}(x) + (D_s(x) - x) . grad_x delta_{s,t}(x)), the second
+    factor given as `directional`: d/ds X_{s,t} + b_s . grad X_{s,t} = 0 solved for delta."""
+    s, t = (z.view(-1, 1, 1) if torch.is_tensor(z) and z.dim() == 1 else z for z in (s, t))
+    return D_s + (t - s) / (1 - t) * directional
+
+
+def jvp_denoiser(model, h, tau_s, tau_t, dh, dtau_s, dtau_t):
+    """delta_{s,t}(h) (B, L, V) and its derivative along the tangent (dh, dtau_s, dtau_t), in forward mode. The
+    explicit attention formula runs here: flash-attn and flex_attention have no forward-mode AD."""
+    global ATTENTION
+    net, saved, ATTENTION = unwrap(model), ATTENTION, "explicit"
+    try:
+        return torch.func.jvp(lambda h, a, b: net(h, a, b).float().softmax(dim=-1), (h, tau_s, tau_t),
+                              (dh, dtau_s, dtau_t))
+    finally:
+        ATTENTION = saved
+
+
+@torch.no_grad()
+def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, clean=None):
+    """The Lagrangian target from the student (stop-gradient) and D = teacher_denoiser(h, tau); (B, L, V)."""
+    warp = time_warp(student)
+    s, t = warp.t(tau_s), warp.t(tau_t)
+    zero = torch.zeros_like(tau_s)
+    delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, torch.zeros_like(h_s), zero, torch.ones_like(tau_s))
+    X = clamp_given(flow_map(h_s, unwrap(student).project(delta), s, t), given, clean)  # X_{s,t}(x_s), student's delta
+    return lagrangian(teacher_denoiser(X, tau_t), ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1), s, t)
+
+
+@torch.no_grad()
+def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, clean=None):
+    """The Eulerian target; in the projected state the x-tangent D_s - x_s is D_s @ E - h_s, and 0 at given
+    positions, which do not move; (B, L, V)."""
+    warp = time_warp(student)
+    s, t = warp.t(tau_s), warp.t(tau_t)
+    D_s = teacher_denoiser(h_s, tau_s)
+    dh = unwrap(student).project(D_s) - h_s
+    dh = clamp_given(dh, given, torch.zeros_like(dh))
+    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
+    return eulerian(D_s, directional, s, t.clamp(max=1 - 1e-3))  # (1 - t) -> 0 at the one-step jump t = 1
+
+
+def onto_simplex(target):
+    """The Lagrangian and Eulerian targets are not convex combinations and can leave the simplex, and the soft
+    cross-entropy is unbounded below for a negative target: clip at 0 and renormalize (METHOD.md 6)."""
+    target = target.clamp_min(0)
+    return target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
+
+
+@torch.no_grad()
+def distill_targets(net, D, h, tokens, times, keys, objective, given):
+    """The soft targets (B, L, V) of a distillation batch: the denoiser D(h, tau) on the diagonal rows (or the one-hot
+    data when D is None: self-distillation), the objective's target on the others (METHOD.md 6)."""
+    tau_s, tau_t, diag = times
+    target = torch.empty(*tokens.shape, net.config.vocab_size, device=h.device)
+    if diag.any():
+        target[diag] = F.one_hot(tokens[diag], net.config.vocab_size).float() if D is None else D(h[diag], tau_s[diag])
+    off = ~diag
+    if off.any():
+        D = D or (lambda h, tau: denoiser(net, h, tau, tau))  # self-distillation: the student's own delta_{s,s}
+        args = (h[off], tau_s[off], tau_t[off])
+        fix = {} if given is None else dict(given=given[off], clean=net.embed[tokens[off]])
+        if objective == "semigroup":
+            mid = (tau_s[off] + tau_t[off]) / 2
+            target[off] = semigroup_target(net, args[0], args[1], mid, args[2], keys[off], **fix)
+        elif objective == "lagrangian":
+            target[off] = onto_simplex(lagrangian_target(net, D, *args, **fix))
+        else:
+            target[off] = onto_simplex(eulerian_target(net, D, *args, **fix))
+    return target
+
+
+def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", given=None):
+    """Flow-map distillation loss (METHOD.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
+    targets of distill_targets; times = (tau_s, tau_t, diagonal) (B,) each. teacher None: self-distillation. A
+    student with a frozen E (the teacher's) reads the teacher's h = x_s @ E; one that trains its E reads its own
+    columns of the joint state x_s @ [E_teacher, E_student] (JointView). keys (B,) give each row its noise and
+    dropout; given (B, L): positions kept clean and left out of the loss (conditioning)."""
+    keys = keys.to(tokens.device)
+    net, cols, tau_s, tau_t = unwrap(student), slice(None), times[0], times[1]
+    if teacher is not None and net.embed.requires_grad:
+        teacher, net = joint_views(teacher, net)
+        cols = net.cols
+    h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given)
+    D = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
+    target = distill_targets(net, D, h, tokens, times, keys, objective, given)
+    return soft_cross_entropy(student(h[..., cols], tau_s, tau_t, keys=keys), target, given)
+
+
+# -----------------------------------------------------------------------------
+# the samplers (METHOD.md 4, 7, 8): one loop over the time grid; each step asks for a denoiser, optionally
+# autoguided, and moves the state by the flow map, optionally with the stochastic jump and fresh noise
+
+
+def guided_denoiser(model, x, tau_s, tau_t, guide=None, dense=False):
+    """D (B, L, V) at state x; guide = (weak_model, eta): autoguidance D_weak + eta (D - D_weak) (METHOD.md 8), affine
+    in D, so the step stays exact. In the projected state both models must read x (JointView, as generate does)."""
+    read = (lambda m, z: unwrap(m).project(z)) if dense else (lambda m, z: z)  # state -> the network's input
+    d = denoiser(model, read(model, x), tau_s, tau_t)
+    if guide is not None:
+        weak_model, eta = guide
+        d = eta * d + (1 - eta) * denoiser(weak_model, read(weak_model, x), tau_s, tau_t)
+    return d
+
+
+def stochastic_jump(t, gamma):
+    """The stochastic flow-map sampler's jump time t~ = 1 - (1 - t) sqrt(1 - gamma^2) (METHOD.md 7)."""
+    return 1 - (1 - t) * math.sqrt(1 - gamma ** 2)
+
+
+def renoise(net, x, lifted_d, t, t_jump, gamma, keys, i, dense=False):
+    """After the jump to t~: x + (t - t~) delta + gamma (1 - t) eps, eps ~ N(0, I) from the rows' keys, stream i."""
+    noise = draw_noise(net, keys, x.size(1), NOISE + 1 + i, dense)
+    return x + (t - t_jump) * lifted_d + gamma * (1 - t) * noise
+
+
+@torch.no_grad()
+def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=False, progress=None):
+    """Generate tokens (B, L) from noise x: the Euler ODE for a denoiser, the flow map for a two-time model.
+
+    x is the projected x_0 @ E (B, L, D) from draw_noise, or the dense x_0 (B, L, V) if dense.
+    cond = (given, tokens), (B, L) each: conditioning, given positions clamped to their tokens at every step.
+    gamma > 0: the stochastic flow-map sampler (METHOD.md 7), its noise from the rows' keys (B,).
+    guide = (weak_model, eta): autoguidance (METHOD.md 8).
+    """
+    net = unwrap(model)
+    two_time, warp = net.config.two_time, time_warp(net)
+    if gamma > 0 and (not two_time or keys is None):
+        raise ValueError("gamma > 0 needs a flow-map (two-time) model and the rows' keys")
+    lift = (lambda p: p) if dense else net.project  # denoiser (B, L, V) -> the state space
+    given, clean = None, None
+    if cond is not None:
+        given, tokens = cond
+        clean = F.one_hot(tokens, net.config.vocab_size).float() if dense else net.embed[tokens]
+    x = clamp_given(x, given, clean)
+    taus = torch.linspace(0, 1, steps + 1, device=x.device)
+    ts = warp.t(taus)
+    for i in (progress or (lambda r: r))(range(steps)):
+        s, t = ts[i], ts[i + 1]
+        t_jump = stochastic_jump(t, gamma) if gamma > 0 else t
+        tau_s = taus[i].expand(x.size(0))
+        tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0)) if two_time else None
+        d = guided_denoiser(model, x, tau_s, tau_t, guide, dense)
+        x = flow_map(x, lift(d), s, t_jump)
+        if gamma > 0:
+            x = renoise(net, x, lift(d), t, t_jump, gamma, keys, i, dense)
+        x = clamp_given(x, given, clean)
+    out = d.argmax(dim=-1)  # the last step lands on t = 1, where x = d
+    return out if given is None else torch.where(given, tokens, out)
+
+
+def generate(model, num_samples, L, steps, batch_size=64, seed=0, cond=None, **options):
+    """num_samples sequences (num_samples, L) in batches; sample i comes from the key (seed, 0, i), so it is the
+    same whatever the batch size. cond = (given, tokens), (num_samples, L) or (L,) each: conditioning. options:
+    those of sample (gamma, guide, progress). A weak model with another E than the model's reads the same x
+    through the joint state (JointView)."""
+    guide = options.pop("guide", None)
+    if guide is not None and not torch.equal(unwrap(model).embed, unwrap(guide[0]).embed):
+        model, weak_model = joint_views(model, guide[0])
+        guide = (weak_model, guide[1])
+    if cond is not None:
+        cond = tuple(c.expand(num_samples, L) for c in cond)
+    out = []
+    for start in range(0, num_samples, batch_size):
+        rows = slice(start, min(start + batch_size, num_samples))
+        keys = slot_keys(seed, 0, range(rows.start, rows.stop))
+        x = draw_noise(model, keys, L)
+        out.append(sample(model, x, steps, None if cond is None else (cond[0][rows], cond[1][rows]), keys=keys,
+                          guide=guide, **options))
+    return torch.cat(out)
+
+
+def factorized_sample(model, num_samples, L, batch_size=64, seed=0):
+    """The one-step control (METHOD.md 13): each position drawn independently from the model's own per-position
+    marginal D(x_0, tau = 0), which is what a discrete diffusion sampler does in one step. Tokens (num_samples, L)."""
+    net, out = unwrap(model), []
+    for start in range(0, num_samples, batch_size):
+        keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
+        tau = torch.zeros(len(keys), device=net.embed.device)
+        p = denoiser(net, draw_noise(net, keys, L), tau, tau if net.config.two_time else None)  # (B, L, V)
+        u = row_uniform(keys.to(p.device), L, NOISE + 1)[..., None]  # inverse CDF, one uniform per position
+        idx = (p.cumsum(-1) < u * p.sum(-1, keepdim=True)).sum(-1)
+        out.append(idx.clamp_max(p.size(-1) - 1))
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# evaluation metrics (METHOD.md 11)
+
+
+def unigram_entropy(tokens):
+    """Unigram entropy in nats of each row's own token ids (B, L), averaged over rows."""
+    entropies = []
+    for row in tokens:
+        p = torch.unique(row, return_counts=True)[1].double() / len(row)
+        entropies.append(-(p * p.log()).sum())
+    return torch.stack(entropies).mean().item()
+
+
+def causal_nll(logits, ids, mask):
+    """Summed NLL and token count of ids (B, T) under causal-LM logits (B, T, V'); the first token is unscored."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
+    m = mask[:, 1:].to(logp.dtype)
+    return -(logp * m).sum().item(), int(m.sum().item())
