@@ -27,7 +27,8 @@ from trainer import COUNT, checked, device_flag, parser_for
 
 parser = parser_for("Training and sampling speed and memory of FLM / FMLM.", "bench.py")
 parser.add_argument("--model", default="ptb", choices=list(MODEL_PRESETS), help="model shape preset")
-parser.add_argument("--vocab", type=checked(int, lambda v: v >= 2, "an integer >= 2"), default=50257, help="one-hot size V")
+parser.add_argument("--vocab", type=checked(int, lambda v: v >= 2, "an integer >= 2"), default=50257,
+                    help="one-hot size V")
 parser.add_argument("--batch-size", type=COUNT, default=8, help="training batch (sequences)")
 parser.add_argument("--seq-len", type=COUNT, default=128, help="training sequence length")
 parser.add_argument("--iters", type=COUNT, default=5, help="timed training steps (after 2 warmup steps)")

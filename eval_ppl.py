@@ -226,7 +226,8 @@ for path in args.samples:
     try:
         with open(path) as f:
             samples = [json.loads(line) for line in f if line.strip()]
-        ok = samples and all(isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("tokens"), list)
+        ok = samples and all(isinstance(s, dict) and isinstance(s.get("text"), str)
+                             and isinstance(s.get("tokens"), list)
                              and len(s["tokens"]) == len(samples[0]["tokens"]) for s in samples)
     except (UnicodeDecodeError, json.JSONDecodeError):
         ok = False

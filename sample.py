@@ -44,7 +44,8 @@ parser.add_argument("--device", type=device_flag, help="cpu, cuda, ... (None: cu
 parser.add_argument("--dtype", choices=["fp32", "bf16"],
                     help="autocast precision of the network (None: bf16 on CUDA, fp32 on CPU); state stays fp32")
 parser.add_argument("--allow-long", action="store_true",
-                    help="allow --seq-len beyond the training length (the model has never seen it; memory grows as L^2)")
+                    help="allow --seq-len beyond the training length (the model has never seen it; memory grows "
+                    "as L^2)")
 parser.add_argument("--prompt", help="condition on this text as the start of every sample")
 parser.add_argument("--infill", help='condition on a text with gaps: "[MASK]" is one token to '
                     'generate, "[MASK*n]" n tokens; the positions after the text are generated too')

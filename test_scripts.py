@@ -134,8 +134,9 @@ def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, 
 SCRIPTS = ["train_flm.py", "distill.py", "sample.py", "eval_ppl.py", "data.py", "bench.py"]
 NO_VALUE_TO_CHECK = {"--help", "--compile", "--resume", "--quiet", "--no-ema", "--allow-long", "--per-line", "--seed",
                      "--dtype", "--preset", "--model", "--evaluator", "--compact", "--hf", "--attention", "--objective",
-                     "--self-distill", "--train-embed", "--factorized", "--hf-config", "--hf-split", "--hf-revision", "--val-split", "--text-field"}  # switches,
-# seeds (any integer) and choices (argparse refuses others; the table checks one of each kind)
+                     "--self-distill", "--train-embed", "--factorized", "--hf-config", "--hf-split", "--hf-revision",
+                     "--val-split", "--text-field"}
+# switches, seeds (any integer) and choices (argparse refuses others; the table checks one of each kind)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,8 @@ def bad_files(data_dir, tmp_path_factory):
     shutil.copytree(data_dir, bad_meta)
     (bad_meta / "meta.json").write_text("{not json")
     (root / "other.txt").write_text("".join(f"completely different words {i} here\n" for i in range(40)))
-    run("data.py", "--text", str(root / "other.txt"), "--per-line", "--out", str(root / "other"), "--val-fraction", "0.3")
+    run("data.py", "--text", str(root / "other.txt"), "--per-line", "--out", str(root / "other"),
+        "--val-fraction", "0.3")
     return root
 
 
@@ -226,7 +228,7 @@ def bad_cases(d, r):
         (["sample.py", "--ckpt", str(r / "empty.pt")], "not a readable checkpoint"),
         (["sample.py", "--ckpt", str(r / "v99.pt")], "format version 99"),
         (["sample.py", "--ckpt", str(r / "missing.pt")], "does not exist"),
-        (["eval_ppl.py", "--ckpt", flm, "--steps", "0"], "argument --steps: got [0], expected integers >= 1"),
+        (["eval_ppl.py", "--ckpt", flm, "--steps", "0"], "argument --steps: got 0, expected an integer >= 1"),
         (["eval_ppl.py", "--ckpt", flm], "give one --steps list after each --ckpt"),
         (e + ["--num-samples", "0"], "argument --num-samples: got 0"),
         (e + ["--seq-len", "0"], "argument --seq-len: got 0"),

@@ -203,7 +203,7 @@ def test_two_time_model_with_zeroed_second_embedder_equals_one_time_model():
 
 
 # -----------------------------------------------------------------------------
-# the projected state (DESIGN.md)
+# the projected state (METHOD.md 14)
 
 
 @pytest.mark.parametrize("two_time", [False, True])
