@@ -31,29 +31,9 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError
 from flow import OBJECTIVES, distill_loss, distill_times, given_mask
 from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys, step_generator
-from trainer import (
-    BELOW_1,
-    COUNT,
-    FRACTION,
-    NONNEG,
-    accumulation,
-    add_run_args,
-    check_finite,
-    ema_update,
-    evaluate,
-    fail,
-    get_lr,
-    init_ranks,
-    log,
-    log_step,
-    micro_slots,
-    parse_with_preset,
-    parser_for,
-    print_setup,
-    usage_error,
-    wrap,
-    write_checkpoint,
-)
+from trainer import (BELOW_1, COUNT, FRACTION, NONNEG, accumulation, add_run_args, check_finite, ema_update, evaluate,
+                     fail, get_lr, init_ranks, log, log_step, micro_slots, parse_with_preset, parser_for, print_setup,
+                     usage_error, wrap, write_checkpoint)
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)

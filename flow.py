@@ -10,12 +10,11 @@ Times: flow maps take (x_s, s, t) with s <= t in physical time; the network is f
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DROPOUT, GIVEN, NOISE, row_key, row_normal, row_uniform, slot_keys, unwrap  # noqa: F401
+from model import GIVEN, NOISE, attention_backend, row_key, row_normal, row_uniform, slot_keys, unwrap
 
 # -----------------------------------------------------------------------------
 # the flow math: time warp (METHOD.md 3)
@@ -30,47 +29,56 @@ def _interp(x, xp, fp):
 
 
 class TimeWarp:
-    """tau(t) = (q(t) - 1/V) / (1 - 1/V), q the argmax decoding rate of x_t (METHOD.md 3), tabulated once."""
+    """tau(t) = (q(t) - 1/V) / (1 - 1/V), q the argmax decoding rate of x_t (METHOD.md 3), and d tau / dt in closed
+    form under the same quadrature, tabulated once on a uniform grid of t."""
 
-    def __init__(self, vocab_size, n_grid=10_000, n_quad=100):
+    def __init__(self, vocab_size, n_grid=10_000, n_quad=801):
         V = vocab_size
-        nodes, weights = np.polynomial.hermite.hermgauss(n_quad)
-        z = torch.tensor(nodes * math.sqrt(2.0))  # E_{z~N(0,1)} f(z) = sum_k w_k / sqrt(pi) f(sqrt(2) x_k)
-        w = torch.tensor(weights / math.sqrt(math.pi))
+        # E_{z~N(0,1)} f(z) by the trapezoid rule on [-10, 10]: the integrands are smooth with a step of width about
+        # 0.2 near z + m = Phi^-1(1 - 1/V), which this resolves to 1e-13, while 100 Gauss-Hermite nodes (the
+        # authors') are off by 9e-5 in tau at V = 50,257 (METHOD.md 3)
+        z = torch.linspace(-10, 10, n_quad, dtype=torch.float64)
+        w = torch.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])
         t = torch.linspace(0, 1, n_grid + 1, dtype=torch.float64)[:-1]
         m = t / (1 - t)
+        y = z + m[:, None]  # (n_grid, n_quad)
         # P_e = 1 - q = E[1 - Phi(z + m)^(V-1)], with expm1 so that tiny error rates keep their precision
-        p_err = (w * -torch.expm1((V - 1) * torch.special.log_ndtr(z + m[:, None]))).sum(-1)
+        log_cdf = torch.special.log_ndtr(y)
+        p_err = (w * -torch.expm1((V - 1) * log_cdf)).sum(-1)
         tau = 1 - V / (V - 1) * p_err
-        # the quadrature's error is about 1e-7 in tau near t = 0 (it can dip below 0 there), and near t = 1
-        # the error rate underflows so tau is 1.0 in float64: keep the strictly increasing points, then (1, 1)
+        # dq/dm = E[(V-1) Phi(y)^(V-2) phi(y)], in log space; dm/dt = 1 / (1 - t)^2
+        log_dq = math.log(V - 1) + (V - 2) * log_cdf - y ** 2 / 2 - 0.5 * math.log(2 * math.pi)
+        dtau = V / (V - 1) * (w * log_dq.exp()).sum(-1) / (1 - t) ** 2
+        # tau can dip below 0 by rounding near t = 0, and near t = 1 the error rate underflows so tau is 1.0 in
+        # float64: keep the strictly increasing points, then (1, 1),
+        # where d tau / dt is 0 (the error rate vanishes faster than any power of 1 - t)
         tau[0] = 0.0
         keep = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]]) & (tau < 1.0)
-        self.t_table = torch.cat([t[keep], torch.ones(1, dtype=torch.float64)])
-        self.tau_table = torch.cat([tau[keep], torch.ones(1, dtype=torch.float64)])
+        one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        self.t_table, self.tau_table = torch.cat([t[keep], one]), torch.cat([tau[keep], one])
+        self.dtau_table = torch.cat([dtau[keep], zero])
         self._tables = {}
 
     def _on(self, device):
         if device not in self._tables:
-            self._tables[device] = (self.t_table.to(device), self.tau_table.to(device))
+            self._tables[device] = (self.t_table.to(device), self.tau_table.to(device), self.dtau_table.to(device))
         return self._tables[device]
 
     def t(self, tau):
         """Physical time of reparameterized time tau (any shape)."""
-        t_tab, tau_tab = self._on(tau.device)
+        t_tab, tau_tab, _ = self._on(tau.device)
         return _interp(tau, tau_tab, t_tab)
 
     def tau(self, t):
         """Reparameterized time of physical time t (any shape)."""
-        t_tab, tau_tab = self._on(t.device)
+        t_tab, tau_tab, _ = self._on(t.device)
         return _interp(t, t_tab, tau_tab)
 
     def dtau_dt(self, t):
-        """d tau / dt at physical time t: the slope of the interpolated segment, so exactly the derivative of
-        tau(t) as computed here (the chain rule of the Lagrangian and Eulerian objectives)."""
-        t_tab, tau_tab = self._on(t.device)
-        i = torch.searchsorted(t_tab, t.double().clamp(0.0, 1.0), right=True).clamp(1, len(t_tab) - 1)
-        return ((tau_tab[i] - tau_tab[i - 1]) / (t_tab[i] - t_tab[i - 1])).to(t.dtype)
+        """d tau / dt at physical time t, from its closed form (the chain rule of the Lagrangian and Eulerian
+        objectives, METHOD.md 6)."""
+        t_tab, _, dtau_tab = self._on(t.device)
+        return _interp(t, t_tab, dtau_tab)
 
 
 _warps = {}
@@ -294,13 +302,10 @@ def eulerian(D_s, directional, s, t):
 def jvp_denoiser(model, h, tau_s, tau_t, dh, dtau_s, dtau_t):
     """delta_{s,t}(h) (B, L, V) and its derivative along the tangent (dh, dtau_s, dtau_t), in forward mode. The
     explicit attention formula runs here: flash-attn and flex_attention have no forward-mode AD."""
-    global ATTENTION
-    net, saved, ATTENTION = unwrap(model), ATTENTION, "explicit"
-    try:
+    net = unwrap(model)
+    with attention_backend("explicit"):
         return torch.func.jvp(lambda h, a, b: net(h, a, b).float().softmax(dim=-1), (h, tau_s, tau_t),
                               (dh, dtau_s, dtau_t))
-    finally:
-        ATTENTION = saved
 
 
 @torch.no_grad()
@@ -314,24 +319,36 @@ def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, 
     return lagrangian(teacher_denoiser(X, tau_t), ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1), s, t)
 
 
+EULERIAN_T_MAX = 1 - 1e-3  # the Eulerian target is evaluated at t' = min(t, EULERIAN_T_MAX) (METHOD.md 6)
+
+
 @torch.no_grad()
 def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, clean=None):
     """The Eulerian target; in the projected state the x-tangent D_s - x_s is D_s @ E - h_s, and 0 at given
-    positions, which do not move; (B, L, V)."""
+    positions, which do not move; (B, L, V). At t = 1 the equation says nothing about delta, so the whole target
+    (network time, tangent and coefficient) is taken at the consistent t' = EULERIAN_T_MAX for rows beyond it."""
     warp = time_warp(student)
     s, t = warp.t(tau_s), warp.t(tau_t)
+    late = t > EULERIAN_T_MAX
+    t = torch.where(late, EULERIAN_T_MAX, t)
+    tau_t = torch.where(late, warp.tau(torch.full_like(t, EULERIAN_T_MAX)), tau_t)
     D_s = teacher_denoiser(h_s, tau_s)
     dh = unwrap(student).project(D_s) - h_s
     dh = clamp_given(dh, given, torch.zeros_like(dh))
     _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
-    return eulerian(D_s, directional, s, t.clamp(max=1 - 1e-3))  # (1 - t) -> 0 at the one-step jump t = 1
+    return eulerian(D_s, directional, s, t)
 
 
-def onto_simplex(target):
-    """The Lagrangian and Eulerian targets are not convex combinations and can leave the simplex, and the soft
-    cross-entropy is unbounded below for a negative target: clip at 0 and renormalize (METHOD.md 6)."""
-    target = target.clamp_min(0)
-    return target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+def onto_simplex(v):
+    """The Euclidean projection of v (..., V) onto the probability simplex, the nearest point of it (sparsemax's):
+    max(v - theta, 0) with theta the one threshold that makes it sum to 1. The Lagrangian and Eulerian targets are
+    not convex combinations and can leave the simplex, where the soft cross-entropy is unbounded (METHOD.md 6)."""
+    u = v.sort(dim=-1, descending=True).values
+    excess = u.cumsum(-1) - 1  # sum of the k largest, minus 1
+    k = torch.arange(1, v.size(-1) + 1, device=v.device, dtype=v.dtype)
+    support = (u - excess / k > 0).sum(-1, keepdim=True)  # how many entries stay positive (a prefix of u)
+    theta = excess.gather(-1, support - 1) / support
+    return (v - theta).clamp_min(0)
 
 
 OBJECTIVES = ("semigroup", "lagrangian", "eulerian")

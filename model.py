@@ -14,7 +14,7 @@ Conventions (one, stated once, METHOD.md 0):
 """
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +75,17 @@ def _flex(q, k, v, softcap):
 
     run = _flex_compiled if q.is_cuda else flex_attention  # eager flex on CPU: the reference the tests use
     return run(q, k, v, score_mod=softcap_mod)
+
+
+@contextmanager
+def attention_backend(name):
+    """Run every attention of the block with one path inside this context (forward-mode AD needs "explicit")."""
+    global ATTENTION
+    saved, ATTENTION = ATTENTION, name
+    try:
+        yield
+    finally:
+        ATTENTION = saved
 
 
 def attention(q, k, v, softcap, backend=None):
@@ -275,7 +286,8 @@ class DiTConfig:
 MODEL_PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, cond_dim=32, dropout=0.0),  # tests
     "ptb": dict(n_layer=4, n_head=4, n_embd=128, cond_dim=64, dropout=0.0),  # CPU quick start
-    "small": dict(n_layer=12, n_head=12, n_embd=768, cond_dim=128, dropout=0.1),  # the paper's, ~170M at V=50257
+    # the paper's, ~170M at V=50257, with the output logit cap of the authors' current code and released models
+    "small": dict(n_layer=12, n_head=12, n_embd=768, cond_dim=128, dropout=0.1, logit_cap=30.0),
 }
 
 # -----------------------------------------------------------------------------

@@ -11,22 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import (
-    GPT2_EOT,
-    Data,
-    DataError,
-    assign_splits,
-    decode,
-    encode_document,
-    file_documents,
-    get_tokenizer,
-    hf_documents,
-    index_shards,
-    prepare,
-    ptb_documents,
-    read_shard,
-    write_shard,
-)
+from data import (GPT2_EOT, Data, DataError, assign_splits, decode, encode_document, file_documents, get_tokenizer,
+                  hf_documents, index_shards, prepare, ptb_documents, read_shard, write_shard)
 from model import slot_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))

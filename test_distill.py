@@ -6,20 +6,9 @@ import os
 import pytest
 import torch
 
-from flow import (
-    denoiser,
-    distill_loss,
-    distill_times,
-    draw_noise,
-    eulerian,
-    flm_loss,
-    generate,
-    given_mask,
-    jvp_denoiser,
-    lagrangian,
-    semigroup_target,
-    stratified_tau,
-)
+from flow import (EULERIAN_T_MAX, denoiser, distill_loss, distill_times, draw_noise, eulerian, eulerian_target,
+                  flm_loss, generate, given_mask, jvp_denoiser, lagrangian, lagrangian_target, semigroup_target,
+                  stratified_tau, time_warp)
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys
 from test_simplex import exact_denoiser, exact_flow_map, phrase_data, tiny_model
 from trainer import ema_update
@@ -184,6 +173,85 @@ def test_exact_delta_is_a_fixed_point_of_the_lagrangian_and_eulerian_targets():
     print(f"fixed-point errors: Lagrangian {errors[0]:.2e}, Eulerian {errors[1]:.2e} (|delta| <= 1)")
     assert max(errors) < 2e-3
     assert (D_s - d).abs().max() > 0.05 and (D_t - d).abs().max() > 0.05  # the correction terms matter
+
+
+def exact_delta(data, x, s, t, n=2000):
+    """The exact two-time denoiser of a data set, from X_{s,t}(x) = ((1 - t) x + (t - s) delta) / (1 - s)."""
+    return ((1 - s) * exact_flow_map(data, x, s, t, n) - (1 - t) * x) / (t - s)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.3])
+def test_exact_delta_is_a_fixed_point_of_both_targets_on_the_one_step_rows(s):
+    # the rows (s, t = 1) that train the jump: the Eulerian target taken at the consistent t' = EULERIAN_T_MAX
+    # (METHOD.md 6) and the Lagrangian one at t = 1, where its correction term vanishes; with the coefficient alone
+    # capped and the derivatives left at t = 1 (the earlier code), the Eulerian target was D_s, 0.75 away
+    data, eps, tp = phrase_data(), 1e-5, EULERIAN_T_MAX
+    x = torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    d1 = exact_flow_map(data, x, s, 1.0, n=2000)  # delta_{s,1} = X_{s,1}
+    D_s = exact_denoiser(data, x, s)
+    v = D_s - x
+    directional = ((1 - s) * (exact_delta(data, x, s + eps, tp) - exact_delta(data, x, s - eps, tp))
+                   + exact_delta(data, x + eps * v, s, tp) - exact_delta(data, x - eps * v, s, tp)) / (2 * eps)
+    eul = eulerian(D_s, directional, s, tp)
+    lag = lagrangian(exact_denoiser(data, d1, 1 - 1e-6), torch.zeros_like(d1), s, 1.0)
+    errors = [(eul - d1).abs().max().item(), (lag - d1).abs().max().item()]
+    print(f"one-step rows, s = {s}: Eulerian {errors[0]:.2e}, Lagrangian {errors[1]:.2e}, "
+          f"D_s {(D_s - d1).abs().max():.2f}")
+    assert max(errors) < 2e-3  # the interior tolerance
+    assert (D_s - d1).abs().max() > 0.5  # the target the earlier code gave is far from the fixed point
+
+
+def physical_fd(model, h, s, t, dh=None, ds=0.0, dt=0.0, eps=1e-2):
+    """Central finite difference of delta(h, tau(s), tau(t)) along (dh, ds, dt) in physical time, Richardson-
+    extrapolated (fp32 cannot resolve a smaller step)."""
+    warp, dh = time_warp(model), torch.zeros_like(h) if dh is None else dh
+
+    def delta(e):
+        tau_s, tau_t = (warp.tau(torch.tensor(z, dtype=torch.float64)).float().expand(len(h)) for z in (s, t))
+        tau_s2, tau_t2 = (warp.tau(torch.tensor(z + e * dz, dtype=torch.float64)).float().expand(len(h))
+                          for z, dz in ((s, ds), (t, dt)))
+        with torch.no_grad():
+            return denoiser(model, h + e * dh, tau_s2 if ds else tau_s, tau_t2 if dt else tau_t)
+
+    fd = lambda e: (delta(e) - delta(-e)) / (2 * e)  # noqa: E731
+    return (4 * fd(eps / 2) - fd(eps)) / 3
+
+
+def test_lagrangian_target_through_a_network_is_the_formula_with_finite_differences():
+    student, teacher = tiny_model(two_time=True), tiny_model(seed=1)
+    h = torch.randn(3, 6, student.config.n_embd, generator=torch.Generator().manual_seed(9))
+    D = lambda h, tau: denoiser(teacher, h, tau)  # noqa: E731
+    warp = time_warp(student)
+    for s, t in ((0.2, 0.5), (0.45, 0.8)):
+        tau_s, tau_t = (warp.tau(torch.full((3,), z, dtype=torch.float64)).float() for z in (s, t))
+        target = lagrangian_target(student, D, h, tau_s, tau_t)
+        with torch.no_grad():
+            delta = denoiser(student, h, tau_s, tau_t)
+            X = ((1 - t) * h + (t - s) * student.project(delta)) / (1 - s)
+            expected = lagrangian(D(X, tau_t), physical_fd(student, h, s, t, dt=1.0), s, t)
+        assert (target - D(X, tau_t)).abs().max() > 0.1  # the correction term matters
+        torch.testing.assert_close(target, expected, atol=2e-3, rtol=0)  # measured: 9.5e-4; without dtau/dt 0.2
+
+
+def test_eulerian_target_through_a_network_is_the_formula_with_finite_differences():
+    student, teacher = tiny_model(two_time=True), tiny_model(seed=1)
+    h = torch.randn(3, 6, student.config.n_embd, generator=torch.Generator().manual_seed(9))
+    D = lambda h, tau: denoiser(teacher, h, tau)  # noqa: E731
+    warp = time_warp(student)
+    for s, t in ((0.5, 0.7), (0.7, 0.8)):  # late s: dropping the (1 - s) of the time tangent changes it by 1.5e-2
+        tau_s, tau_t = (warp.tau(torch.full((3,), z, dtype=torch.float64)).float() for z in (s, t))
+        target = eulerian_target(student, D, h, tau_s, tau_t)
+        with torch.no_grad():
+            D_s = D(h, tau_s)
+            directional = physical_fd(student, h, s, t, dh=student.project(D_s) - h, ds=1 - s)
+            expected = eulerian(D_s, directional, s, t)
+        assert (target - D_s).abs().max() > 0.1  # the correction term matters
+        torch.testing.assert_close(target, expected, atol=1e-3, rtol=0)  # measured: 2.5e-4
+    # a one-step row (t = 1) gets the target of t' = EULERIAN_T_MAX, whole: network time, tangent, coefficient
+    tau_s, one = torch.zeros(3), torch.ones(3)
+    tau_tp = warp.tau(torch.full((3,), EULERIAN_T_MAX, dtype=torch.float64)).float()
+    torch.testing.assert_close(eulerian_target(student, D, h, tau_s, one),
+                               eulerian_target(student, D, h, tau_s, tau_tp), atol=0, rtol=0)
 
 
 def test_jvp_through_the_dit_equals_central_finite_differences():

@@ -6,23 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flow import (
-    TimeWarp,
-    denoiser,
-    draw_noise,
-    flm_loss,
-    flow_map,
-    given_mask,
-    interpolate,
-    joint_noise_factor,
-    joint_views,
-    noise_factor,
-    noisy_input,
-    sample,
-    semigroup_target,
-    semigroup_weight,
-    stratified_tau,
-)
+from flow import (TimeWarp, denoiser, draw_noise, flm_loss, flow_map, given_mask, interpolate, joint_noise_factor,
+                  joint_views, noise_factor, noisy_input, sample, semigroup_target, semigroup_weight, stratified_tau)
 from model import MODEL_PRESETS, DiT, DiTConfig, attention, flex_attention, row_normal, row_uniform, slot_keys
 
 

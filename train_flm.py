@@ -21,27 +21,9 @@ from checkpoint import CheckpointError, load_checkpoint
 from data import Data, DataError
 from flow import flm_loss, given_mask, stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys, step_generator
-from trainer import (
-    BELOW_1,
-    COUNT,
-    accumulation,
-    add_run_args,
-    check_finite,
-    ema_update,
-    evaluate,
-    fail,
-    get_lr,
-    init_ranks,
-    log,
-    log_step,
-    micro_slots,
-    parse_with_preset,
-    parser_for,
-    print_setup,
-    usage_error,
-    wrap,
-    write_checkpoint,
-)
+from trainer import (BELOW_1, COUNT, accumulation, add_run_args, check_finite, ema_update, evaluate, fail, get_lr,
+                     init_ranks, log, log_step, micro_slots, parse_with_preset, parser_for, print_setup, usage_error,
+                     wrap, write_checkpoint)
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
