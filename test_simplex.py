@@ -2,12 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flow import (TimeWarp, denoiser, draw_noise, flm_loss, flow_map, given_mask, interpolate, joint_noise_factor,
-                  joint_views, noise_factor, noisy_input, sample, semigroup_target, semigroup_weight, stratified_tau)
+                  joint_views, noise_factor, noisy_input, onto_simplex, sample, semigroup_target, semigroup_weight,
+                  stratified_tau, time_warp)
 from model import MODEL_PRESETS, DiT, DiTConfig, attention, flex_attention, row_normal, row_uniform, slot_keys
 
 
@@ -105,6 +107,57 @@ def test_time_warp_reference_values():
     torch.testing.assert_close(warp.t(tau), torch.tensor([0.744, 0.779, 0.809, 0.831, 0.848], dtype=torch.float64),
                                atol=1e-3, rtol=0)
     assert abs(float(TimeWarp(30522).t(torch.tensor(0.5, dtype=torch.float64))) - 0.805) < 1e-3
+
+
+def legendre_tau(V, t):
+    """tau(t) by another rule than TimeWarp's: 600-node Gauss-Legendre on [-12, 12] (float64)."""
+    nodes, weights = np.polynomial.legendre.leggauss(600)
+    z, w = torch.tensor(nodes * 12), torch.tensor(weights * 12) * torch.exp(-torch.tensor(nodes * 12) ** 2 / 2)
+    p_err = (w / math.sqrt(2 * math.pi) * -torch.expm1((V - 1) * torch.special.log_ndtr(z + (t / (1 - t))[:, None])))
+    return 1 - V / (V - 1) * p_err.sum(-1)
+
+
+@pytest.mark.parametrize("V", [16, 1000, 50257])
+def test_time_warp_matches_an_independent_quadrature(V):
+    t = torch.rand(4000, generator=torch.Generator().manual_seed(V), dtype=torch.float64) * 0.9999
+    torch.testing.assert_close(TimeWarp(V).tau(t), legendre_tau(V, t), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("V", [16, 50257])
+def test_dtau_dt_is_the_derivative_of_tau(V):
+    t, h = torch.linspace(0.02, 0.98, 97, dtype=torch.float64), 1e-5
+    fd = (legendre_tau(V, t + h) - legendre_tau(V, t - h)) / (2 * h)
+    dtau = TimeWarp(V).dtau_dt(t)
+    assert fd.max() > 1  # the steep part of the warp is among the points
+    torch.testing.assert_close(dtau, fd, atol=1e-5 * fd.max().item(), rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the Euclidean projection onto the simplex (the Lagrangian and Eulerian targets, METHOD.md 6)
+
+
+def test_projection_onto_the_simplex_sums_to_one_is_nonnegative_and_fixes_the_simplex():
+    g = torch.Generator().manual_seed(2)
+    v = 3 * torch.randn(50, 7, 40, generator=g, dtype=torch.float64)
+    p = onto_simplex(v)
+    assert (p >= 0).all() and (p == 0).any()
+    torch.testing.assert_close(p.sum(-1), torch.ones(50, 7, dtype=torch.float64), atol=1e-12, rtol=0)
+    q = torch.randn(50, 7, 40, generator=g, dtype=torch.float64).softmax(-1)
+    torch.testing.assert_close(onto_simplex(q), q, atol=1e-12, rtol=0)
+
+
+def test_projection_onto_the_simplex_is_the_nearest_point_of_it():
+    n = 300  # every point of the 2-simplex with coordinates in multiples of 1 / n
+    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+    keep = i + j <= n
+    grid = torch.stack([i[keep], j[keep], n - i[keep] - j[keep]], -1).double() / n  # (P, 3)
+    v = 1.5 * torch.randn(200, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    p = onto_simplex(v)
+    nearest = torch.cdist(v, grid).min(-1).values
+    assert ((v - p).norm(dim=-1) <= nearest + 1e-12).all()  # no point of the simplex is closer
+    assert ((v - p).norm(dim=-1) >= nearest - 1 / n).all()  # and the grid's nearest point is within its spacing
+    clipped = v.clamp_min(0) / v.clamp_min(0).sum(-1, keepdim=True)  # clip and renormalize: not the projection
+    assert ((v - clipped).norm(dim=-1) > (v - p).norm(dim=-1) + 1e-3).any()
 
 
 def test_stratified_tau_has_one_draw_per_stratum():
@@ -271,6 +324,58 @@ def test_dropout_of_a_row_does_not_depend_on_the_batch_it_is_in():
     assert not torch.allclose(model(h, tau, keys=keys), full)  # dropout was on in training
 
 
+def test_dropout_masks_of_different_sites_and_layers_are_uncorrelated(monkeypatch):
+    import model as model_module
+    model = tiny_model(V=64)
+    model.config.dropout = 0.5
+    model.train()
+    masks, dropout = [], model_module.dropout
+
+    def recording(x, p, keys, stream):
+        out = dropout(x, p, keys, stream)
+        masks.append((out != 0).double().flatten())
+        return out
+    monkeypatch.setattr(model_module, "dropout", recording)
+    model(torch.randn(16, 8, model.config.n_embd), torch.rand(16), keys=slot_keys(0, 0, range(16)))
+    assert len(masks) == 2 * model.config.n_layer  # attention and MLP branches of every block
+    corr = torch.corrcoef(torch.stack(masks))
+    off = corr[~torch.eye(len(masks), dtype=torch.bool)]
+    assert off.abs().max() < 0.05, corr  # 4,096 entries each: |corr| ~ 0.016 by chance
+    assert all(abs(m.mean() - 0.5) < 0.05 for m in masks)
+
+
+def test_the_network_is_fed_the_rows_tau_in_the_flm_loss():
+    model = tiny_model()
+    tau = torch.tensor([0.05, 0.3, 0.6, 0.95])
+    seen = []
+    model.t_embedder.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    tokens = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    flm_loss(model, tokens, tau, slot_keys(0, 0, range(4)))
+    assert len(seen) == 1 and torch.equal(seen[0], tau)  # tau itself, not the physical time t(tau)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_the_stochastic_sampler_keeps_the_marginals_of_the_flow(gamma):
+    # with a model whose flow map is exactly one sequence (delta = its one-hot whatever the input), the state before
+    # each step must be x_t = (1 - t) x_0 + t x_1 in distribution: mean t E[x_1], variance (1 - t)^2 diag(E^T E)
+    model, target = tiny_model(two_time=True, perturb=False), 7  # a fresh model: its output layer is zero
+    with torch.no_grad():
+        model.final_layer.linear.bias[target] = 40.0  # delta = one_hot(7) at every position, to 1e-16
+    B, L = 4000, 6
+    keys = slot_keys(0, 0, range(B))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    steps = 4
+    sample(model, draw_noise(model, keys, L), steps, gamma=gamma, keys=keys)
+    E, warp = model.embed.detach(), time_warp(model)
+    ts = warp.t(torch.linspace(0, 1, steps + 1))
+    for h, t in zip(seen, ts[:-1]):
+        mean, var = h.mean(0), h.var(0)  # (L, D)
+        std_err = (1 - t) * (E ** 2).sum(0).sqrt() / math.sqrt(B)
+        assert ((mean - t * E[target]).abs() < 5 * std_err + 1e-5).all(), (gamma, float(t))
+        torch.testing.assert_close(var, ((1 - t) ** 2 * (E ** 2).sum(0)).expand_as(var), rtol=0.15, atol=1e-6)
+
+
 @pytest.mark.skipif(flex_attention is None, reason="this torch has no flex_attention")
 def test_flex_attention_with_softcap_score_mod_equals_the_explicit_formula():
     g = torch.Generator().manual_seed(7)
@@ -299,6 +404,26 @@ def test_given_positions_come_back_unchanged_from_every_sampler_at_every_step_co
             assert torch.equal(out[given], tokens[given]), (steps, kw)
             free = sample(model, x, steps, keys=keys, dense=dense, **kw)
             assert not torch.equal(out, free)  # the given tokens reach the free positions
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("two_time", [False, True])
+def test_every_sampler_step_feeds_the_network_the_clean_given_tokens(two_time, dense):
+    # the free positions read the prompt at every step, not only at the first (the output's overwrite hides that)
+    model, weak = tiny_model(two_time=two_time), tiny_model(seed=1, two_time=two_time)
+    B, L, keys = 6, 10, slot_keys(0, 0, range(6))
+    given = given_mask(keys, L, 1.0)
+    tokens = torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(0))
+    x = draw_noise(model, keys, L, dense=dense)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    for kw in [dict(), dict(guide=(weak, 1.5))] + ([dict(gamma=0.5)] if two_time else []):
+        seen.clear()
+        sample(model, x, 4, (given, tokens), keys=keys, dense=dense, **kw)
+        assert len(seen) == 4
+        for h in seen:  # (B, L, D): the network's input at each step
+            torch.testing.assert_close(h[given], model.embed[tokens][given], atol=1e-5, rtol=0)
+    hook.remove()
 
 
 def test_given_masks_are_prefixes_or_spans_keyed_by_row_and_never_all_given():
