@@ -30,9 +30,9 @@ import torch.distributed as dist
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError
 from flow import OBJECTIVES, distill_loss, distill_times, given_mask
-from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys, step_generator
-from trainer import (BELOW_1, COUNT, FRACTION, NONNEG, accumulation, add_run_args, check_finite, ema_update, evaluate,
-                     fail, get_lr, init_ranks, log, log_step, micro_slots, parse_with_preset, parser_for, print_setup,
+from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
+from trainer import (BELOW_1, COUNT, FRACTION, NONNEG, add_run_args, check_finite, ema_update, evaluate, fail, get_lr,
+                     init_run, log, log_step, micro_slots, parse_with_preset, parser_for, print_setup, resume,
                      usage_error, wrap, write_checkpoint)
 
 # -----------------------------------------------------------------------------
@@ -97,12 +97,8 @@ else:
 # -----------------------------------------------------------------------------
 # ranks, precision, teacher (once, frozen), student, data, optimizer, resume
 
-ranks = init_ranks(args.device, "distill.py")
+ranks, autocast, accum = init_run(args, "distill.py")
 device, master = ranks.device, ranks.master
-autocast, args.dtype = autocast_for(device, args.dtype)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-accum = accumulation(args, ranks)
 ckpt_path = f"{args.out_dir}/ckpt.pt"
 if not (args.data or teacher_ckpt["data"]["dir"]):
     fail(ranks, f"the teacher {args.teacher} names no data folder: give --data (prepared with its tokenizer, "
@@ -134,19 +130,7 @@ cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-start_step = 0
-if args.resume:
-    try:
-        ckpt = load_checkpoint(ckpt_path, kind="fmlm")
-    except CheckpointError as e:
-        fail(ranks, e)
-    if ckpt["model_config"] != asdict(cfg):
-        fail(ranks, f"{ckpt_path} has model {ckpt['model_config']}, these flags give {asdict(cfg)}")
-    raw_model.load_state_dict(ckpt["model"])
-    ema_model.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    start_step = ckpt["step"]
-    del ckpt
+start_step = resume(ckpt_path, "fmlm", raw_model, ema_model, optimizer, ranks)["step"] if args.resume else 0
 model = wrap(raw_model, args, ranks)
 print_setup(args, ranks, accum, f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} "
             f"trained), V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, "

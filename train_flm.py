@@ -17,13 +17,12 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, load_checkpoint
 from data import Data, DataError
 from flow import flm_loss, given_mask, stratified_tau
-from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys, step_generator
-from trainer import (BELOW_1, COUNT, accumulation, add_run_args, check_finite, ema_update, evaluate, fail, get_lr,
-                     init_ranks, log, log_step, micro_slots, parse_with_preset, parser_for, print_setup, usage_error,
-                     wrap, write_checkpoint)
+from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
+from trainer import (BELOW_1, COUNT, add_run_args, check_finite, ema_update, evaluate, fail, get_lr, init_run, log,
+                     log_step, micro_slots, parse_with_preset, parser_for, print_setup, resume, usage_error, wrap,
+                     write_checkpoint)
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
@@ -58,12 +57,8 @@ args = parse_with_preset(parser, RUN_PRESETS, "flm")
 # -----------------------------------------------------------------------------
 # ranks, precision, data, model, optimizer, resume
 
-ranks = init_ranks(args.device, "train_flm.py")
+ranks, autocast, accum = init_run(args, "train_flm.py")
 device, master = ranks.device, ranks.master
-autocast, args.dtype = autocast_for(device, args.dtype)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-accum = accumulation(args, ranks)
 ckpt_path = f"{args.out_dir}/ckpt.pt"
 try:
     data = Data(args.data)
@@ -81,17 +76,9 @@ ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 start_step = 0
 if args.resume:
-    try:
-        ckpt = load_checkpoint(ckpt_path, kind="flm")
-    except CheckpointError as e:
-        fail(ranks, e)
-    if ckpt["model_config"] != asdict(cfg):
-        fail(ranks, f"{ckpt_path} has model {ckpt['model_config']}, these flags give {asdict(cfg)}")
+    ckpt = resume(ckpt_path, "flm", raw_model, ema_model, optimizer, ranks)
     if ckpt["data"]["vocab"] != data.vocab:
         fail(ranks, f"{ckpt_path} was trained on data with another vocabulary than {args.data}")
-    raw_model.load_state_dict(ckpt["model"])
-    ema_model.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
     start_step = ckpt["step"]
     del ckpt
 model = wrap(raw_model, args, ranks)

@@ -14,13 +14,14 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model import autocast_for
 
 PEAK_FLOPS = {"bf16": 989e12, "fp32": 67e12}  # H100 SXM dense peak, for the MFU of the log line
 
@@ -164,12 +165,30 @@ def fail(ranks, message):
     raise SystemExit(1)
 
 
-def accumulation(args, ranks):
-    """Micro-steps per optimizer step: the global batch over micro-batch x world."""
+def init_run(args, script):
+    """The ranks, the autocast context and the accumulation (micro-steps per optimizer step) of a training run."""
+    ranks = init_ranks(args.device, script)
+    autocast, args.dtype = autocast_for(ranks.device, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     if args.batch_size % (args.micro_batch * ranks.world):
         fail(ranks, f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch} "
                     f"x world {ranks.world}")
-    return args.batch_size // (args.micro_batch * ranks.world)
+    return ranks, autocast, args.batch_size // (args.micro_batch * ranks.world)
+
+
+def resume(ckpt_path, kind, raw_model, ema_model, optimizer, ranks):
+    """Load a checkpoint of ours into the model, EMA and optimizer; returns it (its step is the start)."""
+    try:
+        ckpt = load_checkpoint(ckpt_path, kind=kind)
+    except CheckpointError as e:
+        fail(ranks, e)
+    if ckpt["model_config"] != asdict(raw_model.config):
+        fail(ranks, f"{ckpt_path} has model {ckpt['model_config']}, these flags give {asdict(raw_model.config)}")
+    raw_model.load_state_dict(ckpt["model"])
+    ema_model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt
 
 
 def micro_slots(micro, ranks, micro_batch):
