@@ -29,11 +29,11 @@ import torch.distributed as dist
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError
-from flow import OBJECTIVES, distill_loss, distill_times, given_mask
+from flow import OBJECTIVES, distill_loss, distill_times, given_mask, reading, state_factor
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
-from trainer import (BELOW_1, COUNT, FRACTION, NONNEG, add_run_args, check_finite, ema_update, evaluate, fail, get_lr,
-                     init_run, log, log_step, micro_slots, parse_with_preset, parser_for, print_setup, resume,
-                     usage_error, wrap, write_checkpoint)
+from trainer import (BELOW_1, COUNT, FRACTION, NONNEG, add_run_args, carry_factor_grad, check_finite, ema_update,
+                     evaluate, factor_leaf, fail, get_lr, init_run, log, log_step, micro_slots, parse_with_preset,
+                     parser_for, print_setup, resume, to_device, usage_error, wrap, write_checkpoint)
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
@@ -129,7 +129,8 @@ else:
 cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                              fused=device.startswith("cuda"))
 start_step = resume(ckpt_path, "fmlm", raw_model, ema_model, optimizer, ranks)["step"] if args.resume else 0
 model = wrap(raw_model, args, ranks)
 print_setup(args, ranks, accum, f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} "
@@ -143,14 +144,14 @@ def given(keys):
     return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
 
 
-eval_times = distill_times(args.eval_windows, torch.Generator().manual_seed(0), args.diag_frac, args.boundary_frac)
-
-
 def val_loss(net):
-    """The distillation loss on fixed validation windows with fixed times and noise."""
+    """The distillation loss on fixed validation windows with fixed times (laid out per evaluated micro-batch) and
+    fixed noise."""
     def loss_of(net, tokens, slots):
         keys = slot_keys(0, -1, slots)
-        times = tuple(z[slots].to(device) for z in eval_times)
+        *taus, n_diag = distill_times(len(slots), torch.Generator().manual_seed(int(slots[0])), args.diag_frac,
+                                      args.boundary_frac)
+        times = (*(z.to(device) for z in taus), n_diag)
         return distill_loss(net, teacher, tokens, times, keys, args.objective, given(keys))
     return evaluate(net, data, loss_of, args, ranks, autocast)
 
@@ -187,23 +188,29 @@ for step in range(start_step, args.max_steps + 1):
     if step == args.max_steps:
         break
 
-    # micro-steps: the step's (tau_s, tau_t, diagonal) draw for the whole global batch (METHOD.md 6), sliced to
-    # this micro-step's slots; slot i's window, noise and dropout come from its key (seed, step, i)
-    times_of_step = distill_times(args.batch_size, step_generator(args.seed, step), args.diag_frac,
-                                  args.boundary_frac)
+    # micro-steps: the step's (tau_s, tau_t) draw for the whole global batch (METHOD.md 6), the first n_diag rows of
+    # every micro-batch diagonal, sliced to this micro-step's slots; slot i's window, noise and dropout come from
+    # its key (seed, step, i)
+    tau_s, tau_t, n_diag = distill_times(args.batch_size, step_generator(args.seed, step), args.diag_frac,
+                                         args.boundary_frac, args.micro_batch)
+    # the noise factor of the state the student reads (METHOD.md 14): once for all micro-steps, its gradient (when
+    # E trains) carried back once
+    factor = state_factor(reading(raw_model, teacher)[1])
+    leaf = factor_leaf(factor)
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
         slots = micro_slots(micro, ranks, args.micro_batch)
         keys = slot_keys(args.seed, step, slots)
-        tokens = data.get_batch("train", args.seq_len, keys, device)
-        times = tuple(z[slots].to(device) for z in times_of_step)
+        tokens, keys = data.get_batch("train", args.seq_len, keys, device), to_device(keys, device)
+        times = (to_device(tau_s[slots], device), to_device(tau_t[slots], device), n_diag)
         sync = model.no_sync() if ranks.ddp and micro < accum - 1 else nullcontext()  # all-reduce on the last
         with sync, autocast:
-            loss = distill_loss(model, teacher, tokens, times, keys, args.objective, given(keys))
+            loss = distill_loss(model, teacher, tokens, times, keys, args.objective, given(keys), leaf)
         (loss / accum).backward()
         loss_sum += loss.detach()
 
-    # clip, step, EMA
+    # the factor's gradient, clip, step, EMA
+    carry_factor_grad(factor, leaf, raw_model.embed, ranks)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -104,9 +104,10 @@ def stratified_tau(n, generator):
 
 
 def noise_factor(embed):
-    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14)."""
-    e = embed.double()
-    return torch.linalg.cholesky(e.T @ e).to(embed.dtype)
+    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). The Gram product, V D^2
+    multiply-adds, runs in fp32 (at the dtype of E); only the D x D factorization runs in float64."""
+    with torch.autocast(embed.device.type, enabled=False):
+        return torch.linalg.cholesky((embed.T @ embed).double()).to(embed.dtype)
 
 
 def joint_noise_factor(embed):
@@ -114,13 +115,26 @@ def joint_noise_factor(embed):
     where the student's E starts equal to the teacher's. With E^T E = U diag(lam) U^T, Q = E U diag(lam)^-1/2 is an
     orthonormal basis of E's columns (its dependent directions dropped) and W = Q^T E, so x_0 @ E = (x_0 @ Q) W with
     x_0 @ Q ~ N(0, I) exactly. Q is held without gradient: the gradient in E is then the pathwise one of x_0 @ E
-    projected on E's column space, whose complement is independent of the loss, so it is unbiased."""
+    projected on E's column space, whose complement is independent of the loss, so it is unbiased. In float64,
+    which resolves the nearly dependent directions of a student that has just left its teacher."""
     with torch.no_grad():
         e = embed.double()
         lam, U = torch.linalg.eigh(e.T @ e)
         inv_sqrt = torch.where(lam > lam.max() * 1e-10, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
         Q = (e @ (U * inv_sqrt)).to(embed.dtype)
-    return Q.T @ embed
+    with torch.autocast(embed.device.type, enabled=False):
+        return Q.T @ embed
+
+
+def state_factor(model):
+    """F (D', D') with z @ F ~ x_0 @ E for z ~ N(0, I), the noise of the state the model reads: C^T of noise_factor,
+    or W of joint_noise_factor for a JointView; None when V <= D (then x_0 itself is drawn). A training step
+    computes it once for all its micro-steps (trainer.carry_factor_grad)."""
+    model = unwrap(model)
+    V, D = model.embed.shape
+    if V <= D:
+        return None
+    return joint_noise_factor(model.embed) if isinstance(model, JointView) else noise_factor(model.embed).T
 
 
 class JointView(nn.Module):
@@ -148,8 +162,9 @@ def joint_views(a, b):
     return JointView(a, embed, slice(0, D)), JointView(b, embed, slice(D, None))
 
 
-def draw_noise(model, keys, L, stream=NOISE, dense=False):
-    """x_0 ~ N(0, I) for rows with keys (B,): dense (B, L, V), or projected x_0 @ E (B, L, D) without forming x_0."""
+def draw_noise(model, keys, L, stream=NOISE, dense=False, factor=None):
+    """x_0 ~ N(0, I) for rows with keys (B,): dense (B, L, V), or projected x_0 @ E (B, L, D) without forming x_0,
+    as z @ factor (state_factor's, computed here if not given). Always fp32, also under autocast."""
     model = unwrap(model)
     E, keys = model.embed, keys.to(model.embed.device)
     (V, D), B = E.shape, len(keys)
@@ -158,10 +173,9 @@ def draw_noise(model, keys, L, stream=NOISE, dense=False):
             row_key(int(k), stream, 0))) for k in keys.tolist()])
     if V <= D:  # E^T E is singular; such vocabularies are tiny, so draw x_0 itself
         return model.project(row_normal(keys, L * V, stream).view(B, L, V))
-    z = row_normal(keys, L * D, stream).view(B, L, D)
-    if isinstance(model, JointView):
-        return z @ joint_noise_factor(E)
-    return z @ noise_factor(E).T
+    factor = state_factor(model) if factor is None else factor
+    with torch.autocast(E.device.type, enabled=False):
+        return row_normal(keys, L * D, stream).view(B, L, D) @ factor
 
 
 def interpolate(x0, x1, t):
@@ -170,11 +184,11 @@ def interpolate(x0, x1, t):
     return (1 - t) * x0 + t * x1
 
 
-def noisy_input(model, tokens, t, keys, dense=False, given=None):
+def noisy_input(model, tokens, t, keys, dense=False, given=None, factor=None):
     """The network input h_t = x_t @ E for tokens (B, L) at times t (B,), noise from the rows' keys -> (B, L, D).
     given (B, L) bool: positions fed clean, x_1 = one_hot(token), at every time (conditioning)."""
     model = unwrap(model)
-    x0 = draw_noise(model, keys, tokens.size(1), dense=dense)
+    x0 = draw_noise(model, keys, tokens.size(1), dense=dense, factor=factor)
     if dense:
         x1 = F.one_hot(tokens, model.config.vocab_size).float()
         return model.project(clamp_given(interpolate(x0, x1, t), given, x1))
@@ -182,11 +196,12 @@ def noisy_input(model, tokens, t, keys, dense=False, given=None):
     return clamp_given(interpolate(x0, x1, t), given, x1)
 
 
-def flm_loss(model, tokens, tau, keys, dense=False, given=None):
+def flm_loss(model, tokens, tau, keys, given=None, factor=None, dense=False):
     """Token cross-entropy of the denoiser at reparameterized times tau (B,) (METHOD.md 2); keys (B,) give each
-    row its noise and dropout. given (B, L): positions fed clean and left out of the loss (conditioning)."""
+    row its noise and dropout. given (B, L): positions fed clean and left out of the loss (conditioning). factor:
+    the step's state_factor, computed once for all its micro-steps."""
     keys = keys.to(tokens.device)
-    h = noisy_input(model, tokens, time_warp(unwrap(model)).t(tau), keys, dense, given)
+    h = noisy_input(model, tokens, time_warp(unwrap(model)).t(tau), keys, dense, given, factor)
     logits = model(h, tau, keys=keys)
     if given is None:
         return F.cross_entropy(logits.view(-1, logits.size(-1)), tokens.view(-1))
@@ -264,21 +279,23 @@ def semigroup_target(model, h_s, tau_s, tau_u, tau_t, keys=None, given=None, cle
     return g * delta_su + (1 - g) * delta_ut
 
 
-def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32):
-    """tau_s, tau_t (n,) and a diagonal mask for a global distillation batch (METHOD.md 6), randomly permuted:
-    round(diag_frac n) diagonal rows tau_s = tau_t; of the rest, a boundary_frac share with (tau_s, tau_t) = (0, 1)
-    and the others off-diagonal with d ~ U(0, 1), tau_s = U' (1 - d), tau_t = tau_s + d."""
-    n_diag = round(n * diag_frac)
-    n_bnd = round((n - n_diag) * boundary_frac)
-    n_off = n - n_diag - n_bnd
-    tau_diag = torch.rand(n_diag, generator=generator)
-    d = torch.rand(n_off, generator=generator)
-    tau_off = torch.rand(n_off, generator=generator) * (1 - d)
-    tau_s = torch.cat([tau_diag, torch.zeros(n_bnd), tau_off])
-    tau_t = torch.cat([tau_diag, torch.ones(n_bnd), tau_off + d])
-    diag = torch.arange(n) < n_diag
-    perm = torch.randperm(n, generator=generator)
-    return tau_s[perm], tau_t[perm], diag[perm]
+def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32, block=None):
+    """tau_s, tau_t (n,) and n_diag for a distillation batch of n rows in micro-batches of `block` rows (METHOD.md
+    6). The first n_diag = round(diag_frac block) rows of each micro-batch are diagonal, tau_s = tau_t ~ U(0, 1): a
+    fixed count, so every micro-step has the same shapes. Of the other rows of the batch, round(boundary_frac their
+    number), chosen at random, are at (tau_s, tau_t) = (0, 1), and the rest off-diagonal with d ~ U(0, 1),
+    tau_s = U' (1 - d), tau_t = tau_s + d."""
+    block = block or n
+    n_diag = round(block * diag_frac)
+    diag = torch.arange(n) % block < n_diag
+    u, d, tau = torch.rand(3, n, generator=generator)
+    others = (~diag).nonzero()[:, 0]
+    boundary = torch.zeros(n, dtype=torch.bool)
+    boundary[others[torch.randperm(len(others), generator=generator)[:round(len(others) * boundary_frac)]]] = True
+    tau_off = tau * (1 - d)
+    tau_s = torch.where(diag, u, torch.where(boundary, 0.0, tau_off))
+    tau_t = torch.where(diag, u, torch.where(boundary, 1.0, tau_off + d))
+    return tau_s, tau_t, n_diag
 
 
 # the Lagrangian and Eulerian characterizations of the flow map (METHOD.md 6), as targets for delta_{s,t}; s < t are
@@ -356,39 +373,43 @@ OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
 
 @torch.no_grad()
 def distill_targets(net, D, h, tokens, times, keys, objective, given):
-    """The soft targets (B, L, V) of a distillation batch: the denoiser D(h, tau) on the diagonal rows (or the one-hot
-    data when D is None: self-distillation), the objective's target on the others (METHOD.md 6)."""
-    tau_s, tau_t, diag = times
-    target = torch.empty(*tokens.shape, net.config.vocab_size, device=h.device)
-    if diag.any():
-        target[diag] = F.one_hot(tokens[diag], net.config.vocab_size).float() if D is None else D(h[diag], tau_s[diag])
-    off = ~diag
-    if off.any():
-        D = D or (lambda h, tau: denoiser(net, h, tau, tau))  # self-distillation: the student's own delta_{s,s}
-        args = (h[off], tau_s[off], tau_t[off])
-        fix = {} if given is None else dict(given=given[off], clean=net.embed[tokens[off]])
-        if objective == "semigroup":
-            mid = (tau_s[off] + tau_t[off]) / 2
-            target[off] = semigroup_target(net, args[0], args[1], mid, args[2], keys[off], **fix)
-        elif objective == "lagrangian":
-            target[off] = onto_simplex(lagrangian_target(net, D, *args, **fix))
-        else:
-            target[off] = onto_simplex(eulerian_target(net, D, *args, **fix))
-    return target
+    """The soft targets (B, L, V) of a distillation micro-batch whose first n_diag rows are diagonal (times = (tau_s,
+    tau_t, n_diag)): the denoiser D(h, tau) there (or the one-hot data when D is None: self-distillation), the
+    objective's target on the other rows (METHOD.md 6). Slices, not masks: the shapes are the same every step."""
+    tau_s, tau_t, n = times
+    V = net.config.vocab_size
+    diagonal = F.one_hot(tokens[:n], V).float() if D is None else D(h[:n], tau_s[:n])
+    if n == len(tokens):
+        return diagonal
+    D = D or (lambda h, tau: denoiser(net, h, tau, tau))  # self-distillation: the student's own delta_{s,s}
+    args = (h[n:], tau_s[n:], tau_t[n:])
+    fix = {} if given is None else dict(given=given[n:], clean=net.embed[tokens[n:]])
+    if objective == "semigroup":
+        off = semigroup_target(net, *args[:2], (tau_s[n:] + tau_t[n:]) / 2, args[2], keys[n:], **fix)
+    elif objective == "lagrangian":
+        off = onto_simplex(lagrangian_target(net, D, *args, **fix))
+    else:
+        off = onto_simplex(eulerian_target(net, D, *args, **fix))
+    return torch.cat([diagonal, off])
 
 
-def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", given=None):
+def reading(student, teacher):
+    """(teacher, student) as they read the distillation state: a student with a frozen E reads the teacher's
+    h = x_s @ E; one that trains its E reads its own columns of the joint state x_s @ [E_teacher, E_student]."""
+    net = unwrap(student)
+    return joint_views(teacher, net) if teacher is not None and net.embed.requires_grad else (teacher, net)
+
+
+def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", given=None, factor=None):
     """Flow-map distillation loss (METHOD.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
-    targets of distill_targets; times = (tau_s, tau_t, diagonal) (B,) each. teacher None: self-distillation. A
-    student with a frozen E (the teacher's) reads the teacher's h = x_s @ E; one that trains its E reads its own
-    columns of the joint state x_s @ [E_teacher, E_student] (JointView). keys (B,) give each row its noise and
-    dropout; given (B, L): positions kept clean and left out of the loss (conditioning)."""
-    keys = keys.to(tokens.device)
-    net, cols, tau_s, tau_t = unwrap(student), slice(None), times[0], times[1]
-    if teacher is not None and net.embed.requires_grad:
-        teacher, net = joint_views(teacher, net)
-        cols = net.cols
-    h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given)
+    targets of distill_targets; times = (tau_s, tau_t, n_diag), the first n_diag rows diagonal. teacher None:
+    self-distillation. The two read the state as `reading` says; keys (B,) give each row its noise and dropout;
+    given (B, L): positions kept clean and left out of the loss (conditioning); factor: the step's state_factor of
+    the student's reading."""
+    keys, (tau_s, tau_t) = keys.to(tokens.device), times[:2]
+    teacher, net = reading(student, teacher)
+    cols = net.cols if isinstance(net, JointView) else slice(None)
+    h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given, factor=factor)
     D = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
     target = distill_targets(net, D, h, tokens, times, keys, objective, given)
     return soft_cross_entropy(student(h[..., cols], tau_s, tau_t, keys=keys), target, given)

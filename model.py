@@ -21,8 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # flash-attn is optional and GPU-only; its softcap argument keeps the attention soft-cap exact
+try:  # flash-attn is optional and GPU-only; its softcap argument (2.6 and newer) keeps the attention soft-cap exact
+    import flash_attn
     from flash_attn import flash_attn_func
+    if tuple(int(v) for v in flash_attn.__version__.split(".")[:2]) < (2, 6):
+        flash_attn_func = None  # an older build has no softcap: "auto" takes flex or the explicit formula instead
 except ImportError:
     flash_attn_func = None
 try:  # PyTorch's fused attention with a score_mod: the exact soft-cap without (B, H, L, L) scores in memory

@@ -14,14 +14,33 @@ from test_simplex import exact_denoiser, exact_flow_map, phrase_data, tiny_model
 from trainer import ema_update
 
 
-def test_distill_times_honor_the_batch_fractions():
-    n = 512
-    tau_s, tau_t, diag = distill_times(n, torch.Generator().manual_seed(0), 0.5, 1 / 32)
+def test_distill_times_honor_the_batch_fractions_with_the_same_layout_in_every_micro_batch():
+    n, block = 512, 64
+    tau_s, tau_t, n_diag = distill_times(n, torch.Generator().manual_seed(0), 0.5, 1 / 32, block)
+    diag = torch.arange(n) % block < n_diag
     boundary = (tau_s == 0) & (tau_t == 1)
-    assert diag.sum() == 256 and boundary.sum() == 8
-    assert torch.equal(tau_s[diag], tau_t[diag])
+    assert n_diag == 32 and boundary.sum() == 8 and not (boundary & diag).any()
+    assert torch.equal(tau_s[diag], tau_t[diag]) and len(tau_s[diag].unique()) == 256
     off = ~diag & ~boundary
     assert (tau_t[off] > tau_s[off]).all() and (tau_t[off] <= 1).all() and (tau_s[off] >= 0).all()
+
+
+def test_every_distillation_micro_step_has_the_same_shapes():
+    # the diagonal and off-diagonal rows are fixed slices of every micro-batch, so a compiled student (and flex
+    # attention, compiled with static shapes) sees one shape for its target passes whatever the step's draw
+    student = copy.deepcopy(tiny_model(V=100)).train()
+    teacher = tiny_model(V=100, seed=1)
+    student.add_second_time()
+    shapes = set()
+    hook = student.register_forward_pre_hook(lambda module, args: shapes.add(tuple(args[0].shape)))
+    tokens = torch.randint(0, 100, (8, 6), generator=torch.Generator().manual_seed(0))
+    for step in range(6):
+        tau_s, tau_t, n_diag = distill_times(32, torch.Generator().manual_seed(step), 0.5, 0.25, block=8)
+        for micro in range(4):
+            slots = slice(8 * micro, 8 * micro + 8)
+            distill_loss(student, teacher, tokens, (tau_s[slots], tau_t[slots], n_diag), slot_keys(0, step, range(8)))
+    hook.remove()
+    assert shapes == {(4, 6, 32), (8, 6, 32)}  # the two target passes on the 4 off-diagonal rows, and the student
 
 
 def test_student_at_initialization_equals_teacher_on_the_diagonal():
@@ -96,10 +115,10 @@ def distill_on(data, teacher, steps, batch, lr, seed=0, objective="semigroup", c
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
     for step in range(steps):
         tokens = data[torch.randint(len(data), (batch,), generator=g)]
-        tau_s, tau_t, diag = distill_times(batch, g)
+        times = distill_times(batch, g)
         keys = slot_keys(seed, step, range(batch))
         given = given_mask(keys, L, cond_frac) if cond_frac else None
-        loss = distill_loss(student, teacher, tokens, (tau_s, tau_t, diag), keys, objective, given)
+        loss = distill_loss(student, teacher, tokens, times, keys, objective, given)
         loss.backward()
         opt.step()
         opt.zero_grad()

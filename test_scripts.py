@@ -258,8 +258,7 @@ def bad_cases(d, r):
         (["data.py", "--val-last", "0"], "argument --val-last: got 0"),
         (["bench.py", "--iters", "0"], "argument --iters: got 0"),
         (["bench.py", "--vocab", "1"], "argument --vocab: got 1"),
-        (["bench.py", "--batch-size", "0"], "argument --batch-size: got 0"),
-        (["bench.py", "--seq-len", "0"], "argument --seq-len: got 0"),
+        (["bench.py", "--shapes", "8x0"], "argument --shapes: got '8x0', expected BxL"),
         (["bench.py", "--sample-batch", "0"], "argument --sample-batch: got 0"),
         (["bench.py", "--sample-len", "0"], "argument --sample-len: got 0"),
         (["bench.py", "--flm-steps", "0"], "argument --flm-steps: got 0"),
@@ -322,6 +321,24 @@ def max_diff(a, b):
 
 
 MOVING = ["--lr", "1e-2", "--warmup", "1", "--dropout", "0.1", "--eval-every", "3"]  # weights that move, dropout on
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "one_bad_rank.py"
+    script.write_text(f"""import sys, torch
+sys.path.insert(0, {HERE!r})
+from trainer import check_finite, init_ranks
+ranks = init_ranks(None, "check")
+first_bad = torch.tensor(7 if ranks.rank == 1 else -1)  # only rank 1 saw a non-finite loss, at step 7
+print(f"rank {{ranks.rank}} checks", flush=True)
+check_finite(ranks, first_bad, "ckpt.pt")
+print(f"rank {{ranks.rank}} went on", flush=True)
+""")
+    proc = torchrun(str(script), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "rank 0 checks" in out and "rank 1 checks" in out
+    assert "went on" not in out, out  # neither rank passed the check (rank 0 alone would wait at its next collective)
+    assert "non-finite loss or gradient at step 7" in out
 
 
 def test_torchrun_trains_and_distills_with_evaluation_and_checkpoints(data_dir, tmp_path):

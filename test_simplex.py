@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from flow import (TimeWarp, denoiser, draw_noise, flm_loss, flow_map, given_mask, interpolate, joint_noise_factor,
-                  joint_views, noise_factor, noisy_input, onto_simplex, sample, semigroup_target, semigroup_weight,
-                  stratified_tau, time_warp)
+                  joint_views, noise_factor, noisy_input, onto_simplex, sample, state_factor, semigroup_target,
+                  semigroup_weight, stratified_tau, time_warp)
 from model import MODEL_PRESETS, DiT, DiTConfig, attention, flex_attention, row_normal, row_uniform, slot_keys
 
 
@@ -254,6 +254,26 @@ def test_projected_and_dense_samplers_return_identical_tokens(two_time):
         assert torch.equal(dense, projected)
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_once_per_step_noise_factor_gives_the_per_micro_step_gradients(joint):
+    from trainer import Ranks, carry_factor_grad, factor_leaf
+    model, teacher = tiny_model(V=100), tiny_model(V=100, seed=1)  # V > 2 D: the joint state has a factor too
+    student = joint_views(teacher, model)[1] if joint else model  # the state a trained student E reads
+    tokens = torch.randint(0, 100, (2, 4, 8), generator=torch.Generator().manual_seed(0))
+    tau, keys = torch.rand(2, 4, generator=torch.Generator().manual_seed(1)), slot_keys(0, 0, range(8)).view(2, 4)
+    loss = lambda m, factor=None: sum(flm_loss(m, tokens[i], tau[i], keys[i], factor=factor) / 2 for i in range(2))
+    loss(student).backward()  # the factor drawn inside every micro-step's loss
+    per_micro = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    factor = state_factor(student)
+    leaf = factor_leaf(factor)
+    loss(student, leaf).backward()
+    carry_factor_grad(factor, leaf, model.embed, Ranks(False, 0, 1, "cpu", "test"))
+    assert leaf.grad.abs().max() > 1e-3  # the factor's gradient matters
+    for a, b in zip(per_micro, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
 def test_projected_noise_has_covariance_ete():
     model = tiny_model(V=64)
     E = model.embed.detach().double()
@@ -424,6 +444,20 @@ def test_every_sampler_step_feeds_the_network_the_clean_given_tokens(two_time, d
         for h in seen:  # (B, L, D): the network's input at each step
             torch.testing.assert_close(h[given], model.embed[tokens][given], atol=1e-5, rtol=0)
     hook.remove()
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_the_sampler_state_stays_fp32_under_bf16_autocast(dense):
+    model, weak = tiny_model(V=100, two_time=True), tiny_model(V=100, seed=1, two_time=True)
+    keys = slot_keys(0, 0, range(4))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = draw_noise(model, keys, 8, dense=dense)
+        assert x.dtype == torch.float32
+        for kw in (dict(), dict(gamma=0.5), dict(guide=(weak, 2.0))):
+            sample(model, x, 3, keys=keys, dense=dense, **kw)
+    assert len(seen) == 9 and set(seen) == {torch.float32}  # the network's input at every step of every sampler
 
 
 def test_given_masks_are_prefixes_or_spans_keyed_by_row_and_never_all_given():

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 from data import Data, DataError
-from flow import flm_loss, given_mask, stratified_tau
+from flow import flm_loss, given_mask, state_factor, stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
-from trainer import (BELOW_1, COUNT, add_run_args, check_finite, ema_update, evaluate, fail, get_lr, init_run, log,
-                     log_step, micro_slots, parse_with_preset, parser_for, print_setup, resume, usage_error, wrap,
-                     write_checkpoint)
+from trainer import (BELOW_1, COUNT, add_run_args, carry_factor_grad, check_finite, ema_update, evaluate, factor_leaf,
+                     fail, get_lr, init_run, log, log_step, micro_slots, parse_with_preset, parser_for, print_setup,
+                     resume, to_device, usage_error, wrap, write_checkpoint)
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
@@ -73,7 +73,8 @@ if args.dropout is not None:
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 raw_model = DiT(cfg).to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
-optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                              fused=device.startswith("cuda"))
 start_step = 0
 if args.resume:
     ckpt = resume(ckpt_path, "flm", raw_model, ema_model, optimizer, ranks)
@@ -129,19 +130,23 @@ for step in range(start_step, args.max_steps + 1):
 
     # micro-steps: cross-entropy of the denoiser at stratified tau (METHOD.md 2); slot i's window, noise and
     # dropout come from its key (seed, step, i) and its tau from the step's one stratified draw of the global batch
+    # the noise factor of this step's E (METHOD.md 14): once for all micro-steps, its gradient carried back once
+    factor = state_factor(raw_model)
+    leaf = factor_leaf(factor)
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
         slots = micro_slots(micro, ranks, args.micro_batch)
         keys = slot_keys(args.seed, step, slots)
-        tokens = data.get_batch("train", args.seq_len, keys, device)
-        tau = stratified_tau(args.batch_size, step_generator(args.seed, step))[slots].to(device)
+        tokens, keys = data.get_batch("train", args.seq_len, keys, device), to_device(keys, device)
+        tau = to_device(stratified_tau(args.batch_size, step_generator(args.seed, step))[slots], device)
         sync = model.no_sync() if ranks.ddp and micro < accum - 1 else nullcontext()  # all-reduce on the last
         with sync, autocast:
-            loss = flm_loss(model, tokens, tau, keys, given=given(keys))
+            loss = flm_loss(model, tokens, tau, keys, given(keys), leaf)
         (loss / accum).backward()
         loss_sum += loss.detach()
 
-    # clip, step, EMA
+    # the factor's gradient, clip, step, EMA
+    carry_factor_grad(factor, leaf, raw_model.embed, ranks)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model import autocast_for
 
-PEAK_FLOPS = {"bf16": 989e12, "fp32": 67e12}  # H100 SXM dense peak, for the MFU of the log line
+# dense peak FLOP/s by device name (bf16; fp32 as tf32 matmuls), for MFU: vendors' datasheets, SXM parts
+PEAK_FLOPS = {"H200": dict(bf16=989e12, fp32=494e12), "H100": dict(bf16=989e12, fp32=494e12),
+              "A100": dict(bf16=312e12, fp32=156e12), "L40S": dict(bf16=362e12, fp32=181e12),
+              "A10G": dict(bf16=70e12, fp32=35e12), "4090": dict(bf16=165e12, fp32=82.6e12)}
 
 # -----------------------------------------------------------------------------
 # flags: argparse type= functions, so that a bad value gets one line naming the flag, the value and what was
@@ -198,11 +201,26 @@ def micro_slots(micro, ranks, micro_batch):
 
 
 def wrap(raw_model, args, ranks):
-    """The module the loop trains: compiled if asked, inside DDP under torchrun."""
-    model = torch.compile(raw_model) if args.compile else raw_model
+    """The module the loop trains: DDP under torchrun, then compiled if asked (compiling the DDP module lets
+    dynamo split the graph at DDP's buckets, so the gradient all-reduce overlaps the backward)."""
+    model = raw_model
     if ranks.ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if ranks.device.startswith("cuda") else None)
-    return model
+    return torch.compile(model) if args.compile else model
+
+
+def to_device(x, device):
+    """A host tensor on the device; from pinned memory without blocking the host on CUDA."""
+    return x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
+
+
+def peak_flops(device, dtype):
+    """The dense peak FLOP/s of a CUDA device at bf16 or fp32 (tf32), by its name; None when unknown (no MFU)."""
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[dtype]
+    return None
 
 
 def print_setup(args, ranks, accum, line):
@@ -224,6 +242,22 @@ def get_lr(step, args):
     warmup = (step + 1) / args.warmup
     decay = (args.max_steps - step) / max(args.decay * args.max_steps, 1e-9)
     return args.lr * min(1.0, warmup, decay)
+
+
+def factor_leaf(factor):
+    """The step's noise factor (flow.state_factor) cut from E's graph: every micro-step's loss reads this leaf and
+    gathers its gradient there, so the V D^2 Gram product and its backward run once per optimizer step."""
+    return None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
+
+
+def carry_factor_grad(factor, leaf, embed, ranks):
+    """Carry the gradient gathered on the leaf back through the factor to E, once, after the micro-steps; averaged
+    over ranks first, as DDP averages every other gradient (autograd.grad leaves DDP's hooks alone)."""
+    if leaf is None or leaf.grad is None:
+        return
+    if ranks.ddp:
+        dist.all_reduce(leaf.grad, op=dist.ReduceOp.AVG)
+    embed.grad += torch.autograd.grad(factor, embed, leaf.grad)[0]
 
 
 @torch.no_grad()
@@ -254,7 +288,11 @@ def all_finite(model):
 
 
 def check_finite(ranks, first_bad, ckpt_path, *models):
-    """Stop (on every rank) at a non-finite loss, gradient or weight; the last good checkpoint stays."""
+    """Stop every rank at a non-finite loss, gradient or weight seen on any rank (reduced over ranks first, so that
+    no rank waits for the others at a collective); the last good checkpoint stays."""
+    if ranks.ddp:
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
     if int(first_bad) >= 0:
         fail(ranks, f"non-finite loss or gradient at step {int(first_bad)}; {ckpt_path} keeps the last good "
                     "checkpoint (try a lower --lr)")
@@ -283,9 +321,8 @@ def log(line, args, ranks):
 def log_step(step, loss, grad_norm, lr, dt, flops_per_token, args, ranks):
     """The fixed-format line of a logged step: loss (averaged over ranks), lr, grad norm, time, tokens/s, MFU."""
     tokens_per_step = args.batch_size * args.seq_len
-    mfu = ""
-    if ranks.device.startswith("cuda"):
-        mfu = f" | mfu {flops_per_token * tokens_per_step / dt / PEAK_FLOPS[args.dtype] / ranks.world:.1%}"
+    peak = peak_flops(ranks.device, args.dtype) if ranks.device.startswith("cuda") else None
+    mfu = f" | mfu {flops_per_token * tokens_per_step / dt / peak / ranks.world:.1%}" if peak else ""
     log(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | {dt * 1000:.0f} ms | "
         f"{tokens_per_step / dt:,.0f} tok/s{mfu}", args, ranks)
 
