@@ -106,8 +106,9 @@ def stratified_tau(n, generator):
 def noise_factor(embed):
     """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). The Gram product, V D^2
     multiply-adds, runs in fp32 (at the dtype of E); only the D x D factorization runs in float64."""
-    with torch.autocast(embed.device.type, enabled=False):
-        return torch.linalg.cholesky((embed.T @ embed).double()).to(embed.dtype)
+    with torch.autocast(embed.device.type, enabled=False):  # cholesky_ex: no error check, so no host sync; a
+        # non-finite E gives a non-finite factor, which the loop's finite check then reports
+        return torch.linalg.cholesky_ex((embed.T @ embed).double()).L.to(embed.dtype)
 
 
 def joint_noise_factor(embed):
