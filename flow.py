@@ -437,10 +437,11 @@ def stochastic_jump(t, gamma):
     return 1 - (1 - t) * math.sqrt(1 - gamma ** 2)
 
 
-def renoise(net, x, lifted_d, t, t_jump, gamma, keys, i, dense=False):
-    """After the jump to t~: x + (t - t~) delta + gamma (1 - t) eps, eps ~ N(0, I) from the rows' keys, stream i."""
-    noise = draw_noise(net, keys, x.size(1), NOISE + 1 + i, dense)
-    return x + (t - t_jump) * lifted_d + gamma * (1 - t) * noise
+def stochastic_step(x, lifted_d, s, t, gamma, noise):
+    """The stochastic flow-map step from s to t (METHOD.md 7): the map to t~, then back to t's noise level,
+    X_{s,t~}(x) + (t - t~) delta + gamma (1 - t) eps; lifted_d is delta in the state space, noise is eps."""
+    t_jump = stochastic_jump(t, gamma)
+    return flow_map(x, lifted_d, s, t_jump) + (t - t_jump) * lifted_d + gamma * (1 - t) * noise
 
 
 @torch.no_grad()
@@ -470,9 +471,10 @@ def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=F
         tau_s = taus[i].expand(x.size(0))
         tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0)) if two_time else None
         d = guided_denoiser(model, x, tau_s, tau_t, guide, dense)
-        x = flow_map(x, lift(d), s, t_jump)
         if gamma > 0:
-            x = renoise(net, x, lift(d), t, t_jump, gamma, keys, i, dense)
+            x = stochastic_step(x, lift(d), s, t, gamma, draw_noise(net, keys, x.size(1), NOISE + 1 + i, dense))
+        else:
+            x = flow_map(x, lift(d), s, t)
         x = clamp_given(x, given, clean)
     out = d.argmax(dim=-1)  # the last step lands on t = 1, where x = d
     return out if given is None else torch.where(given, tokens, out)
