@@ -55,8 +55,10 @@ RUN_PRESETS = {
 # the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps,
 # and the lr 1e-3 that made its table (results-long.md)
 RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3)
+RUN_PRESETS["ptb-bert"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-bert/ckpt.pt")  # WordPiece, as train_flm.py
 SELF_DISTILL = {  # --self-distill has no teacher to take these from: (model, seq_len, data) per preset
-    "ptb": ("ptb", 32, "data/ptb"), "ptb-long": ("ptb", 64, "data/ptb"), "lm1b": ("small", 128, "data/lm1b"),
+    "ptb": ("ptb", 32, "data/ptb"), "ptb-long": ("ptb", 64, "data/ptb"), "ptb-bert": ("ptb", 32, "data/ptb-bert"),
+    "lm1b": ("small", 128, "data/lm1b"),
     "owt": ("small", 1024, "data/openwebtext")}
 
 parser = parser_for("Distill an FLM into its flow map (FMLM).", "distill.py")

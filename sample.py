@@ -5,6 +5,7 @@ Generate text: the Euler ODE for an FLM checkpoint (METHOD.md 4), the flow map f
     python sample.py --ckpt out/flm-ptb/ckpt.pt --steps 256      # the FLM's ODE with 256 Euler steps
     python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --prompt "the company said"          # continue a prompt
     python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --infill "the [MASK*3] said [MASK] stock"   # fill gaps
+    python sample.py --reward lexical:market,stock,shares --reward-scale 4   # reward guidance (METHOD.md 16)
 
 Conditioning clamps the given tokens to their clean one-hot state at every step, so they come back unchanged;
 a model trained with --cond-frac (train_flm.py, distill.py) has learned to read them.
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, decode, encode_text
-from flow import generate
+from flow import RewardGuide, generate
+from reward import RewardError, make_reward
 from model import autocast_for
 from trainer import COUNT, FINITE, FRACTION, NONNEG, device_flag, out_file, parser_for, usage_error
 
@@ -49,6 +51,15 @@ parser.add_argument("--allow-long", action="store_true",
 parser.add_argument("--prompt", help="condition on this text as the start of every sample")
 parser.add_argument("--infill", help='condition on a text with gaps: "[MASK]" is one token to '
                     'generate, "[MASK*n]" n tokens; the positions after the text are generated too')
+parser.add_argument("--reward", help="reward guidance (METHOD.md 16, reward.py): lexical:WORD[,WORD...], "
+                    "semantic:TEXT (all-MiniLM-L6-v2; bert-base-uncased models) or classifier:ID_OR_FOLDER (a "
+                    "Hugging Face sequence classifier with the model's tokenizer)")
+parser.add_argument("--reward-scale", type=FINITE, default=1.0, help="lambda, the guidance strength (0: unguided)")
+parser.add_argument("--reward-form", choices=["endpoint", "lookahead"], default="endpoint",
+                    help="endpoint: ascend the clean prediction's logits; lookahead: move the state along the "
+                    "reward's gradient through the network")
+parser.add_argument("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
+parser.add_argument("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
 parser.add_argument("--quiet", action="store_true", help="do not print the texts")
 args = parser.parse_args()
 
@@ -114,6 +125,14 @@ if text is not None:
         print(f"sample.py: note: {args.ckpt} was trained without --cond-frac; it has not learned to read given "
               "tokens, so expect weak conditioning", file=sys.stderr)
 
+guide_reward, reward = None, None
+if args.reward is not None:
+    try:
+        reward = make_reward(args.reward, vocab, tokenizer, args.reward_label, device)
+    except (RewardError, DataError) as e:
+        usage_error("sample.py", f"argument --reward: {e}")
+    guide_reward = RewardGuide(reward, args.reward_scale, args.reward_form, args.reward_iters)
+
 # -----------------------------------------------------------------------------
 # sample, decode, write
 
@@ -130,8 +149,15 @@ def progress(steps_range):
 autocast, _ = autocast_for(device, args.dtype)
 with autocast:
     tokens = generate(model, args.num_samples, seq_len, steps, args.batch_size, args.seed, cond, gamma=args.gamma,
-                      guide=(weak_model, args.eta) if weak_model else None, progress=progress).cpu()
+                      guide=(weak_model, args.eta) if weak_model else None, progress=progress,
+                      reward=guide_reward).cpu()
 bar.close()
+if reward is not None:
+    with torch.no_grad():
+        r = torch.cat([reward(torch.nn.functional.one_hot(t, cfg["vocab_size"]).float().to(device)).cpu()
+                       for t in tokens.split(args.batch_size)])
+    print(f"reward {args.reward}: mean {r.mean():.4f} over {len(r)} samples (--reward-scale {args.reward_scale:g}, "
+          f"{args.reward_form})", file=sys.stderr)
 try:
     texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]
 except DataError as e:
@@ -142,8 +168,11 @@ if not args.quiet:
 if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
-        for text, row in zip(texts, tokens.tolist()):
+        for i, (text, row) in enumerate(zip(texts, tokens.tolist())):
+            guided = {} if reward is None else dict(reward=args.reward, reward_scale=args.reward_scale,
+                                                    reward_form=args.reward_form, reward_value=float(r[i]))
             f.write(json.dumps(dict(text=text, tokens=row, kind=ckpt["kind"], steps=steps, ckpt=args.ckpt,
-                                    seed=args.seed, gamma=args.gamma, prompt=args.prompt, infill=args.infill)) + "\n")
+                                    seed=args.seed, gamma=args.gamma, prompt=args.prompt, infill=args.infill,
+                                    **guided)) + "\n")
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)

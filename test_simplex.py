@@ -274,6 +274,32 @@ def test_the_once_per_step_noise_factor_gives_the_per_micro_step_gradients(joint
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("D, blocks", [(12, 4), (13, 4), (7, 1), (5, 8)])
+def test_gram_is_e_transpose_e_with_its_gradient(D, blocks):
+    from flow import Gram
+    E = torch.randn(40, D, dtype=torch.double, generator=torch.Generator().manual_seed(D), requires_grad=True)
+    torch.testing.assert_close(Gram.apply(E, blocks), E.T @ E, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda e: Gram.apply(e, blocks), (E,))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("chunk", [5, 7, 10 ** 6])  # a chunk of under one row, rows not a multiple, one chunk
+def test_chunked_cross_entropy_is_the_cross_entropy_with_its_gradient(soft, chunk):
+    from flow import CrossEntropy
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 7, dtype=torch.double, generator=g)).requires_grad_()
+    target = torch.softmax(torch.randn(3, 5, 7, dtype=torch.double, generator=g), -1) if soft else \
+        torch.randint(0, 7, (3, 5), generator=g)
+    reference = -(target * F.log_softmax(logits, -1)).sum(-1) if soft else \
+        F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    torch.testing.assert_close(CrossEntropy.apply(logits, target, chunk), reference, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: CrossEntropy.apply(x, target, chunk), (logits,))
+    bf16 = logits.detach().bfloat16().requires_grad_()  # low-precision logits: fp32 inside, the gradient in bf16
+    CrossEntropy.apply(bf16, target.float() if soft else target, chunk).sum().backward()
+    assert bf16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.grad.double(), torch.autograd.grad(reference.sum(), logits)[0], atol=2e-2, rtol=0)
+
+
 def test_projected_noise_has_covariance_ete():
     model = tiny_model(V=64)
     E = model.embed.detach().double()
@@ -534,3 +560,79 @@ def test_joint_noise_gradient_in_e_is_unbiased():
         f(z @ joint if dense else z @ joint_noise_factor(joint)).backward()
         grads.append(Es.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=0.02, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# reward guidance (METHOD.md 16)
+
+
+def linear_reward(V, seed=0):
+    """r(p) = sum_l p_l . w, with a known gradient; w favours a few tokens."""
+    w = torch.randn(V, generator=torch.Generator().manual_seed(seed))
+    return (lambda p: (p * w.to(p.dtype)).sum((-1, -2))), w
+
+
+@pytest.mark.parametrize("two_time, steps", [(True, 1), (True, 3), (False, 4)])
+@pytest.mark.parametrize("form", ["endpoint", "lookahead"])
+def test_reward_scale_zero_gives_the_unguided_samples_bitwise(two_time, steps, form):
+    from flow import RewardGuide, generate
+    model = tiny_model(two_time=two_time)
+    reward, _ = linear_reward(64)
+    plain = generate(model, 6, 8, steps, batch_size=3)
+    assert torch.equal(generate(model, 6, 8, steps, batch_size=3, reward=RewardGuide(reward, 0.0, form)), plain)
+    assert not torch.equal(generate(model, 6, 8, steps, batch_size=3, reward=RewardGuide(reward, 50.0, form)), plain)
+
+
+@pytest.mark.parametrize("form, scales", [("endpoint", (0.0, 0.5, 2.0, 8.0)), ("lookahead", (0.0, 0.05, 0.2, 0.8))])
+def test_one_step_reward_rises_with_the_scale(form, scales):
+    from flow import RewardGuide, generate
+    model = tiny_model(two_time=True)
+    reward, w = linear_reward(64)
+    means = []
+    for scale in scales:
+        tokens = generate(model, 64, 8, 1, reward=RewardGuide(reward, scale, form))
+        means.append(w[tokens].sum(1).mean().item())  # the reward of the hard samples
+    assert all(a < b for a, b in zip(means, means[1:])), means
+
+
+@pytest.mark.parametrize("two_time", [True, False])
+def test_the_lookahead_gradient_is_the_finite_difference_of_the_reward_of_the_look_ahead(two_time):
+    from flow import lookahead_grad
+    model = tiny_model(two_time=two_time)
+    reward, _ = linear_reward(64)
+    reward2 = lambda p: reward(p) + (p[..., :5] ** 2).sum((-1, -2))  # not linear in p either
+    g = torch.Generator().manual_seed(0)
+    x, tau_s = torch.randn(2, 6, 64, generator=g), torch.tensor([0.2, 0.6])
+    E = model.embed.detach()
+    grad_x = lookahead_grad(model, x @ E, tau_s, reward2) @ E.T  # the projected state's gradient, in x: g_h E^T
+    tau_1 = torch.ones_like(tau_s) if two_time else None
+    r = lambda z: reward2(denoiser(model, z @ E, tau_s, tau_1)).sum()
+    for _ in range(5):  # fp32: a central difference of step 1e-2 along a unit direction
+        v = torch.randn(x.shape, generator=g)
+        v /= v.norm()
+        fd = (r(x + 1e-2 * v) - r(x - 1e-2 * v)) / 2e-2
+        assert abs(fd - (grad_x * v).sum()) < 2e-3 * grad_x.norm(), (fd, (grad_x * v).sum(), grad_x.norm())
+
+
+@pytest.mark.parametrize("form", ["endpoint", "lookahead"])
+def test_projected_and_dense_guidance_agree(form):
+    from flow import RewardGuide
+    model = tiny_model(V=80, two_time=True)  # V > D: the projected state is smaller than x
+    reward, _ = linear_reward(80)
+    x0 = torch.randn(16, 8, 80, generator=torch.Generator().manual_seed(3))
+    guide = RewardGuide(reward, 8.0 if form == "endpoint" else 1.0, form, iters=2)
+    dense = sample(model, x0, 2, reward=guide, dense=True)
+    assert torch.equal(sample(model, model.project(x0), 2, reward=guide), dense)
+    assert not torch.equal(sample(model, model.project(x0), 2), dense)
+
+
+@pytest.mark.parametrize("form", ["endpoint", "lookahead"])
+def test_given_positions_come_back_unchanged_under_guidance(form):
+    from flow import RewardGuide, generate
+    model = tiny_model(two_time=True)
+    reward, w = linear_reward(64)
+    tokens = torch.full((8,), int(w.argmin()))  # the token the reward likes least, given at every other position
+    given = torch.arange(8) % 2 == 0
+    out = generate(model, 6, 8, 2, cond=(given, tokens), reward=RewardGuide(reward, 10.0, form))
+    assert (out[:, given] == tokens[given]).all()
+    assert (out[:, ~given] != int(w.argmin())).any()

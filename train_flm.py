@@ -44,6 +44,9 @@ RUN_PRESETS = {
 # the longer CPU recipe (with distill.py --preset ptb-long, about 40 minutes on 2 cores): sequences of 64 tokens
 # and the constant lr and long EMA that made its table (results-long.md)
 RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], seq_len=64, max_steps=1000, keep_every=500, decay=0.0, ema=0.999)
+# the quick start on the Penn Treebank as LM1B is tokenized (python data.py --tokenizer bert-base-uncased --out
+# data/ptb-bert): the vocabulary of the semantic reward's encoder (METHOD.md 16)
+RUN_PRESETS["ptb-bert"] = dict(RUN_PRESETS["ptb"], data="data/ptb-bert")
 
 parser = parser_for("Train an FLM denoiser (stage 1).", "train_flm.py")
 parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
