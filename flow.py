@@ -9,13 +9,14 @@ Times: flow maps take (x_s, s, t) with s <= t in physical time; the network is f
 """
 
 import math
+from collections import Counter
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GIVEN, NOISE, attention_backend, row_key, row_normal, row_uniform, slot_keys, unwrap
+from model import DECODE, GIVEN, NOISE, attention_backend, row_key, row_normal, row_uniform, slot_keys, unwrap
 
 # -----------------------------------------------------------------------------
 # the flow math: time warp (METHOD.md 3)
@@ -551,8 +552,30 @@ def stochastic_step(x, lifted_d, s, t, gamma, noise):
     return flow_map(x, lifted_d, s, t_jump) + (t - t_jump) * lifted_d + gamma * (1 - t) * noise
 
 
+def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
+    """The tokens (B, L) of the last denoiser d (B, L, V): its argmax at temperature 0; else a draw from
+    d^(1/T), renormalized on the nucleus (the fewest most probable tokens whose mass reaches top_p), in float64 by
+    the inverse CDF of a uniform keyed by row (METHOD.md 11), so a sample does not depend on its batch."""
+    if temperature == 0:
+        return d.argmax(dim=-1)
+    if keys is None:
+        raise ValueError("temperature > 0 needs the rows' keys")
+    B, L, _ = d.shape
+    u = row_uniform(keys, L, DECODE).double() + (row_uniform(keys, L, DECODE + 1).double() - 0.5) * 2.0 ** -24
+    out = torch.empty(B, L, dtype=torch.long, device=d.device)
+    for b in range(B):  # a row at a time: the float64 sort of (L, V)
+        p = (d[b].double().clamp_min(1e-300).log() / temperature).softmax(-1)
+        p, order = p.sort(dim=-1, descending=True, stable=True)  # stable: ties in the order argmax takes them
+        p = p * (p.cumsum(-1) - p < top_p)  # the nucleus: every token whose predecessors hold less than top_p
+        cdf = p.cumsum(-1)
+        j = (cdf < u[b, :, None] * cdf[:, -1:]).sum(-1).clamp_max(p.size(-1) - 1)
+        out[b] = order.gather(-1, j[:, None])[:, 0]
+    return out
+
+
 @torch.no_grad()
-def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=False, progress=None, reward=None):
+def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=False, progress=None, reward=None,
+           temperature=0.0, top_p=1.0):
     """Generate tokens (B, L) from noise x: the Euler ODE for a denoiser, the flow map for a two-time model.
 
     x is the projected x_0 @ E (B, L, D) from draw_noise, or the dense x_0 (B, L, V) if dense.
@@ -560,6 +583,7 @@ def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=F
     gamma > 0: the stochastic flow-map sampler (METHOD.md 7), its noise from the rows' keys (B,).
     guide = (weak_model, eta): autoguidance (METHOD.md 8).
     reward: a RewardGuide (METHOD.md 16); scale 0 leaves the sampler untouched.
+    temperature, top_p: the final decode (decode_tokens): argmax at temperature 0, else a keyed draw.
     """
     net = unwrap(model)
     two_time, warp = net.config.two_time, time_warp(net)
@@ -589,7 +613,7 @@ def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=F
         else:
             x = flow_map(x, lift(d), s, t)
         x = clamp_given(x, given, clean)
-    out = d.argmax(dim=-1)  # the last step lands on t = 1, where x = d
+    out = decode_tokens(d, temperature, top_p, keys)  # the last step lands on t = 1, where x = d
     return out if given is None else torch.where(given, tokens, out)
 
 
@@ -639,6 +663,50 @@ def unigram_entropy(tokens):
         p = torch.unique(row, return_counts=True)[1].double() / len(row)
         entropies.append(-(p * p.log()).sum())
     return torch.stack(entropies).mean().item()
+
+
+def self_bleu(samples, n=4):
+    """Self-BLEU-n (METHOD.md 11): the BLEU-n of each sample (a sequence of ids) against all the others as
+    references, averaged: clipped precisions of the orders 1..n, their geometric mean (no smoothing: a sample that
+    shares no n-gram of some order scores 0) and the brevity penalty. 1: the samples repeat each other; nan for
+    fewer than two samples."""
+    if len(samples) < 2:
+        return math.nan
+    grams = [[Counter(zip(*[s[i:] for i in range(k)])) for k in range(1, n + 1)] for s in map(list, samples)]
+    top = []  # per order: n-gram -> (largest count, its sample, largest count in any other sample)
+    for k in range(n):
+        best = {}
+        for j, sample_grams in enumerate(grams):
+            for g, v in sample_grams[k].items():
+                m, owner, second = best.get(g, (0, -1, 0))
+                best[g] = (v, j, m) if v > m else (m, owner, max(second, v))
+        top.append(best)
+    lengths, scores = [sum(c[0].values()) for c in grams], []
+    for j, sample_grams in enumerate(grams):
+        log_p = 0.0
+        for k in range(n):
+            others = lambda g: top[k][g][2] if top[k][g][1] == j else top[k][g][0]
+            clipped, total = sum(min(v, others(g)) for g, v in sample_grams[k].items()), sum(sample_grams[k].values())
+            if clipped == 0:
+                log_p = -math.inf
+                break
+            log_p += math.log(clipped / total) / n
+        ref = min((abs(r - lengths[j]), r) for i, r in enumerate(lengths) if i != j)[1]
+        scores.append(math.exp(log_p + min(0.0, 1 - ref / max(lengths[j], 1))))
+    return sum(scores) / len(scores)
+
+
+def at_entropy(sweep, H):
+    """The rows of one sampler at several temperatures (dicts of T, entropy, gen_ppl, lo, hi) -> (gen PPL, lo, hi,
+    T_a, T_b) at entropy H: log PPL linear in entropy between the first two neighbours in temperature that bracket
+    H (METHOD.md 11); None when H is outside the sweep."""
+    sweep = sorted(sweep, key=lambda r: r["T"])
+    for a, b in zip(sweep, sweep[1:]):
+        if min(a["entropy"], b["entropy"]) <= H <= max(a["entropy"], b["entropy"]):
+            w = 0.0 if a["entropy"] == b["entropy"] else (H - a["entropy"]) / (b["entropy"] - a["entropy"])
+            return (*(math.exp((1 - w) * math.log(a[k]) + w * math.log(b[k])) for k in ("gen_ppl", "lo", "hi")),
+                    a["T"], b["T"])
+    return None
 
 
 def causal_nll(logits, ids, mask):

@@ -120,8 +120,8 @@ def attention(q, k, v, softcap, backend=None):
 # integer hash below is plain tensor arithmetic that torch.compile fuses into its kernels.
 
 _M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
-NOISE, GIVEN, DROPOUT = 0, 1 << 23, 1 << 24  # stream bases: noise stream i uses 2i and 2i + 1, dropout of layer l
-# uses 2l and 2l + 1, the conditioning masks GIVEN
+NOISE, GIVEN, DROPOUT, DECODE = 0, 1 << 23, 1 << 24, 3 << 23  # stream bases: noise stream i uses 2i and 2i + 1,
+# dropout of layer l 2l and 2l + 1, the conditioning masks GIVEN, the final categorical draw DECODE and DECODE + 1
 
 
 def _mul32(x, c):

@@ -23,7 +23,7 @@ from data import DataError, decode, encode_text
 from flow import RewardGuide, generate
 from reward import RewardError, make_reward
 from model import autocast_for
-from trainer import COUNT, FINITE, FRACTION, NONNEG, device_flag, out_file, parser_for, usage_error
+from trainer import COUNT, FINITE, FRACTION, NONNEG, checked, device_flag, out_file, parser_for, usage_error
 
 parser = parser_for("Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.", "sample.py")
 parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt",
@@ -51,6 +51,11 @@ parser.add_argument("--allow-long", action="store_true",
 parser.add_argument("--prompt", help="condition on this text as the start of every sample")
 parser.add_argument("--infill", help='condition on a text with gaps: "[MASK]" is one token to '
                     'generate, "[MASK*n]" n tokens; the positions after the text are generated too')
+parser.add_argument("--temperature", type=NONNEG, default=0.0,
+                    help="final decode: 0 takes the argmax of the last denoiser; T > 0 draws each token from it at "
+                    "temperature T (keyed by row: a sample does not depend on its batch)")
+parser.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=1.0,
+                    help="nucleus of the final draw at --temperature > 0 (1: the whole distribution)")
 parser.add_argument("--reward", help="reward guidance (METHOD.md 16, reward.py): lexical:WORD[,WORD...], "
                     "semantic:TEXT (all-MiniLM-L6-v2; bert-base-uncased models) or classifier:ID_OR_FOLDER (a "
                     "Hugging Face sequence classifier with the model's tokenizer)")
@@ -150,7 +155,7 @@ autocast, _ = autocast_for(device, args.dtype)
 with autocast:
     tokens = generate(model, args.num_samples, seq_len, steps, args.batch_size, args.seed, cond, gamma=args.gamma,
                       guide=(weak_model, args.eta) if weak_model else None, progress=progress,
-                      reward=guide_reward).cpu()
+                      reward=guide_reward, temperature=args.temperature, top_p=args.top_p).cpu()
 bar.close()
 if reward is not None:
     with torch.no_grad():
@@ -173,6 +178,6 @@ if args.out:
                                                     reward_form=args.reward_form, reward_value=float(r[i]))
             f.write(json.dumps(dict(text=text, tokens=row, kind=ckpt["kind"], steps=steps, ckpt=args.ckpt,
                                     seed=args.seed, gamma=args.gamma, prompt=args.prompt, infill=args.infill,
-                                    **guided)) + "\n")
+                                    temperature=args.temperature, top_p=args.top_p, **guided)) + "\n")
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)

