@@ -32,8 +32,9 @@ from data import Data, DataError
 from flow import OBJECTIVES, distill_loss, distill_times, given_mask, reading, state_factor
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
 from trainer import (BELOW_1, COUNT, FRACTION, NONNEG, add_run_args, carry_factor_grad, check_finite, ema_update,
-                     evaluate, factor_leaf, fail, get_lr, init_run, log, log_step, micro_slots, parse_with_preset,
-                     parser_for, print_setup, resume, to_device, usage_error, wrap, write_checkpoint)
+                     evaluate, factor_leaf, fail, finish_run, get_lr, init_run, log, log_metrics, log_step,
+                     micro_slots, parse_with_preset, parser_for, preempted, print_setup, resume, to_device,
+                     usage_error, wrap, write_checkpoint)
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
@@ -158,6 +159,19 @@ def val_loss(net):
     return evaluate(net, data, loss_of, args, ranks, autocast)
 
 
+def save(step, val=None):
+    """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
+    check_finite(ranks, first_bad, ckpt_path, raw_model, ema_model)
+    if master:
+        write_checkpoint(ckpt_path, dict(
+            kind="fmlm", teacher=args.teacher, objective=args.objective,
+            data=teacher_ckpt["data"] if teacher_ckpt else dict(
+                dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab, source=data.meta["source"],
+                tokenizer=data.tokenizer),
+            model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
+            model_config=asdict(cfg), step=step, args=vars(args), val_loss=val), args)
+
+
 # -----------------------------------------------------------------------------
 # training loop: lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
 
@@ -172,21 +186,17 @@ for step in range(start_step, args.max_steps + 1):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    # validation of the raw and EMA weights; a checkpoint of every validated step after the start
+    # validation of the raw and EMA weights; a checkpoint of every validated step after the start, and of every
+    # --ckpt-every step between
     if step % args.eval_every == 0 or step == args.max_steps:
         val, val_ema = val_loss(raw_model), val_loss(ema_model)
         log(f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}", args, ranks)
+        log_metrics(step, val_loss=val, ema_val_loss=val_ema)
         if step > start_step:
-            check_finite(ranks, first_bad, ckpt_path, raw_model, ema_model)
-            if master:
-                write_checkpoint(ckpt_path, dict(
-                    kind="fmlm", teacher=args.teacher, objective=args.objective,
-                    data=teacher_ckpt["data"] if teacher_ckpt else dict(
-                        dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab, source=data.meta["source"],
-                        tokenizer=data.tokenizer),
-                    model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
-                    model_config=asdict(cfg), step=step, args=vars(args), val_loss=val_ema), args)
+            save(step, val_ema)
         t0 = time.time()
+    elif args.ckpt_every and step % args.ckpt_every == 0 and step > start_step:
+        save(step)
     if step == args.max_steps:
         break
 
@@ -228,6 +238,13 @@ for step in range(start_step, args.max_steps + 1):
         dt, t0 = (time.time() - t0) / args.log_every, time.time()
         log_step(step + 1, loss_sum.item() / accum, grad_norm.item(), lr, dt, flops_per_token, args, ranks)
 
-if ranks.ddp:
-    dist.barrier()  # every rank leaves together, after rank 0 has written the last checkpoint
-    dist.destroy_process_group()
+
+    # preemption (SIGTERM, SIGUSR1): every rank stops after the same step, and rank 0 checkpoints it
+    stopped_by = preempted(ranks)
+    if stopped_by:
+        save(step + 1)
+        log(f"step {step + 1} | stopped by {stopped_by}: {ckpt_path} holds this step; continue with --resume",
+            args, ranks)
+        break
+
+finish_run(ranks)

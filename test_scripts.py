@@ -443,6 +443,47 @@ def test_a_two_rank_run_resumed_on_one_rank_continues_the_same_trajectory(data_d
         assert diff < 1e-5
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(data_dir, tmp_path,
+                                                                                                  sig):
+    cmd = lambda out: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING, "--eval-every", "100",
+                       "--max-steps", "60"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    whole = subprocess.Popen([*launcher, *cmd(tmp_path / "whole")], cwd=HERE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    # SIGTERM goes to torchrun, which forwards it to its workers (as a scheduler's does); SIGUSR1, which torchrun
+    # does not forward, goes to the workers themselves (as SLURM's --signal sends it to every task)
+    job = subprocess.Popen([*launcher, *cmd(tmp_path / "cut")], cwd=HERE, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log, deadline = tmp_path / "cut" / "log.txt", time.time() + 600
+    while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    if sig == "SIGTERM":
+        job.send_signal(signal.SIGTERM)
+    else:
+        for pid in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGUSR1)
+    out = job.communicate(timeout=600)[0]
+    assert f"stopped by {sig}" in out, out
+    stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= stopped_at < 60, stopped_at
+    assert whole.wait(timeout=900) == 0
+    torchrun(*cmd(tmp_path / "cut"), "--resume")
+    for key in ("model", "ema"):
+        diff = max_diff(weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "cut" / "ckpt.pt", key))
+        print(f"{sig} at step {stopped_at}, resumed: {key} max diff {diff:.3g}")
+        assert diff == 0.0
+
+
+def test_ckpt_every_writes_checkpoints_between_validations(data_dir, tmp_path):
+    proc = train(data_dir, tmp_path / "a", "--max-steps", "7", "--eval-every", "100", "--ckpt-every", "3")
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 7
+    assert proc.stdout.count("| val loss") == 2  # steps 0 and 7; the checkpoints of 3 and 6 came without validation
+    proc = train(data_dir, tmp_path / "b", "--max-steps", "5", "--eval-every", "100", "--ckpt-every", "3",
+                 "--keep-every", "3")
+    assert (tmp_path / "b" / "ckpt-3.pt").exists()
+
+
 def losses(stdout):
     return [float(x) for x in re.findall(r"\| (?:val )?loss (\d+\.\d+)", stdout)]
 

@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass
 
@@ -122,6 +123,10 @@ def add_run_args(parser):
       "fp32 on CPU); time warp, softmax, losses and sampler state stay fp32")
     a("--compile", action="store_true", help="torch.compile the trained model")
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt (on any number of ranks)")
+    a("--ckpt-every", type=NONNEG_INT, default=0, help="also write the checkpoint every this many steps between "
+      "validations (0: only at validations); SIGTERM or SIGUSR1 writes one at the step it interrupts")
+    a("--wandb", metavar="PROJECT", help="also log to Weights & Biases under this project (pip install wandb; "
+      "WANDB_MODE=offline works without an account)")
 
 
 def parse_with_preset(parser, presets, stage):
@@ -169,8 +174,18 @@ def fail(ranks, message):
 
 
 def init_run(args, script):
-    """The ranks, the autocast context and the accumulation (micro-steps per optimizer step) of a training run."""
+    """The ranks, the autocast context and the accumulation (micro-steps per optimizer step) of a training run;
+    SIGTERM and SIGUSR1 are caught from here on (preempted), and --wandb starts its run on rank 0."""
     ranks = init_ranks(args.device, script)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: _signals.append(signal.Signals(signum).name))
+    if args.wandb and ranks.master:
+        try:
+            import wandb
+        except ImportError:
+            fail(ranks, "--wandb needs the wandb package: pip install wandb")
+        _wandb.append(wandb.init(project=args.wandb, name=os.path.basename(os.path.abspath(args.out_dir)),
+                                 config=vars(args), dir=args.out_dir, resume="allow"))
     autocast, args.dtype = autocast_for(ranks.device, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -300,6 +315,18 @@ def check_finite(ranks, first_bad, ckpt_path, *models):
         fail(ranks, f"non-finite weights: {ckpt_path} keeps the last good checkpoint")
 
 
+_signals, _wandb = [], []  # the names of the signals caught; the wandb run of rank 0
+
+
+def preempted(ranks):
+    """The name of the signal (SIGTERM, SIGUSR1) that some rank has caught, or None; every rank gets the same
+    answer (reduced over ranks), so all of them stop after the same step. One host sync a step."""
+    flag = torch.tensor(1.0 if _signals else 0.0, device=ranks.device)
+    if ranks.ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (_signals[0] if _signals else "a signal on another rank") if flag.item() else None
+
+
 def write_checkpoint(ckpt_path, ckpt, args):
     """Rank 0's checkpoint, atomically; with --keep-every also a copy ckpt-STEP.pt (e.g. autoguidance's weak model)."""
     save_checkpoint(ckpt_path, ckpt)
@@ -325,4 +352,21 @@ def log_step(step, loss, grad_norm, lr, dt, flops_per_token, args, ranks):
     mfu = f" | mfu {flops_per_token * tokens_per_step / dt / peak / ranks.world:.1%}" if peak else ""
     log(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | {dt * 1000:.0f} ms | "
         f"{tokens_per_step / dt:,.0f} tok/s{mfu}", args, ranks)
+    log_metrics(step, loss=loss, lr=lr, grad_norm=grad_norm, ms_per_step=dt * 1000, tokens_per_s=tokens_per_step / dt,
+                **({"mfu": flops_per_token * tokens_per_step / dt / peak / ranks.world} if peak else {}))
+
+
+def log_metrics(step, **metrics):
+    """What the log lines print, to the --wandb run (rank 0), if there is one."""
+    for run in _wandb:
+        run.log(metrics, step=step)
+
+
+def finish_run(ranks):
+    """Every rank leaves together, after rank 0 has written its last checkpoint; the wandb run ends."""
+    for run in _wandb:
+        run.finish()
+    if ranks.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
 
