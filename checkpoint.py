@@ -191,7 +191,7 @@ def _read_hub_folder(path):
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable config.json or model.safetensors "
                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
-    return weights, dict(config.get("config") or {}, vocab_size=config.get("vocab_size"))
+    return weights, dict(config.get("config") or {}, vocab_size=config.get("vocab_size"), flm=config.get("flm"))
 
 
 def load_authors_checkpoint(path):
@@ -204,6 +204,8 @@ def load_authors_checkpoint(path):
         ema, config = _read_hub_folder(path)
         raw, step = ema, 0
     raw, ema = ({authors_key(k): v for k, v in d.items() if authors_key(k)} for d in (raw, ema))
+    if isinstance(config.get("flm"), dict):  # one of ours, exported by export_hf
+        return _ours_from_export(path, ema, config["flm"])
     model_cfg = config.get("model") or {}
     two_time = "t2_embedder.mlp.0.weight" in ema
     try:
@@ -233,3 +235,106 @@ def model_from_checkpoint(ckpt, ema=True):
     model = DiT(DiTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
     return model
+
+
+# -----------------------------------------------------------------------------
+# export: a checkpoint of ours in the layout of the authors' Hugging Face repos (config.json + model.safetensors,
+# their key names and config schema, the EMA weights), with our metadata under config.json["flm"]
+
+
+def export_hf(ckpt, folder):
+    """Write folder/config.json and folder/model.safetensors; each file under a temporary name, then renamed."""
+    from safetensors.torch import save_file
+    cfg, theirs = ckpt["model_config"], {}
+    for name, tensor in ckpt["ema"].items():
+        for ours_prefix, their_prefix in ((o, t) for t, o in AUTHORS_KEYS):
+            if name.startswith(ours_prefix):
+                name = their_prefix + name[len(ours_prefix):]
+                break
+        theirs[name] = tensor.detach().cpu().contiguous()
+    data = ckpt["data"]
+    config = dict(config=dict(
+        algo=dict(name="dos", double_temb=bool(cfg["two_time"]), causal_attention=False),
+        model=dict(hidden_size=cfg["n_embd"], n_blocks=cfg["n_layer"], n_heads=cfg["n_head"], cond_dim=cfg["cond_dim"],
+                   name="small", length=ckpt["args"]["seq_len"], dropout=cfg["dropout"], scale_by_sigma=False,
+                   tie_word_embeddings=False),
+        data=dict(tokenizer_name_or_path=data.get("tokenizer", "gpt2"))), vocab_size=cfg["vocab_size"],
+        flm=dict(format_version=CKPT_VERSION, kind=ckpt["kind"], model_config=cfg, step=ckpt["step"],
+                 objective=ckpt.get("objective"), args=ckpt["args"],
+                 data=dict(vocab=data.get("vocab"), tokenizer=data.get("tokenizer", "gpt2"),
+                           vocab_size=data.get("vocab_size"))))
+    os.makedirs(folder, exist_ok=True)
+    save_file(theirs, os.path.join(folder, "model.safetensors.tmp"), metadata=dict(format="pt"))
+    os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+
+
+def _ours_from_export(path, ema, meta):
+    if meta.get("format_version") != CKPT_VERSION:
+        raise CheckpointError(f"{path} was exported with checkpoint format version {meta.get('format_version')}; "
+                              f"this code reads version {CKPT_VERSION}")
+    cfg = DiTConfig(**meta["model_config"])
+    expected = DiT(cfg).state_dict()
+    if set(ema) != set(expected) or any(ema[k].shape != expected[k].shape for k in expected):
+        raise CheckpointError(f"{path}: its weights do not match its config.json['flm']['model_config']")
+    return dict(kind=meta["kind"], model=ema, ema=ema, model_config=asdict(cfg), step=meta.get("step", 0),
+                objective=meta.get("objective"), args=meta["args"], format_version=CKPT_VERSION, source=path,
+                data=dict(meta["data"], dir=None))
+
+
+# -----------------------------------------------------------------------------
+# the Python API: load, then flow.generate, then decode
+
+
+def load(path, device="cpu", ema=True):
+    """The model of a checkpoint (ours, an export, or the authors'), in eval mode, with what sampling needs:
+    .kind ('flm' or 'fmlm'), .seq_len, .vocab and .tokenizer (for decode)."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, ema=ema).to(device).eval()
+    model.kind, model.seq_len = ckpt["kind"], ckpt["args"]["seq_len"]
+    model.vocab, model.tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
+    return model
+
+
+def decode(model, tokens):
+    """The texts of token rows (B, L) sampled from a model of load()."""
+    from data import decode as decode_ids
+    return [decode_ids(row, model.vocab, model.tokenizer) for row in tokens.tolist()]
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Export a checkpoint of ours in the layout of the authors' Hugging "
+                                     "Face repos (config.json + model.safetensors, EMA weights), which sample.py "
+                                     "--ckpt FOLDER_OR_ID reads back.")
+    parser.add_argument("ckpt", help="checkpoint of train_flm.py or distill.py")
+    parser.add_argument("folder", help="output folder")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face repo "
+                        "(needs huggingface_hub and a login: huggingface-cli login)")
+    args = parser.parse_args()
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+    except CheckpointError as e:
+        parser.error(str(e))
+    if os.path.isfile(args.folder):
+        parser.error(f"argument folder: got {args.folder}, which is a file; expected a folder to write")
+    try:
+        export_hf(ckpt, args.folder)
+    except ImportError:
+        parser.error("the export writes safetensors: pip install safetensors")
+    print(f"wrote {args.folder}/config.json and {args.folder}/model.safetensors ({ckpt['kind']}, step {ckpt['step']}, "
+          "EMA weights)")
+    if args.push_to_hub:
+        try:
+            from huggingface_hub import HfApi
+        except ImportError:
+            parser.error("--push-to-hub needs huggingface_hub: pip install huggingface_hub")
+        try:
+            api = HfApi()
+            api.create_repo(args.push_to_hub, exist_ok=True)
+            api.upload_folder(folder_path=args.folder, repo_id=args.push_to_hub)
+        except Exception as e:
+            parser.error(f"--push-to-hub {args.push_to_hub}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")

@@ -111,3 +111,66 @@ def test_bad_authors_files_get_one_line_errors_naming_file_and_key(tmp_path):
         load_checkpoint(str(folder))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "missing.ckpt"))
+
+
+# -----------------------------------------------------------------------------
+# export: ours in the authors' Hugging Face layout
+
+
+def key_tree(d):
+    """The nested key structure of a JSON object."""
+    return {k: key_tree(v) if isinstance(v, dict) else type(v).__name__ for k, v in d.items()}
+
+
+@pytest.mark.parametrize("kind", ["flm", "fmlm"])
+def test_an_export_has_the_authors_layout_and_loads_back_to_the_same_logits(kind, tmp_path):
+    pytest.importorskip("safetensors", reason="the Hugging Face layout needs safetensors (requirements-eval.txt)")
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    from checkpoint import export_hf
+    from model import DiT, DiTConfig
+    fixture = os.path.join(FIXTURES, f"hf_{kind}")
+    with open(os.path.join(fixture, "config.json")) as f:
+        theirs = json.load(f)
+    m = theirs["config"]["model"]
+    torch.manual_seed(0)  # a model of the fixture's shape, with random weights everywhere
+    cfg = DiTConfig(vocab_size=theirs["vocab_size"], n_layer=m["n_blocks"], n_head=m["n_heads"],
+                    n_embd=m["hidden_size"], cond_dim=m["cond_dim"], dropout=m["dropout"], two_time=kind == "fmlm",
+                    logit_cap=30.0)
+    model = DiT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ckpt = dict(kind=kind, model=model.state_dict(), ema=model.state_dict(), model_config=asdict(cfg), step=7,
+                args=dict(seq_len=m["length"], cond_frac=0.0),
+                data=dict(dir=None, vocab=None, vocab_size=cfg.vocab_size, tokenizer="bert-base-uncased"))
+    export_hf(ckpt, str(tmp_path / "export"))
+    with open(tmp_path / "export" / "config.json") as f:
+        ours = json.load(f)
+    assert ours.pop("flm")["kind"] == kind
+    assert ours == theirs  # the authors' schema and values for a model of their shape
+    a, b = load_file(tmp_path / "export" / "model.safetensors"), load_file(os.path.join(fixture, "model.safetensors"))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    loaded = load_checkpoint(str(tmp_path / "export"), kind=kind)  # through our metadata
+    assert loaded["step"] == 7 and loaded["args"]["seq_len"] == m["length"]
+    torch.testing.assert_close(logits(loaded), logits(ckpt), rtol=0, atol=0)
+    with open(tmp_path / "export" / "config.json", "w") as f:
+        json.dump(theirs, f)  # without it: read as one of the authors' own models
+    torch.testing.assert_close(logits(load_checkpoint(str(tmp_path / "export"), kind=kind)), logits(ckpt),
+                               rtol=0, atol=0)
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    """The README's Python API example, on a tiny exported model in place of the quick start's checkpoint."""
+    pytest.importorskip("safetensors", reason="the export needs safetensors (requirements-eval.txt)")
+    import re
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    example = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert "out/fmlm-ptb/ckpt.pt" in example
+    code = example.replace("out/fmlm-ptb/ckpt.pt", os.path.join(FIXTURES, "hf_fmlm"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    texts = eval(proc.stdout.strip().splitlines()[-1])  # the example prints the list of texts
+    assert isinstance(texts, list) and len(texts) == 4 and all(isinstance(t, str) for t in texts)
