@@ -135,7 +135,7 @@ SCRIPTS = ["train_flm.py", "distill.py", "sample.py", "eval_ppl.py", "data.py", 
 NO_VALUE_TO_CHECK = {"--help", "--compile", "--resume", "--quiet", "--no-ema", "--allow-long", "--per-line", "--seed",
                      "--dtype", "--preset", "--model", "--evaluator", "--compact", "--hf", "--attention", "--objective",
                      "--self-distill", "--train-embed", "--factorized", "--hf-config", "--hf-split", "--hf-revision",
-                     "--val-split", "--text-field"}
+                     "--val-split", "--text-field", "--wandb"}
 # switches, seeds (any integer) and choices (argparse refuses others; the table checks one of each kind)
 
 
@@ -204,6 +204,7 @@ def bad_cases(d, r):
         (t + ["--cond-frac", "1.5"], "argument --cond-frac: got 1.5, expected a number in [0, 1]"),
         (t + ["--keep-every", "-1"], "argument --keep-every: got -1"),
         (t + ["--decay", "1.5"], "argument --decay: got 1.5, expected a number in [0, 1]"),
+        (t + ["--ckpt-every", "-3"], "argument --ckpt-every: got -3"),
         (["train_flm.py", "--data", d, "--out-dir", str(r / "a_file")], "argument --out-dir: got"),
         (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
         (["distill.py", "--teacher", str(r / "teacher_dir")], "teacher_dir has no config.json"),
@@ -225,6 +226,7 @@ def bad_cases(d, r):
         (["distill.py", "--teacher", flm, "--cond-frac", "-0.5"], "argument --cond-frac: got -0.5"),
         (["distill.py", "--teacher", flm, "--keep-every", "-2"], "argument --keep-every: got -2"),
         (["distill.py", "--teacher", flm, "--decay", "-1"], "argument --decay: got -1.0"),
+        (["distill.py", "--teacher", flm, "--ckpt-every", "x"], "argument --ckpt-every: got x"),
         (s + ["--prompt", "  "], "argument --prompt: got '  ', expected some text"),
         (s + ["--prompt", "the " * 40], "argument --prompt: got 40 tokens, expected at most --seq-len 16"),
         (s + ["--prompt", "zebra"], "is not in the model's vocabulary"),
@@ -482,6 +484,21 @@ def test_ckpt_every_writes_checkpoints_between_validations(data_dir, tmp_path):
     proc = train(data_dir, tmp_path / "b", "--max-steps", "5", "--eval-every", "100", "--ckpt-every", "3",
                  "--keep-every", "3")
     assert (tmp_path / "b" / "ckpt-3.pt").exists()
+
+
+def test_wandb_logs_the_log_lines_validation_and_config_offline(data_dir, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is optional (pip install wandb)")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = subprocess.run([sys.executable, "train_flm.py", "--data", data_dir, "--out-dir", str(tmp_path / "w"), *TINY,
+                           "--max-steps", "4", "--eval-every", "2", "--wandb", "flm-test"], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's records: metrics, config
+    for key in (b"loss", b"lr", b"grad_norm", b"tokens_per_s", b"val_loss", b"ema_val_loss", b"max_steps",
+                b"flm-test"):
+        assert key in record, key
 
 
 def losses(stdout):
