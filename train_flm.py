@@ -109,7 +109,7 @@ def save(step, val=None):
     if master:
         write_checkpoint(ckpt_path, dict(
             kind="flm", data=dict(dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab,
-                                  source=data.meta["source"]),
+                                  source=data.meta["source"], tokenizer=data.tokenizer),
             model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
             model_config=asdict(cfg), step=step, args=vars(args), val_loss=val), args)
 
