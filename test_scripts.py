@@ -386,6 +386,20 @@ def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(ba
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
+def test_an_exported_checkpoint_samples_the_same_tokens(bad_files, tmp_path):
+    pytest.importorskip("safetensors")
+    fmlm = str(bad_files / "fmlm" / "ckpt.pt")
+    out = run("checkpoint.py", fmlm, str(tmp_path / "hf")).stdout
+    assert "wrote" in out and (tmp_path / "hf" / "model.safetensors").exists()
+    tokens = []
+    for ckpt in (fmlm, str(tmp_path / "hf")):
+        run("sample.py", "--ckpt", ckpt, "--num-samples", "4", "--quiet", "--out", str(tmp_path / "s.jsonl"))
+        tokens.append([json.loads(line)["tokens"] for line in open(tmp_path / "s.jsonl")])
+    assert tokens[0] == tokens[1]
+    bad = run("checkpoint.py", str(bad_files / "missing.pt"), str(tmp_path / "x"), check=False)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
