@@ -241,7 +241,7 @@ def bad_cases(d, r):
         (["distill.py", "--teacher", flm, "--cond-frac", "-0.5"], "argument --cond-frac: got -0.5"),
         (["distill.py", "--teacher", flm, "--keep-every", "-2"], "argument --keep-every: got -2"),
         (["distill.py", "--teacher", flm, "--decay", "-1"], "argument --decay: got -1.0"),
-        (["distill.py", "--teacher", flm, "--ckpt-every", "x"], "argument --ckpt-every: got x"),
+        (["distill.py", "--teacher", flm, "--ckpt-every", "x"], "argument --ckpt-every: got 'x'"),
         (s + ["--prompt", "  "], "argument --prompt: got '  ', expected some text"),
         (s + ["--prompt", "the " * 40], "argument --prompt: got 40 tokens, expected at most --seq-len 16"),
         (s + ["--prompt", "zebra"], "is not in the model's vocabulary"),
