@@ -33,7 +33,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError, decode
 from flow import RewardGuide, at_entropy, causal_nll, factorized_sample, generate, self_bleu, unigram_entropy
 from model import autocast_for
-from reward import RewardError, make_reward
+from reward import RewardError, make_reward, reward_of_tokens
 from trainer import COUNT, FINITE, FRACTION, NONNEG, checked, device_flag, out_file, parser_for, usage_error
 
 parser = parser_for("Generative perplexity and entropy of samples under a pretrained LM.", "eval_ppl.py")
@@ -318,14 +318,11 @@ if data_dir:
 
 
 
-@torch.no_grad()
 def hard_reward(tokens):
     """The mean reward of hard samples (N, L) and the half width of its 95% interval; None without one."""
     if reward is None or tokens is None:
         return None
-    r = torch.cat([reward(torch.nn.functional.one_hot(t.to(device), reward_V).float()).cpu()
-                   for t in tokens.split(64)])
-    r = r.double()
+    r = reward_of_tokens(reward, tokens, reward_V, device).double()
     return float(r.mean()), float(1.96 * r.std() / max(len(r), 1) ** 0.5)
 
 

@@ -524,17 +524,19 @@ def lookahead_grad(model, x, tau_s, reward, dense=False):
         return torch.autograd.grad(reward(d).sum(), x)[0]
 
 
-def lookahead_step(model, x, s, tau_s, guide, dense=False):
+def lookahead_step(model, x, s, tau_s, guide, dense=False, gram=None):
     """One look-ahead step: x moves along the x-space gradient g_x of r(delta_{s,1}(x)) by a fixed length,
     scale / iters * (1 - s) sqrt(L D) (the noise x_0 @ E has that length in its own metric at s = 0: a
-    trust-region step). In the projected state h = x @ E the x-space step is g_h (E^T E), |g_x|^2 = g_h . g_h E^T E."""
+    trust-region step). In the projected state h = x @ E the x-space step is g_h (E^T E), |g_x|^2 = g_h . g_h E^T E;
+    gram: E^T E, computed once per sampling run by the caller (here if not given)."""
     net = unwrap(model)
     g = lookahead_grad(model, x, tau_s, guide.reward, dense).float()
     if dense:
         step, norm2 = g, (g * g).sum((1, 2))
     else:
+        gram = Gram.apply(net.embed.detach().float()) if gram is None else gram
         with torch.autocast(x.device.type, enabled=False):
-            step = g @ Gram.apply(net.embed.detach().float())
+            step = g @ gram
         norm2 = (step * g).sum((1, 2))
     length = guide.scale / guide.iters * (1 - s) * math.sqrt(x.size(1) * net.config.n_embd)
     return x + length * step / norm2.clamp_min(1e-30).sqrt().view(-1, 1, 1)
@@ -595,6 +597,8 @@ def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=F
         given, tokens = cond
         clean = F.one_hot(tokens, net.config.vocab_size).float() if dense else net.embed[tokens]
     x = clamp_given(x, given, clean)
+    look = reward is not None and reward.scale != 0 and reward.form == "lookahead"
+    gram = Gram.apply(net.embed.float()) if look and not dense else None  # E^T E once, not at every step
     taus = torch.linspace(0, 1, steps + 1, device=x.device)
     ts = warp.t(taus)
     for i in (progress or (lambda r: r))(range(steps)):
@@ -602,9 +606,9 @@ def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=F
         t_jump = stochastic_jump(t, gamma) if gamma > 0 else t
         tau_s = taus[i].expand(x.size(0))
         tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0)) if two_time else None
-        if reward is not None and reward.scale != 0 and reward.form == "lookahead":
+        if look:
             for _ in range(reward.iters):
-                x = clamp_given(lookahead_step(model, x, s, tau_s, reward, dense), given, clean)
+                x = clamp_given(lookahead_step(model, x, s, tau_s, reward, dense, gram), given, clean)
         d = guided_denoiser(model, x, tau_s, tau_t, guide, dense)
         if reward is not None and reward.scale != 0 and reward.form == "endpoint":
             d = tilt(d, reward)

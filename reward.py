@@ -42,6 +42,12 @@ def make_reward(spec, vocab, tokenizer, label=None, device="cpu"):
     raise RewardError(f"--reward {spec!r}: unknown kind {kind!r}; expected lexical, semantic or classifier")
 
 
+@torch.no_grad()
+def reward_of_tokens(reward, tokens, V, device, batch=64):
+    """The reward (N,) of hard samples (N, L) of a model with V ids: each as its one-hot soft sequence."""
+    return torch.cat([reward(F.one_hot(t.to(device), V).float()).cpu() for t in tokens.split(batch)])
+
+
 def lexical_reward(words, vocab, tokenizer):
     """r(p) = log sum_l sum_{w in words} p_l(w): the log of the expected count of the words, in each of the single
     tokens it can be written as (GPT-2: "stock" and " stock")."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, decode, encode_text
 from flow import RewardGuide, generate
-from reward import RewardError, make_reward
+from reward import RewardError, make_reward, reward_of_tokens
 from model import autocast_for
 from trainer import COUNT, FINITE, FRACTION, NONNEG, checked, device_flag, out_file, parser_for, usage_error
 
@@ -158,9 +158,7 @@ with autocast:
                       reward=guide_reward, temperature=args.temperature, top_p=args.top_p).cpu()
 bar.close()
 if reward is not None:
-    with torch.no_grad():
-        r = torch.cat([reward(torch.nn.functional.one_hot(t, cfg["vocab_size"]).float().to(device)).cpu()
-                       for t in tokens.split(args.batch_size)])
+    r = reward_of_tokens(reward, tokens, cfg["vocab_size"], device, args.batch_size)
     print(f"reward {args.reward}: mean {r.mean():.4f} over {len(r)} samples (--reward-scale {args.reward_scale:g}, "
           f"{args.reward_form})", file=sys.stderr)
 try:

@@ -175,13 +175,8 @@ for step in range(start_step, args.max_steps + 1):
         log_step(step + 1, loss_sum.item() / accum, grad_norm.item(), lr, dt,
                  raw_model.flops_per_token(args.seq_len), args, ranks)
 
-
     # preemption (SIGTERM, SIGUSR1): every rank stops after the same step, and rank 0 checkpoints it
-    stopped_by = preempted(ranks)
-    if stopped_by:
-        save(step + 1)
-        log(f"step {step + 1} | stopped by {stopped_by}: {ckpt_path} holds this step; continue with --resume",
-            args, ranks)
+    if preempted(ranks, step + 1, save, ckpt_path, args):
         break
 
 finish_run(ranks)

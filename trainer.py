@@ -318,13 +318,18 @@ def check_finite(ranks, first_bad, ckpt_path, *models):
 _signals, _wandb = [], []  # the names of the signals caught; the wandb run of rank 0
 
 
-def preempted(ranks):
-    """The name of the signal (SIGTERM, SIGUSR1) that some rank has caught, or None; every rank gets the same
-    answer (reduced over ranks), so all of them stop after the same step. One host sync a step."""
+def preempted(ranks, step, save, ckpt_path, args):
+    """True after a SIGTERM or SIGUSR1 caught by any rank: every rank gets the same answer (reduced over ranks, one
+    host sync a step), so all of them stop after the same step, which save(step) has checkpointed."""
     flag = torch.tensor(1.0 if _signals else 0.0, device=ranks.device)
     if ranks.ddp:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return (_signals[0] if _signals else "a signal on another rank") if flag.item() else None
+    if not flag.item():
+        return False
+    save(step)
+    log(f"step {step} | stopped by {_signals[0] if _signals else 'a signal on another rank'}: {ckpt_path} holds "
+        "this step; continue with --resume", args, ranks)
+    return True
 
 
 def write_checkpoint(ckpt_path, ckpt, args):
