@@ -91,7 +91,7 @@ def train_variant(cfg, B, L, dense, attention):
     torch.manual_seed(0)
     raw = DiT(cfg).to(device)
     model = torch.compile(raw) if args.compile else raw
-    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=cuda)
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(cfg.vocab_size, (B, L), device=device)
     tau = stratified_tau(B, torch.Generator().manual_seed(0)).to(device)
     for i in range(args.iters + 1):

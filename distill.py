@@ -133,7 +133,7 @@ cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                              fused=device.startswith("cuda"))
+                              fused=True)  # one kernel per step, on CUDA and the CPU alike
 start_step = resume(ckpt_path, "fmlm", raw_model, ema_model, optimizer, ranks)["step"] if args.resume else 0
 model = wrap(raw_model, args, ranks)
 print_setup(args, ranks, accum, f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} "

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DECODE, GIVEN, NOISE, attention_backend, row_key, row_normal, row_uniform, slot_keys, unwrap
+from model import DECODE, GIVEN, NOISE, attention_backend, capped, row_key, row_normal, row_uniform, slot_keys, unwrap
 
 # -----------------------------------------------------------------------------
 # the flow math: time warp (METHOD.md 3)
@@ -227,52 +227,63 @@ def flm_loss(model, tokens, tau, keys, given=None, factor=None, dense=False):
     the step's state_factor, computed once for all its micro-steps."""
     keys = keys.to(tokens.device)
     h = noisy_input(model, tokens, time_warp(unwrap(model)).t(tau), keys, dense, given, factor)
-    ce = CrossEntropy.apply(model(h, tau, keys=keys), tokens)
+    logits = model(h, tau, keys=keys, cap=False)  # the output cap is applied in the loss, a chunk at a time
+    ce = CrossEntropy.apply(logits, tokens, unwrap(model).config.logit_cap)
     return ce.mean() if given is None else free_mean(ce, given)
 
 
-def soft_cross_entropy(logits, target, given=None):
-    """-sum_V target * log_softmax(logits), mean over positions (METHOD.md 6), or over the free ones of each row."""
-    ce = CrossEntropy.apply(logits, target)
+def soft_cross_entropy(logits, target, given=None, cap=0.0):
+    """-sum_V target * log_softmax(cap * tanh(logits / cap)) (no cap: of the logits), mean over positions
+    (METHOD.md 6), or over the free ones of each row."""
+    ce = CrossEntropy.apply(logits, target, cap)
     return ce.mean() if given is None else free_mean(ce, given)
 
 
 class CrossEntropy(torch.autograd.Function):
-    """Per-position cross-entropy (B, L) of logits (B, L, V) against token ids (B, L) or a distribution (B, L, V),
-    in fp32 a chunk of positions at a time. It keeps only the log-normalizer of each position for the backward,
-    which writes (softmax - target) straight into the gradient of the logits: F.cross_entropy would keep an fp32
-    log-softmax of (B, L, V) and, under bf16 autocast, an fp32 copy of the logits too."""
+    """Per-position cross-entropy (B, L) of logits (B, L, V), output-capped as cap * tanh(logits / cap) when cap >
+    0, against token ids (B, L) or a distribution (B, L, V), in fp32 a chunk of positions at a time. It keeps only
+    the log-normalizer of each position for the backward, which recomputes the cap and writes (softmax - target)
+    times its slope straight into the gradient of the logits: F.cross_entropy would keep an fp32 log-softmax of
+    (B, L, V) and, under bf16 autocast, an fp32 copy of the logits too; the cap would keep two more."""
 
     @staticmethod
-    def forward(ctx, logits, target, chunk_elems=2 ** 22):
+    def forward(ctx, logits, target, cap=0.0, chunk_elems=2 ** 22):
         rows, soft = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim()
         flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or float64 for a float64 model
         lse, ce, step = rows.new_empty(len(rows), dtype=acc), [], max(1, chunk_elems // rows.size(1))
         for i in range(0, len(rows), step):
             x, t = rows[i:i + step].to(acc), flat[i:i + step]
-            lse[i:i + step] = x.logsumexp(-1)
+            x = capped(x, cap) if cap > 0 else x
             picked = (t.to(acc) * x).sum(-1) if soft else x.gather(1, t)[:, 0]
+            # capped logits are at most cap: their exponentials neither overflow nor need the max taken out first
+            lse[i:i + step] = x.exp_().sum(-1).log_() if cap > 0 else x.logsumexp(-1)
             ce.append((t.to(acc).sum(-1) if soft else 1.0) * lse[i:i + step] - picked)
         ctx.save_for_backward(logits, target, lse)
-        ctx.step = step
+        ctx.step, ctx.cap = step, cap
         return torch.cat(ce).view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):
         logits, target, lse = ctx.saved_tensors
-        rows, soft, step = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim(), ctx.step
+        rows, soft, step, cap = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim(), ctx.step, ctx.cap
         flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
         g = grad.reshape(-1, 1).to(lse.dtype)
         out = torch.empty_like(rows)
         for i in range(0, len(rows), step):
-            p, t = (rows[i:i + step].to(lse.dtype) - lse[i:i + step, None]).exp_(), flat[i:i + step]
+            y, t = rows[i:i + step].to(lse.dtype), flat[i:i + step]
+            y = capped(y, cap) if cap > 0 else y
+            p = torch.sub(y, lse[i:i + step, None], out=out[i:i + step] if out.dtype == y.dtype else None).exp_()
             if soft:
                 p.mul_(t.to(p.dtype).sum(-1, keepdim=True)).sub_(t.to(p.dtype))
             else:
                 p.scatter_add_(1, t, p.new_full(t.shape, -1.0))
-            out[i:i + step] = p.mul_(g[i:i + step])
-        return out.view(logits.shape), None, None
+            if cap > 0:  # the slope of the cap, 1 - (y / cap)^2
+                p.mul_(y.div_(cap).square_().neg_().add_(1))
+            p.mul_(g[i:i + step])
+            if p.dtype != out.dtype:  # bf16 logits: the gradient was formed in fp32
+                out[i:i + step] = p
+        return out.view(logits.shape), None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -473,7 +484,8 @@ def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", g
     h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given, factor=factor)
     D = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
     target = distill_targets(net, D, h, tokens, times, keys, objective, given)
-    return soft_cross_entropy(student(h[..., cols], tau_s, tau_t, keys=keys), target, given)
+    logits = student(h[..., cols], tau_s, tau_t, keys=keys, cap=False)  # capped in the loss
+    return soft_cross_entropy(logits, target, given, unwrap(student).config.logit_cap)
 
 
 # -----------------------------------------------------------------------------

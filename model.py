@@ -64,6 +64,54 @@ def apply_rotary(x, cos, sin):
     return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 
+def capped(x, cap, div=None, out=None):
+    """cap * tanh(x / div) (div = cap: the soft-cap itself), written as 2 cap sigmoid(2 x / div) - cap, the same
+    function: torch's CPU sigmoid is five times faster than its tanh."""
+    return torch.mul(x, 2 / (cap if div is None else div), out=out).sigmoid_().mul_(2 * cap).sub_(cap)
+
+
+class SoftCap(torch.autograd.Function):
+    """y = cap * tanh(x / div) for the attention and output logits, a cache-sized chunk at a time on the CPU (one
+    chunk on CUDA), keeping only y for the backward, whose slope is (cap / div) (1 - (y / cap)^2): autograd's rule
+    passes over the tensor six times and keeps tanh(x / div) besides y. Forward-mode AD (torch.func.jvp) too."""
+
+    @staticmethod
+    def forward(x, cap, div):
+        y, flat = x.new_empty(x.shape), x.reshape(-1)
+        out, step = y.view(-1), (flat.numel() if x.is_cuda else 2 ** 17)
+        for i in range(0, flat.numel(), step):
+            capped(flat[i:i + step], cap, div, out=out[i:i + step])
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, y):
+        ctx.cap, ctx.div = inputs[1], inputs[2]
+        ctx.save_for_backward(y)
+        ctx.save_for_forward(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,), k = ctx.saved_tensors, ctx.cap / ctx.div
+        g, flat, gy = y.new_empty(y.shape), y.reshape(-1), grad.reshape(-1)
+        out, step = g.view(-1), (flat.numel() if y.is_cuda else 2 ** 17)
+        for i in range(0, flat.numel(), step):
+            torch.div(flat[i:i + step], ctx.cap, out=out[i:i + step]).square_().mul_(-k).add_(k).mul_(gy[i:i + step])
+        return g, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        (y,), k = ctx.saved_tensors, ctx.cap / ctx.div
+        return dx * (k - k * (y / ctx.cap).square())
+
+
+def soft_cap(x, cap, div=None):
+    """cap * tanh(x / div), div = cap by default; the plain formula where torch.compile fuses it."""
+    div = cap if div is None else div
+    if torch.compiler.is_compiling():
+        return cap * torch.tanh(x / div)
+    return SoftCap.apply(x, cap, div)
+
+
 _flex_compiled = None
 
 
@@ -105,8 +153,7 @@ def attention(q, k, v, softcap, backend=None):
     if backend == "flex":
         return _flex(q, k, v, softcap).transpose(1, 2)
     # the explicit formula: exact, O(L^2) memory, differentiable in both modes on every device
-    logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, L, L)
-    logits = softcap * torch.tanh(logits / softcap)
+    logits = soft_cap((q @ k.transpose(-2, -1)).float(), softcap, softcap * math.sqrt(q.size(-1)))  # (B, H, L, L)
     out = logits.softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, d)
     return out.transpose(1, 2)  # (B, L, H, d)
 
@@ -124,16 +171,16 @@ NOISE, GIVEN, DROPOUT, DECODE = 0, 1 << 23, 1 << 24, 3 << 23  # stream bases: no
 # dropout of layer l 2l and 2l + 1, the conditioning masks GIVEN, the final categorical draw DECODE and DECODE + 1
 
 
-def _mul32(x, c):
-    """x * c mod 2^32 for x in [0, 2^32) and a constant c < 2^32, split in 16-bit halves so int64 never overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _hash32(x):
-    """lowbias32 (C. Wellons), a bijective 32-bit mix, on int64 tensors or Python ints in [0, 2^32)."""
-    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
-    x = _mul32(x ^ (x >> 15), 0x846CA68B)
-    return x ^ (x >> 16)
+def _hash32_(x):
+    """lowbias32 (C. Wellons), a bijective 32-bit mix, in place on an int64 tensor of values in [0, 2^32). Each
+    product x * c mod 2^32 is taken in the 16-bit halves of c, so int64 never overflows; in place, with one
+    scratch tensor, because a fresh tensor per operation costs more than the arithmetic on the CPU."""
+    tmp = torch.empty_like(x)
+    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=tmp))
+        torch.mul(x, c >> 16, out=tmp).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+        x.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(_M32)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
 def _splitmix64(z):
@@ -160,10 +207,10 @@ def step_generator(seed, step):
 
 def row_uniform(keys, n, stream):
     """U(0, 1) float32 (B, n), 24-bit resolution: entry (b, i) is a function of (keys[b], stream, i) alone."""
-    stream = _hash32(stream & _M32)
-    row = _hash32(_hash32((keys & _M32) ^ stream) ^ ((keys >> 32) & _M32))  # (B,)
-    bits = _hash32(_hash32(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
-    return ((bits >> 8).float() + 0.5) * 2.0 ** -24
+    stream = _hash32_(torch.tensor(stream & _M32, device=keys.device))
+    row = _hash32_(_hash32_((keys & _M32) ^ stream) ^ ((keys >> 32) & _M32))  # (B,)
+    bits = _hash32_(_hash32_(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
+    return bits.bitwise_right_shift_(8).float().add_(0.5).mul_(2.0 ** -24)
 
 
 def row_normal(keys, n, stream):
@@ -180,7 +227,7 @@ def dropout(x, p, keys, stream):
     if keys is None:
         return F.dropout(x, p)
     keep = row_uniform(keys, x[0].numel(), stream).view_as(x) >= p
-    return x * keep / (1 - p)
+    return x.mul(keep).div_(1 - p)
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +370,7 @@ class DiT(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return x.float() @ self.embed
 
-    def forward(self, h, tau_s, tau_t=None, keys=None):
+    def forward(self, h, tau_s, tau_t=None, keys=None, cap=True):
         c = self.t_embedder(tau_s)
         if self.t2_embedder is not None:
             c = c + self.t2_embedder(tau_t)
@@ -333,8 +380,8 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, c, cos, sin, p, keys, DROPOUT + 2 * i)
         logits = self.final_layer(x, c).float()
-        if self.config.logit_cap > 0:
-            logits = self.config.logit_cap * torch.tanh(logits / self.config.logit_cap)
+        if self.config.logit_cap > 0 and cap:  # cap=False: a loss applies it (flow.CrossEntropy)
+            logits = soft_cap(logits, self.config.logit_cap)
         return logits
 
     def num_params(self, exclude_embed=False):

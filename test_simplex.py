@@ -282,22 +282,35 @@ def test_gram_is_e_transpose_e_with_its_gradient(D, blocks):
     assert torch.autograd.gradcheck(lambda e: Gram.apply(e, blocks), (E,))
 
 
+@pytest.mark.parametrize("cap", [0.0, 2.0])  # 2: the output cap acts on logits of size 3
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("chunk", [5, 7, 10 ** 6])  # a chunk of under one row, rows not a multiple, one chunk
-def test_chunked_cross_entropy_is_the_cross_entropy_with_its_gradient(soft, chunk):
+def test_chunked_cross_entropy_is_the_cross_entropy_with_its_gradient(cap, soft, chunk):
     from flow import CrossEntropy
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(3, 5, 7, dtype=torch.double, generator=g)).requires_grad_()
     target = torch.softmax(torch.randn(3, 5, 7, dtype=torch.double, generator=g), -1) if soft else \
         torch.randint(0, 7, (3, 5), generator=g)
-    reference = -(target * F.log_softmax(logits, -1)).sum(-1) if soft else \
-        F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    torch.testing.assert_close(CrossEntropy.apply(logits, target, chunk), reference, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: CrossEntropy.apply(x, target, chunk), (logits,))
+    y = cap * torch.tanh(logits / cap) if cap else logits  # the cap as the model card states it
+    reference = -(target * F.log_softmax(y, -1)).sum(-1) if soft else \
+        F.cross_entropy(y.transpose(1, 2), target, reduction="none")
+    torch.testing.assert_close(CrossEntropy.apply(logits, target, cap, chunk), reference, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: CrossEntropy.apply(x, target, cap, chunk), (logits,))
     bf16 = logits.detach().bfloat16().requires_grad_()  # low-precision logits: fp32 inside, the gradient in bf16
-    CrossEntropy.apply(bf16, target.float() if soft else target, chunk).sum().backward()
+    CrossEntropy.apply(bf16, target.float() if soft else target, cap, chunk).sum().backward()
     assert bf16.grad.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.grad.double(), torch.autograd.grad(reference.sum(), logits)[0], atol=2e-2, rtol=0)
+
+
+def test_soft_cap_is_the_tanh_formula_with_both_derivatives():
+    from model import SoftCap, soft_cap
+    x = 40 * torch.randn(3, 5, 70_001, dtype=torch.double, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(soft_cap(x, 30.0), 30.0 * torch.tanh(x / 30.0), rtol=0, atol=1e-12)  # chunked
+    small = x[:1, :2, :6].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: SoftCap.apply(z, 3.0, 5.0), (small,))  # 3 tanh(x / 5)
+    dx = torch.randn_like(small)
+    value, tangent = torch.func.jvp(lambda z: soft_cap(z, 3.0, 5.0), (small.detach(),), (dx,))
+    torch.testing.assert_close(tangent, dx * 0.6 / torch.cosh(small.detach() / 5.0) ** 2, rtol=0, atol=1e-12)
 
 
 def test_projected_noise_has_covariance_ete():

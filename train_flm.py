@@ -77,7 +77,7 @@ torch.manual_seed(args.seed)  # identical initial weights on every rank
 raw_model = DiT(cfg).to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                              fused=device.startswith("cuda"))
+                              fused=True)  # one kernel per step, on CUDA and the CPU alike
 start_step = 0
 if args.resume:
     ckpt = resume(ckpt_path, "flm", raw_model, ema_model, optimizer, ranks)
