@@ -217,11 +217,24 @@ for (model_name, B_, L_, attention, variant), r in train.items():
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
     print(f"| {model_name} | {B_} x {L_} | {attention} | {variant} | {r['ms']:,.0f} | {r['tok_s']:,.0f} | "
           f"{r['peak_gib']:.2f} | {mfu} |")
+
+
+def flop_ratio(cfg, B, L):
+    """The tokens/s ratio if a step's time were its multiply-adds alone: the shared network, plus the dense input's
+    x_t @ E and its gradient in E (4 B L V D FLOPs), or the projected state's Gram product (2 5/8 V D^2 forward,
+    2 V D^2 backward) and its noise z @ F with F's gradient (4 B L D^2)."""
+    V, D, N = cfg.vocab_size, cfg.n_embd, B * L
+    shared = DiT(DiTConfig(**{**cfg.__dict__, "vocab_size": 2})).flops_per_token(L) * N + 6 * N * V * D
+    return (shared + 4 * N * V * D) / (shared + 3.25 * V * D * D + 4 * N * D * D)
+
+
 for (model_name, B_, L_, attention, variant), r in train.items():
     d = train[model_name, B_, L_, attention, "dense"]
     if variant == "projected" and "error" not in r and "error" not in d:
+        bound = flop_ratio(DiTConfig(vocab_size=args.vocab, **MODEL_PRESETS[model_name]), B_, L_)
         print(f"projected / dense, {model_name}, {B_} x {L_} = {B_ * L_:,} tokens, {attention}: "
-              f"{r['tok_s'] / d['tok_s']:.2f}x tokens/s, peak memory {r['peak_gib'] / d['peak_gib']:.2f}x")
+              f"{r['tok_s'] / d['tok_s']:.2f}x tokens/s ({bound:.2f}x if only multiply-adds took time), "
+              f"peak memory {r['peak_gib'] / d['peak_gib']:.2f}x")
 print(f"\nsampling, model {args.model[-1]}, B = {B}, L = {L}:")
 print("| sampler | forward passes | seconds | vs autoregressive |\n|---|---|---|---|")
 for label, passes, t in (("FMLM, 1 step", 1, t_fmlm), (f"FLM, {args.flm_steps} Euler steps", args.flm_steps, t_flm),

@@ -228,14 +228,14 @@ def flm_loss(model, tokens, tau, keys, given=None, factor=None, dense=False):
     keys = keys.to(tokens.device)
     h = noisy_input(model, tokens, time_warp(unwrap(model)).t(tau), keys, dense, given, factor)
     logits = model(h, tau, keys=keys, cap=False)  # the output cap is applied in the loss, a chunk at a time
-    ce = CrossEntropy.apply(logits, tokens, unwrap(model).config.logit_cap)
+    ce = CrossEntropy.apply(logits, tokens, unwrap(model).config.logit_cap, True)
     return ce.mean() if given is None else free_mean(ce, given)
 
 
-def soft_cross_entropy(logits, target, given=None, cap=0.0):
+def soft_cross_entropy(logits, target, given=None, cap=0.0, consume=False):
     """-sum_V target * log_softmax(cap * tanh(logits / cap)) (no cap: of the logits), mean over positions
-    (METHOD.md 6), or over the free ones of each row."""
-    ce = CrossEntropy.apply(logits, target, cap)
+    (METHOD.md 6), or over the free ones of each row; consume: as CrossEntropy's."""
+    ce = CrossEntropy.apply(logits, target, cap, consume)
     return ce.mean() if given is None else free_mean(ce, given)
 
 
@@ -244,10 +244,11 @@ class CrossEntropy(torch.autograd.Function):
     0, against token ids (B, L) or a distribution (B, L, V), in fp32 a chunk of positions at a time. It keeps only
     the log-normalizer of each position for the backward, which recomputes the cap and writes (softmax - target)
     times its slope straight into the gradient of the logits: F.cross_entropy would keep an fp32 log-softmax of
-    (B, L, V) and, under bf16 autocast, an fp32 copy of the logits too; the cap would keep two more."""
+    (B, L, V) and, under bf16 autocast, an fp32 copy of the logits too; the cap would keep two more. consume: the
+    logits are needed by nothing else, so the backward writes their gradient over them (one (B, L, V) less)."""
 
     @staticmethod
-    def forward(ctx, logits, target, cap=0.0, chunk_elems=2 ** 22):
+    def forward(ctx, logits, target, cap=0.0, consume=False, chunk_elems=2 ** 22):
         rows, soft = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim()
         flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or float64 for a float64 model
@@ -260,7 +261,7 @@ class CrossEntropy(torch.autograd.Function):
             lse[i:i + step] = x.exp_().sum(-1).log_() if cap > 0 else x.logsumexp(-1)
             ce.append((t.to(acc).sum(-1) if soft else 1.0) * lse[i:i + step] - picked)
         ctx.save_for_backward(logits, target, lse)
-        ctx.step, ctx.cap = step, cap
+        ctx.step, ctx.cap, ctx.consume = step, cap, consume
         return torch.cat(ce).view(logits.shape[:-1])
 
     @staticmethod
@@ -269,7 +270,7 @@ class CrossEntropy(torch.autograd.Function):
         rows, soft, step, cap = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim(), ctx.step, ctx.cap
         flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
         g = grad.reshape(-1, 1).to(lse.dtype)
-        out = torch.empty_like(rows)
+        out = rows if ctx.consume else torch.empty_like(rows)
         for i in range(0, len(rows), step):
             y, t = rows[i:i + step].to(lse.dtype), flat[i:i + step]
             y = capped(y, cap) if cap > 0 else y
@@ -283,7 +284,7 @@ class CrossEntropy(torch.autograd.Function):
             p.mul_(g[i:i + step])
             if p.dtype != out.dtype:  # bf16 logits: the gradient was formed in fp32
                 out[i:i + step] = p
-        return out.view(logits.shape), None, None, None
+        return out.view(logits.shape), None, None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -485,7 +486,7 @@ def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", g
     D = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
     target = distill_targets(net, D, h, tokens, times, keys, objective, given)
     logits = student(h[..., cols], tau_s, tau_t, keys=keys, cap=False)  # capped in the loss
-    return soft_cross_entropy(logits, target, given, unwrap(student).config.logit_cap)
+    return soft_cross_entropy(logits, target, given, unwrap(student).config.logit_cap, consume=True)
 
 
 # -----------------------------------------------------------------------------

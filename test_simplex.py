@@ -294,12 +294,18 @@ def test_chunked_cross_entropy_is_the_cross_entropy_with_its_gradient(cap, soft,
     y = cap * torch.tanh(logits / cap) if cap else logits  # the cap as the model card states it
     reference = -(target * F.log_softmax(y, -1)).sum(-1) if soft else \
         F.cross_entropy(y.transpose(1, 2), target, reduction="none")
-    torch.testing.assert_close(CrossEntropy.apply(logits, target, cap, chunk), reference, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: CrossEntropy.apply(x, target, cap, chunk), (logits,))
-    bf16 = logits.detach().bfloat16().requires_grad_()  # low-precision logits: fp32 inside, the gradient in bf16
-    CrossEntropy.apply(bf16, target.float() if soft else target, cap, chunk).sum().backward()
-    assert bf16.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(bf16.grad.double(), torch.autograd.grad(reference.sum(), logits)[0], atol=2e-2, rtol=0)
+    torch.testing.assert_close(CrossEntropy.apply(logits, target, cap, False, chunk), reference, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: CrossEntropy.apply(x, target, cap, False, chunk), (logits,))
+    expected = torch.autograd.grad(reference.sum(), logits)[0]
+    for dtype, atol in ((torch.double, 1e-12), (torch.bfloat16, 2e-2)):  # bf16: fp32 inside, the gradient in bf16
+        for consume in (False, True):  # consume: the gradient is written over the logits, which are then spent
+            x = logits.detach().to(dtype).requires_grad_()
+            y, into = x * 1, []  # the logits as a network's output: not a leaf
+            y.register_hook(lambda g: into.append(g.data_ptr()))
+            CrossEntropy.apply(y, target.to(dtype) if soft else target, cap, consume, chunk).sum().backward()
+            assert x.grad.dtype == dtype
+            torch.testing.assert_close(x.grad.double(), expected, atol=atol, rtol=0)
+            assert (into == [y.data_ptr()]) == consume
 
 
 def test_soft_cap_is_the_tanh_formula_with_both_derivatives():
