@@ -107,8 +107,8 @@ class SoftCap(torch.autograd.Function):
 def soft_cap(x, cap, div=None):
     """cap * tanh(x / div), div = cap by default; the plain formula where torch.compile fuses it."""
     div = cap if div is None else div
-    if torch.compiler.is_compiling():
-        return cap * torch.tanh(x / div)
+    if torch.compiler.is_compiling():  # the same formula as capped, out of place
+        return torch.sigmoid(x * (2 / div)) * (2 * cap) - cap
     return SoftCap.apply(x, cap, div)
 
 
