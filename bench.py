@@ -18,10 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model as flm_model
-from flow import draw_noise, flm_loss, sample, state_factor, stratified_tau
+from flow import DenseView, draw_noise, flm_loss, sample, state_factor, stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys
-from trainer import COUNT, Ranks, carry_factor_grad, checked, device_flag, factor_leaf, parser_for, peak_flops
+from trainer import COUNT, carry_factor_grad, checked, device_flag, parser_for, peak_flops
 
 
 def shape(text):
@@ -35,21 +34,45 @@ def shape(text):
 
 
 parser = parser_for("Training and sampling speed and memory of FLM / FMLM.", "bench.py")
-parser.add_argument("--model", nargs="+", default=["ptb", "small"], choices=list(MODEL_PRESETS),
-                    help="model shape presets of the training table")
-parser.add_argument("--vocab", type=checked(int, lambda v: v >= 2, "an integer >= 2"), default=50258,
-                    help="one-hot size V (50,258: the authors' GPT-2 with a pad token)")
-parser.add_argument("--shapes", nargs="+", type=checked(shape, lambda v: True, "BxL, e.g. 8x256"),
-                    default=[(4, 128), (8, 256)], help="training batches B x L")
-parser.add_argument("--iters", type=COUNT, default=2, help="timed training steps (after one warmup step)")
+parser.add_argument(
+    "--model",
+    nargs="+",
+    default=["ptb", "small"],
+    choices=list(MODEL_PRESETS),
+    help="model shape presets of the training table",
+)
+parser.add_argument(
+    "--vocab",
+    type=checked(int, lambda v: v >= 2, "an integer >= 2"),
+    default=50258,
+    help="one-hot size V (50,258: the authors' GPT-2 with a pad token)",
+)
+parser.add_argument(
+    "--shapes",
+    nargs="+",
+    type=checked(shape, lambda v: True, "BxL, e.g. 8x256"),
+    default=[(4, 128), (8, 256)],
+    help="training batches B x L",
+)
+parser.add_argument(
+    "--iters", type=COUNT, default=2, help="timed training steps (after one warmup step)"
+)
 parser.add_argument("--sample-batch", type=COUNT, default=8, help="sampling batch B")
 parser.add_argument("--sample-len", type=COUNT, default=128, help="sampling length L")
 parser.add_argument("--flm-steps", type=COUNT, default=64, help="Euler steps of the FLM sampler")
 parser.add_argument("--device", type=device_flag, help="cpu, cuda (None: cuda if available)")
-parser.add_argument("--compile", action="store_true", help="torch.compile the models (training and sampling)")
-parser.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast precision (None: bf16 on CUDA, fp32 on CPU)")
-parser.add_argument("--attention", nargs="+", choices=["explicit", "flex", "flash"],
-                    help="attention paths to compare in training (None: explicit, and flex on CUDA)")
+parser.add_argument(
+    "--compile", action="store_true", help="torch.compile the models (training and sampling)"
+)
+parser.add_argument(
+    "--dtype", choices=["fp32", "bf16"], help="autocast precision (None: bf16 on CUDA, fp32 on CPU)"
+)
+parser.add_argument(
+    "--attention",
+    nargs="+",
+    choices=["explicit", "flex", "flash"],
+    help="attention paths to compare in training (None: explicit, and flex on CUDA)",
+)
 args = parser.parse_args()
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 cuda = device.startswith("cuda")
@@ -75,43 +98,56 @@ def reset_peak():
 
 def peak_gib():
     if cuda:
-        return torch.cuda.max_memory_allocated() / 2 ** 30
+        return torch.cuda.max_memory_allocated() / 2**30
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
 
 # -----------------------------------------------------------------------------
 # training step: the projected state against the dense input
 
 
+class WithAttention(nn.Module):
+    """The DiT with one attention path in every forward (model.attention); flow.py finds the DiT as .module."""
+
+    def __init__(self, module, path):
+        super().__init__()
+        self.module, self.path = module, path
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, attention=self.path, **kwargs)
+
+
 def train_variant(cfg, B, L, dense, attention):
     """ms per step, tokens/s, peak memory and MFU of FLM training steps; the projected variant as train_flm.py
     runs it (the noise factor once per step, its gradient carried back once)."""
-    flm_model.ATTENTION = attention
     torch.manual_seed(0)
     raw = DiT(cfg).to(device)
-    model = torch.compile(raw) if args.compile else raw
+    model = WithAttention(torch.compile(raw) if args.compile else raw, attention)
+    model = DenseView(model) if dense else model
     opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(cfg.vocab_size, (B, L), device=device)
     tau = stratified_tau(B, torch.Generator().manual_seed(0)).to(device)
     for i in range(args.iters + 1):
-        if i == 1:  # after the warmup step (and its one-time costs: compilation, the time warp's table)
+        if (
+            i == 1
+        ):  # after the warmup step (and its one-time costs: compilation, the time warp's table)
             sync()
             reset_peak()
             t0 = time.time()
         factor = None if dense else state_factor(raw)
-        leaf = factor_leaf(factor)
+        leaf = None if factor is None else factor.detach().requires_grad_()
         with autocast:
-            loss = flm_loss(model, tokens, tau, slot_keys(0, i, range(B)), factor=leaf, dense=dense)
+            loss = flm_loss(model, tokens, tau, slot_keys(0, i, range(B)), factor=leaf)
         loss.backward()
-        carry_factor_grad(factor, leaf, raw.embed, Ranks(False, 0, 1, device, "bench.py"))
+        carry_factor_grad(factor, leaf)
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
     dt = (time.time() - t0) / args.iters
     peak, tok_s = peak_gib(), B * L / dt
     flops = raw.flops_per_token(L) * tok_s
-    mfu = flops / peak_flops(device, args.dtype) if cuda and peak_flops(device, args.dtype) else None
+    mfu = flops / peak_flops(device, args.dtype) if peak_flops(device, args.dtype) else None
     del raw, model, opt
     return dict(ms=dt * 1000, tok_s=tok_s, peak_gib=peak, mfu=mfu)
 
@@ -122,12 +158,17 @@ for name in args.model:
     for B, L in args.shapes:
         for attention in args.attention or (["explicit", "flex"] if cuda else ["explicit"]):
             for variant in ("projected", "dense"):
-                print(f"training {name} B x L = {B} x {L}, {variant}, {attention} ...", file=sys.stderr, flush=True)
+                print(
+                    f"training {name} B x L = {B} x {L}, {variant}, {attention} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 try:
-                    train[name, B, L, attention, variant] = train_variant(cfg, B, L, variant == "dense", attention)
+                    train[name, B, L, attention, variant] = train_variant(
+                        cfg, B, L, variant == "dense", attention
+                    )
                 except torch.OutOfMemoryError:
                     train[name, B, L, attention, variant] = dict(error="out of memory")
-flm_model.ATTENTION = "auto"
 
 # -----------------------------------------------------------------------------
 # sampling: FMLM 1 step, FLM N steps, autoregressive with a static KV cache
@@ -138,14 +179,22 @@ class CausalBlock(nn.Module):
         super().__init__()
         self.H, self.ln1, self.ln2 = H, nn.LayerNorm(D), nn.LayerNorm(D)
         self.qkv, self.proj = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
+        self.mlp = nn.Sequential(
+            nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D)
+        )
 
-    def forward(self, x, cache, pos):  # x (B, 1, D); cache (2, B, H, L, d), written at pos; fixed shapes
+    def forward(
+        self, x, cache, pos
+    ):  # x (B, 1, D); cache (2, B, H, L, d), written at pos; fixed shapes
         B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)  # (B, H, 1, d)
+        q, k, v = (
+            self.qkv(self.ln1(x)).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        )  # (B, H, 1, d)
         cache[0].index_copy_(2, pos, k)
         cache[1].index_copy_(2, pos, v)
-        mask = (torch.arange(cache.size(3), device=x.device) <= pos)[None]  # (1, L): the positions written
+        mask = (torch.arange(cache.size(3), device=x.device) <= pos)[
+            None
+        ]  # (1, L): the positions written
         y = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
         return x + self.mlp(self.ln2(x))
@@ -157,8 +206,13 @@ class CausalLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.H, self.wte = cfg.n_head, nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList([CausalBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
-        self.ln_f, self.head = nn.LayerNorm(cfg.n_embd), nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.blocks = nn.ModuleList(
+            [CausalBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)]
+        )
+        self.ln_f, self.head = (
+            nn.LayerNorm(cfg.n_embd),
+            nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False),
+        )
 
     def step(self, tok, caches, pos):  # tok (B, 1) -> next token (B, 1)
         x = self.wte(tok)
@@ -206,17 +260,25 @@ with autocast:
 name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
 print(f"command: python {' '.join(sys.argv)}")
 peak = "max allocated" if cuda else "max RSS of the process, weights and runtime included"
-print(f"device: {name}; torch {torch.__version__}; V = {args.vocab:,}, {args.dtype}"
-      f"{', compiled' if args.compile else ''}; peak memory: {peak}\n")
-print("training step:\n| model | B x L | attention | input | ms / step | tokens/s | peak memory (GiB) | MFU |")
+print(
+    f"device: {name}; torch {torch.__version__}; V = {args.vocab:,}, {args.dtype}"
+    f"{', compiled' if args.compile else ''}; peak memory: {peak}\n"
+)
+print(
+    "training step:\n| model | B x L | attention | input | ms / step | tokens/s | peak memory (GiB) | MFU |"
+)
 print("|---|---|---|---|---|---|---|---|")
 for (model_name, B_, L_, attention, variant), r in train.items():
     if "error" in r:
-        print(f"| {model_name} | {B_} x {L_} | {attention} | {variant} | failed: {r['error']} | | | |")
+        print(
+            f"| {model_name} | {B_} x {L_} | {attention} | {variant} | failed: {r['error']} | | | |"
+        )
         continue
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-    print(f"| {model_name} | {B_} x {L_} | {attention} | {variant} | {r['ms']:,.0f} | {r['tok_s']:,.0f} | "
-          f"{r['peak_gib']:.2f} | {mfu} |")
+    print(
+        f"| {model_name} | {B_} x {L_} | {attention} | {variant} | {r['ms']:,.0f} | {r['tok_s']:,.0f} | "
+        f"{r['peak_gib']:.2f} | {mfu} |"
+    )
 
 
 def flop_ratio(cfg, B, L):
@@ -224,7 +286,9 @@ def flop_ratio(cfg, B, L):
     x_t @ E and its gradient in E (4 B L V D FLOPs), or the projected state's Gram product (2 5/8 V D^2 forward,
     2 V D^2 backward) and its noise z @ F with F's gradient (4 B L D^2)."""
     V, D, N = cfg.vocab_size, cfg.n_embd, B * L
-    shared = DiT(DiTConfig(**{**cfg.__dict__, "vocab_size": 2})).flops_per_token(L) * N + 6 * N * V * D
+    shared = (
+        DiT(DiTConfig(**{**cfg.__dict__, "vocab_size": 2})).flops_per_token(L) * N + 6 * N * V * D
+    )
     return (shared + 4 * N * V * D) / (shared + 3.25 * V * D * D + 4 * N * D * D)
 
 
@@ -232,11 +296,16 @@ for (model_name, B_, L_, attention, variant), r in train.items():
     d = train[model_name, B_, L_, attention, "dense"]
     if variant == "projected" and "error" not in r and "error" not in d:
         bound = flop_ratio(DiTConfig(vocab_size=args.vocab, **MODEL_PRESETS[model_name]), B_, L_)
-        print(f"projected / dense, {model_name}, {B_} x {L_} = {B_ * L_:,} tokens, {attention}: "
-              f"{r['tok_s'] / d['tok_s']:.2f}x tokens/s ({bound:.2f}x if only multiply-adds took time), "
-              f"peak memory {r['peak_gib'] / d['peak_gib']:.2f}x")
+        print(
+            f"projected / dense, {model_name}, {B_} x {L_} = {B_ * L_:,} tokens, {attention}: "
+            f"{r['tok_s'] / d['tok_s']:.2f}x tokens/s ({bound:.2f}x if only multiply-adds took time), "
+            f"peak memory {r['peak_gib'] / d['peak_gib']:.2f}x"
+        )
 print(f"\nsampling, model {args.model[-1]}, B = {B}, L = {L}:")
 print("| sampler | forward passes | seconds | vs autoregressive |\n|---|---|---|---|")
-for label, passes, t in (("FMLM, 1 step", 1, t_fmlm), (f"FLM, {args.flm_steps} Euler steps", args.flm_steps, t_flm),
-                         ("autoregressive, static KV cache", L, t_ar)):
+for label, passes, t in (
+    ("FMLM, 1 step", 1, t_fmlm),
+    (f"FLM, {args.flm_steps} Euler steps", args.flm_steps, t_flm),
+    ("autoregressive, static KV cache", L, t_ar),
+):
     print(f"| {label} | {passes} | {t:.3f} | {t / t_ar:.4f} |")

@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import pickle
+import sys
 import types
 from dataclasses import asdict
 
@@ -37,7 +38,11 @@ def load_checkpoint(path, kind=None, logit_cap=None):
     """Load and validate a checkpoint: ours (train_flm.py, distill.py), or the authors' released models (a Hugging
     Face repo id, a folder with config.json + model.safetensors, or a Lightning .ckpt), converted to ours.
     kind ('flm' or 'fmlm') is checked if given; logit_cap, if given, overrides the model's output logit cap."""
-    if os.path.isdir(path) or path.endswith(".ckpt") or (not os.path.exists(path) and _is_hub_id(path)):
+    if (
+        os.path.isdir(path)
+        or path.endswith(".ckpt")
+        or (not os.path.exists(path) and _is_hub_id(path))
+    ):
         ckpt = load_authors_checkpoint(path)
     elif not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -45,8 +50,10 @@ def load_checkpoint(path, kind=None, logit_cap=None):
         ckpt = _torch_load(path, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CKPT_VERSION:
         version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
-        raise CheckpointError(f"{path} has checkpoint format version {version}; this code reads version "
-                              f"{CKPT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}; this code reads version "
+            f"{CKPT_VERSION}"
+        )
     if kind is not None and ckpt["kind"] != kind:
         what = {"flm": "an FLM denoiser (train_flm.py)", "fmlm": "a flow-map model (distill.py)"}
         raise CheckpointError(f"{path} holds {what[ckpt['kind']]}, but {what[kind]} is needed here")
@@ -59,8 +66,10 @@ def _torch_load(path, **kwargs):
     try:
         return torch.load(path, map_location="cpu", **kwargs)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file): "
-                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt or not a torch file): "
+            f"{(str(e).splitlines() or [type(e).__name__])[0]}"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -69,9 +78,15 @@ def _torch_load(path, **kwargs):
 # Hugging Face david3684/{FLM,FMLM}-B-{OWT,LM1B} (config.json + model.safetensors, EMA weights) and the same
 # models as Lightning .ckpt files (raw weights in state_dict, EMA weights in ema["shadow_params"]).
 
-AUTHORS_LOGIT_CAP = 30.0  # the authors' original and later code cap output logits at 30 (METHOD.md 9)
-AUTHORS_KEYS = [("vocab_embed.embedding", "embed"), ("sigma_map_prime.", "t2_embedder."),
-                ("sigma_map.", "t_embedder."), ("output_layer.", "final_layer.")]
+AUTHORS_LOGIT_CAP = (
+    30.0  # the authors' original and later code cap output logits at 30 (METHOD.md 9)
+)
+AUTHORS_KEYS = [
+    ("vocab_embed.embedding", "embed"),
+    ("sigma_map_prime.", "t2_embedder."),
+    ("sigma_map.", "t_embedder."),
+    ("output_layer.", "final_layer."),
+]
 AUTHORS_DROPPED = ("rotary_emb.inv_freq", "learnable_loss_weighting.", "teacher")
 
 
@@ -87,7 +102,7 @@ def authors_key(name):
         return None
     for theirs, ours in AUTHORS_KEYS:
         if name.startswith(theirs):
-            return ours + name[len(theirs):]
+            return ours + name[len(theirs) :]
     return name
 
 
@@ -118,9 +133,13 @@ class _Inert:
 
 class _SafeUnpickler(pickle.Unpickler):
     """Admits tensors, storages, dtypes and plain containers; every other class becomes an inert _Inert."""
-    SAFE = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
-            ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-            ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter}
+
+    SAFE = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch", "Size"): torch.Size,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.SAFE:
@@ -150,36 +169,51 @@ def _read_lightning(path):
     # torch.load hands storages to its own loader and every class lookup to _SafeUnpickler.find_class
     ckpt = _torch_load(path, pickle_module=restricted, weights_only=False)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint of the authors' code (no state_dict)")
-    raw = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
-    names = [k for k in raw if not k.endswith("rotary_emb.inv_freq")]  # the backbone's parameters, in order
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint of the authors' code (no state_dict)"
+        )
+    raw = {
+        k.removeprefix("backbone."): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("backbone.")
+    }
+    names = [
+        k for k in raw if not k.endswith("rotary_emb.inv_freq")
+    ]  # the backbone's parameters, in order
     shadow = (ckpt.get("ema") or {}).get("shadow_params")
     if not isinstance(shadow, list) or len(shadow) != len(names):
-        raise CheckpointError(f"{path}: ema['shadow_params'] should list the {len(names)} backbone parameters, "
-                              f"found {len(shadow) if isinstance(shadow, list) else 'none'}")
+        raise CheckpointError(
+            f"{path}: ema['shadow_params'] should list the {len(names)} backbone parameters, "
+            f"found {len(shadow) if isinstance(shadow, list) else 'none'}"
+        )
     config = _plain((ckpt.get("hyper_parameters") or {}).get("config")) or {}
     return raw, dict(zip(names, shadow)), config, int(ckpt.get("global_step", 0))
 
 
+def _download(repo_id):
+    """The local folder of a Hugging Face repo id: its config.json + model.safetensors, or its Lightning .ckpt
+    files (huggingface_hub, optional; HF_HUB_OFFLINE=1 reads the local cache only)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id} is neither a file nor a folder; to download it from the Hugging Face hub: "
+            "pip install huggingface_hub"
+        ) from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.ckpt"])
+    except Exception as e:
+        raise CheckpointError(
+            f"{repo_id}: not found locally and not downloadable from the Hugging Face hub "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+        ) from None
+
+
 def _read_hub_folder(path):
-    """(weights, hydra config) of a folder in the layout of the authors' Hugging Face repos; a repo id is
-    downloaded first (huggingface_hub, optional)."""
-    if not os.path.isdir(path):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise CheckpointError(f"{path} is neither a file nor a folder; to download it from the Hugging Face "
-                                  "hub: pip install huggingface_hub") from None
-        try:
-            path = snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
-        except Exception as e:
-            raise CheckpointError(f"{path}: not found locally and not downloadable from the Hugging Face hub "
-                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+    """(weights, hydra config) of a folder in the layout of the authors' Hugging Face repos. config.json is either
+    {"config": hydra config, "vocab_size": V} or, as huggingface_hub's save_pretrained writes it, the hydra config
+    itself with vocab_size beside it; ours carry their metadata under "flm"."""
     files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
-    for f in files:
-        if not os.path.isfile(f):
-            raise CheckpointError(f"{path} has no {os.path.basename(f)}: expected config.json + model.safetensors "
-                                  "(an authors' Hugging Face repo) or a checkpoint file")
     try:
         from safetensors.torch import load_file
     except ImportError:
@@ -189,33 +223,70 @@ def _read_hub_folder(path):
             config = json.load(f)
         weights = load_file(files[1])
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable config.json or model.safetensors "
-                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
-    return weights, dict(config.get("config") or {}, vocab_size=config.get("vocab_size"), flm=config.get("flm"))
+        raise CheckpointError(
+            f"{path}: unreadable config.json or model.safetensors "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+        ) from None
+    hydra = config.get("config") if isinstance(config.get("config"), dict) else config
+    return weights, dict(hydra, vocab_size=config.get("vocab_size"), flm=config.get("flm"))
+
+
+def _authors_files(path):
+    """("hub", folder) or ("ckpt", file) of an authors' model given as a .ckpt, a folder or a repo id."""
+    if path.endswith(".ckpt"):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return "ckpt", path
+    folder = path if os.path.isdir(path) else _download(path)
+    if all(os.path.isfile(os.path.join(folder, f)) for f in ("config.json", "model.safetensors")):
+        return "hub", folder
+    ckpts = sorted(f for f in os.listdir(folder) if f.endswith(".ckpt"))
+    if len(ckpts) == 1:
+        return "ckpt", os.path.join(folder, ckpts[0])
+    found = f"the .ckpt files {', '.join(ckpts)}: name one" if ckpts else "neither"
+    raise CheckpointError(
+        f"{path} holds {found}; expected config.json + model.safetensors (an authors' Hugging Face "
+        "repo), one Lightning .ckpt, or a checkpoint file"
+    )
+
+
+def _authors_config(path, weights, model_cfg):
+    """Our DiTConfig of an authors' model: the sizes from config.model where it has them, else from the weight
+    shapes; the head count cannot be read off the weights, so without it the authors' head size 64 is taken."""
+    if "embed" not in weights or "t_embedder.mlp.0.weight" not in weights:
+        raise CheckpointError(f"{path}: its weights lack vocab_embed.embedding or sigma_map")
+    V, D = weights["embed"].shape
+    n_layer = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
+    n_head = model_cfg.get("n_heads")
+    if n_head is None:
+        n_head = max(1, D // 64)
+        print(f"note: {path} names no head count; taking the authors' head size 64: {n_head} heads", file=sys.stderr)
+    return DiTConfig(
+        vocab_size=V,
+        n_layer=int(model_cfg.get("n_blocks", n_layer)),
+        n_head=int(n_head),
+        n_embd=D,
+        cond_dim=int(model_cfg.get("cond_dim", weights["t_embedder.mlp.0.weight"].shape[0])),
+        dropout=float(model_cfg.get("dropout", 0.1)),
+        logit_cap=AUTHORS_LOGIT_CAP,
+        two_time="t2_embedder.mlp.0.weight" in weights,
+        time_warp="authors",
+    )
 
 
 def load_authors_checkpoint(path):
     """One of the authors' models as a checkpoint dict of ours (kind, model_config, model, ema, tokenizer)."""
-    if path.endswith(".ckpt"):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        raw, ema, config, step = _read_lightning(path)
+    layout, where = _authors_files(path)
+    if layout == "ckpt":
+        raw, ema, config, step = _read_lightning(where)
     else:
-        ema, config = _read_hub_folder(path)
+        ema, config = _read_hub_folder(where)
         raw, step = ema, 0
     raw, ema = ({authors_key(k): v for k, v in d.items() if authors_key(k)} for d in (raw, ema))
     if isinstance(config.get("flm"), dict):  # one of ours, exported by export_hf
         return _ours_from_export(path, ema, config["flm"])
     model_cfg = config.get("model") or {}
-    two_time = "t2_embedder.mlp.0.weight" in ema
-    try:
-        V, D = ema["embed"].shape
-        cfg = DiTConfig(vocab_size=V, n_layer=int(model_cfg["n_blocks"]), n_head=int(model_cfg["n_heads"]),
-                        n_embd=D, cond_dim=int(model_cfg["cond_dim"]), dropout=float(model_cfg.get("dropout", 0.1)),
-                        logit_cap=AUTHORS_LOGIT_CAP, two_time=two_time)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its config lacks the model size {e} (config.model: n_blocks, n_heads, "
-                              "cond_dim) or its weights lack vocab_embed.embedding") from None
+    cfg = _authors_config(path, ema, model_cfg)
     expected = DiT(cfg).state_dict()
     for weights in (raw, ema):
         for key in sorted(set(expected) | set(weights)):
@@ -225,9 +296,17 @@ def load_authors_checkpoint(path):
                 raise CheckpointError(f"{path}: weight {key} is {got}, the config {model_cfg} needs {want}")
     tokenizer = (config.get("data") or {}).get("tokenizer_name_or_path") or "gpt2"
     seq_len = int(model_cfg.get("length") or (128 if "bert" in tokenizer else 1024))
-    return dict(kind="fmlm" if two_time else "flm", model=raw, ema=ema, model_config=asdict(cfg), step=step,
-                args=dict(seq_len=seq_len), format_version=CKPT_VERSION, source=path,
-                data=dict(dir=None, vocab_size=V, vocab=None, tokenizer=tokenizer))
+    return dict(
+        kind="fmlm" if cfg.two_time else "flm",
+        model=raw,
+        ema=ema,
+        model_config=asdict(cfg),
+        step=step,
+        args=dict(seq_len=seq_len),
+        format_version=CKPT_VERSION,
+        source=path,
+        data=dict(dir=None, vocab_size=cfg.vocab_size, vocab=None, tokenizer=tokenizer),
+    )
 
 
 def model_from_checkpoint(ckpt, ema=True):
@@ -245,27 +324,62 @@ def model_from_checkpoint(ckpt, ema=True):
 def export_hf(ckpt, folder):
     """Write folder/config.json and folder/model.safetensors; each file under a temporary name, then renamed."""
     from safetensors.torch import save_file
+
     cfg, theirs = ckpt["model_config"], {}
     for name, tensor in ckpt["ema"].items():
         for ours_prefix, their_prefix in ((o, t) for t, o in AUTHORS_KEYS):
             if name.startswith(ours_prefix):
-                name = their_prefix + name[len(ours_prefix):]
+                name = their_prefix + name[len(ours_prefix) :]
                 break
         theirs[name] = tensor.detach().cpu().contiguous()
+    head = cfg["n_embd"] // cfg["n_head"]  # the rotary buffer, which the authors' class keeps in its state
+    theirs["rotary_emb.inv_freq"] = 1.0 / 10_000 ** (torch.arange(0, head, 2).float() / head)
     data = ckpt["data"]
-    config = dict(config=dict(
-        algo=dict(name="dos", double_temb=bool(cfg["two_time"]), causal_attention=False),
-        model=dict(hidden_size=cfg["n_embd"], n_blocks=cfg["n_layer"], n_heads=cfg["n_head"], cond_dim=cfg["cond_dim"],
-                   name="small", length=ckpt["args"]["seq_len"], dropout=cfg["dropout"], scale_by_sigma=False,
-                   tie_word_embeddings=False),
-        data=dict(tokenizer_name_or_path=data.get("tokenizer", "gpt2"))), vocab_size=cfg["vocab_size"],
-        flm=dict(format_version=CKPT_VERSION, kind=ckpt["kind"], model_config=cfg, step=ckpt["step"],
-                 objective=ckpt.get("objective"), args=ckpt["args"],
-                 data=dict(vocab=data.get("vocab"), tokenizer=data.get("tokenizer", "gpt2"),
-                           vocab_size=data.get("vocab_size"))))
+    # the hydra config their DIT.__init__ reads (algo.name holding "flm" and algo.double_temb make the second time
+    # embedder), with vocab_size beside it, as huggingface_hub's save_pretrained writes it
+    config = dict(
+        algo=dict(
+            name="fmlm" if cfg["two_time"] else "flm",
+            double_temb=bool(cfg["two_time"]),
+            causal_attention=False,
+            learnable_loss_weighting=False,
+            backbone="dit",
+            parameterization="mean",
+            time_conditioning=True,
+        ),
+        model=dict(
+            hidden_size=cfg["n_embd"],
+            n_blocks=cfg["n_layer"],
+            n_heads=cfg["n_head"],
+            cond_dim=cfg["cond_dim"],
+            dropout=cfg["dropout"],
+            length=ckpt["args"]["seq_len"],
+            name="small",
+            type="ddit",
+            scale_by_sigma=False,
+            tie_word_embeddings=False,
+        ),
+        data=dict(tokenizer_name_or_path=data.get("tokenizer", "gpt2")),
+        vocab_size=cfg["vocab_size"],
+        flm=dict(
+            format_version=CKPT_VERSION,
+            kind=ckpt["kind"],
+            model_config=cfg,
+            step=ckpt["step"],
+            objective=ckpt.get("objective"),
+            args=ckpt["args"],
+            data=dict(
+                vocab=data.get("vocab"),
+                tokenizer=data.get("tokenizer", "gpt2"),
+                vocab_size=data.get("vocab_size"),
+            ),
+        ),
+    )
     os.makedirs(folder, exist_ok=True)
     save_file(theirs, os.path.join(folder, "model.safetensors.tmp"), metadata=dict(format="pt"))
-    os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+    os.replace(
+        os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors")
+    )
     with open(os.path.join(folder, "config.json.tmp"), "w") as f:
         json.dump(config, f, indent=2)
     os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
@@ -273,15 +387,28 @@ def export_hf(ckpt, folder):
 
 def _ours_from_export(path, ema, meta):
     if meta.get("format_version") != CKPT_VERSION:
-        raise CheckpointError(f"{path} was exported with checkpoint format version {meta.get('format_version')}; "
-                              f"this code reads version {CKPT_VERSION}")
+        raise CheckpointError(
+            f"{path} was exported with checkpoint format version {meta.get('format_version')}; "
+            f"this code reads version {CKPT_VERSION}"
+        )
     cfg = DiTConfig(**meta["model_config"])
     expected = DiT(cfg).state_dict()
     if set(ema) != set(expected) or any(ema[k].shape != expected[k].shape for k in expected):
-        raise CheckpointError(f"{path}: its weights do not match its config.json['flm']['model_config']")
-    return dict(kind=meta["kind"], model=ema, ema=ema, model_config=asdict(cfg), step=meta.get("step", 0),
-                objective=meta.get("objective"), args=meta["args"], format_version=CKPT_VERSION, source=path,
-                data=dict(meta["data"], dir=None))
+        raise CheckpointError(
+            f"{path}: its weights do not match its config.json['flm']['model_config']"
+        )
+    return dict(
+        kind=meta["kind"],
+        model=ema,
+        ema=ema,
+        model_config=asdict(cfg),
+        step=meta.get("step", 0),
+        objective=meta.get("objective"),
+        args=meta["args"],
+        format_version=CKPT_VERSION,
+        source=path,
+        data=dict(meta["data"], dir=None),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -301,31 +428,43 @@ def load(path, device="cpu", ema=True):
 def decode(model, tokens):
     """The texts of token rows (B, L) sampled from a model of load()."""
     from data import decode as decode_ids
+
     return [decode_ids(row, model.vocab, model.tokenizer) for row in tokens.tolist()]
 
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Export a checkpoint of ours in the layout of the authors' Hugging "
-                                     "Face repos (config.json + model.safetensors, EMA weights), which sample.py "
-                                     "--ckpt FOLDER_OR_ID reads back.")
+
+    parser = argparse.ArgumentParser(
+        description="Export a checkpoint of ours in the layout of the authors' Hugging "
+        "Face repos (config.json + model.safetensors, EMA weights), which sample.py "
+        "--ckpt FOLDER_OR_ID reads back."
+    )
     parser.add_argument("ckpt", help="checkpoint of train_flm.py or distill.py")
     parser.add_argument("folder", help="output folder")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face repo "
-                        "(needs huggingface_hub and a login: huggingface-cli login)")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="also upload the folder to this Hugging Face repo "
+        "(needs huggingface_hub and a login: huggingface-cli login)",
+    )
     args = parser.parse_args()
     try:
         ckpt = load_checkpoint(args.ckpt)
     except CheckpointError as e:
         parser.error(str(e))
     if os.path.isfile(args.folder):
-        parser.error(f"argument folder: got {args.folder}, which is a file; expected a folder to write")
+        parser.error(
+            f"argument folder: got {args.folder}, which is a file; expected a folder to write"
+        )
     try:
         export_hf(ckpt, args.folder)
     except ImportError:
         parser.error("the export writes safetensors: pip install safetensors")
-    print(f"wrote {args.folder}/config.json and {args.folder}/model.safetensors ({ckpt['kind']}, step {ckpt['step']}, "
-          "EMA weights)")
+    print(
+        f"wrote {args.folder}/config.json and {args.folder}/model.safetensors ({ckpt['kind']}, step {ckpt['step']}, "
+        "EMA weights)"
+    )
     if args.push_to_hub:
         try:
             from huggingface_hub import HfApi
@@ -336,5 +475,7 @@ if __name__ == "__main__":
             api.create_repo(args.push_to_hub, exist_ok=True)
             api.upload_folder(folder_path=args.folder, repo_id=args.push_to_hub)
         except Exception as e:
-            parser.error(f"--push-to-hub {args.push_to_hub}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            parser.error(
+                f"--push-to-hub {args.push_to_hub}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            )
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")

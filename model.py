@@ -13,8 +13,9 @@ Conventions (one, stated once, METHOD.md 0):
   METHOD.md 14, so that the (B, L, V) state never has to exist.
 """
 
+import functools
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,18 +25,17 @@ import torch.nn.functional as F
 try:  # flash-attn is optional and GPU-only; its softcap argument (2.6 and newer) keeps the attention soft-cap exact
     import flash_attn
     from flash_attn import flash_attn_func
+
     if tuple(int(v) for v in flash_attn.__version__.split(".")[:2]) < (2, 6):
-        flash_attn_func = None  # an older build has no softcap: "auto" takes flex or the explicit formula instead
+        flash_attn_func = (
+            None  # an older build has no softcap: "auto" takes flex or the explicit formula instead
+        )
 except ImportError:
     flash_attn_func = None
 try:  # PyTorch's fused attention with a score_mod: the exact soft-cap without (B, H, L, L) scores in memory
     from torch.nn.attention.flex_attention import flex_attention
 except ImportError:
     flex_attention = None
-
-# "auto": flash-attn if importable and on CUDA, else flex_attention on CUDA, else the explicit formula. flex has
-# no backward on CPU and neither fused kernel supports forward-mode AD, so CPU training runs the explicit formula.
-ATTENTION = "auto"
 
 # -----------------------------------------------------------------------------
 # small pure functions
@@ -53,8 +53,12 @@ def rotate_half(x):
 
 def rotary_cos_sin(L, head_dim, device, base=10_000.0):
     """cos and sin tables of rotary embeddings, (L, 1, head_dim) each, fp32."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(L, device=device, dtype=torch.float32), inv_freq)  # (L, head_dim / 2)
+    inv_freq = 1.0 / base ** (
+        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
+    freqs = torch.outer(
+        torch.arange(L, device=device, dtype=torch.float32), inv_freq
+    )  # (L, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (L, 1, head_dim)
     return emb.cos(), emb.sin()
 
@@ -64,98 +68,43 @@ def apply_rotary(x, cos, sin):
     return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 
-def capped(x, cap, div=None, out=None):
-    """cap * tanh(x / div) (div = cap: the soft-cap itself), written as 2 cap sigmoid(2 x / div) - cap, the same
-    function: torch's CPU sigmoid is five times faster than its tanh."""
-    return torch.mul(x, 2 / (cap if div is None else div), out=out).sigmoid_().mul_(2 * cap).sub_(cap)
-
-
-class SoftCap(torch.autograd.Function):
-    """y = cap * tanh(x / div) for the attention and output logits, a cache-sized chunk at a time on the CPU (one
-    chunk on CUDA), keeping only y for the backward, whose slope is (cap / div) (1 - (y / cap)^2): autograd's rule
-    passes over the tensor six times and keeps tanh(x / div) besides y. Forward-mode AD (torch.func.jvp) too."""
-
-    @staticmethod
-    def forward(x, cap, div):
-        y, flat = x.new_empty(x.shape), x.reshape(-1)
-        out, step = y.view(-1), (flat.numel() if x.is_cuda else 2 ** 17)
-        for i in range(0, flat.numel(), step):
-            capped(flat[i:i + step], cap, div, out=out[i:i + step])
-        return y
-
-    @staticmethod
-    def setup_context(ctx, inputs, y):
-        ctx.cap, ctx.div = inputs[1], inputs[2]
-        ctx.save_for_backward(y)
-        ctx.save_for_forward(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,), k = ctx.saved_tensors, ctx.cap / ctx.div
-        g, flat, gy = y.new_empty(y.shape), y.reshape(-1), grad.reshape(-1)
-        out, step = g.view(-1), (flat.numel() if y.is_cuda else 2 ** 17)
-        for i in range(0, flat.numel(), step):
-            torch.div(flat[i:i + step], ctx.cap, out=out[i:i + step]).square_().mul_(-k).add_(k).mul_(gy[i:i + step])
-        return g, None, None
-
-    @staticmethod
-    def jvp(ctx, dx, *_):
-        (y,), k = ctx.saved_tensors, ctx.cap / ctx.div
-        return dx * (k - k * (y / ctx.cap).square())
-
-
-def soft_cap(x, cap, div=None):
-    """cap * tanh(x / div), div = cap by default; the plain formula where torch.compile fuses it."""
-    div = cap if div is None else div
-    if torch.compiler.is_compiling():  # the same formula as capped, out of place
-        return torch.sigmoid(x * (2 / div)) * (2 * cap) - cap
-    return SoftCap.apply(x, cap, div)
-
-
-_flex_compiled = None
-
-
-def _flex(q, k, v, softcap):
-    """flex_attention, compiled once, with softcap * tanh(score / softcap) as its score_mod; (B, H, L, d)."""
-    global _flex_compiled
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-
-    def softcap_mod(score, b, h, q_idx, kv_idx):  # score is already scaled by 1 / sqrt(d)
-        return softcap * torch.tanh(score / softcap)
-
-    run = _flex_compiled if q.is_cuda else flex_attention  # eager flex on CPU: the reference the tests use
-    return run(q, k, v, score_mod=softcap_mod)
-
-
-@contextmanager
-def attention_backend(name):
-    """Run every attention of the block with one path inside this context (forward-mode AD needs "explicit")."""
-    global ATTENTION
-    saved, ATTENTION = ATTENTION, name
-    try:
-        yield
-    finally:
-        ATTENTION = saved
-
-
-def attention(q, k, v, softcap, backend=None):
-    """Non-causal attention with logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each."""
-    backend = backend or ATTENTION
+def attention(q, k, v, softcap, backend="auto"):
+    """Non-causal attention with logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each.
+    backend: "flash" (flash-attn), "flex" (torch's flex_attention), "explicit" (the formula, which forward-mode AD
+    needs) or "auto" (flash, else flex on CUDA; explicit on the CPU, where flex has no backward)."""
     if backend == "auto":
-        backend = ("flash" if flash_attn_func is not None else "flex" if flex_attention is not None
-                   else "explicit") if q.is_cuda else "explicit"
+        fused = (
+            "flash"
+            if flash_attn_func is not None
+            else "flex"
+            if flex_attention is not None
+            else "explicit"
+        )
+        backend = fused if q.is_cuda else "explicit"
     if backend == "flash":
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         out = flash_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), causal=False, softcap=softcap)
         return out.to(q.dtype)
     q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, L, d)
     if backend == "flex":
-        return _flex(q, k, v, softcap).transpose(1, 2)
-    # the explicit formula: exact, O(L^2) memory, differentiable in both modes on every device
-    logits = soft_cap((q @ k.transpose(-2, -1)).float(), softcap, softcap * math.sqrt(q.size(-1)))  # (B, H, L, L)
-    out = logits.softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, d)
+
+        def softcap_mod(score, b, h, q_idx, kv_idx):  # score is already scaled by 1 / sqrt(d)
+            return softcap * torch.tanh(score / softcap)
+
+        run = (
+            _compiled_flex() if q.is_cuda else flex_attention
+        )  # eager on the CPU: the tests' reference
+        return run(q, k, v, score_mod=softcap_mod).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(
+        q.size(-1)
+    )  # (B, H, L, L), O(L^2) memory
+    out = (softcap * torch.tanh(scores / softcap)).softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, d)
     return out.transpose(1, 2)  # (B, L, H, d)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 # -----------------------------------------------------------------------------
@@ -167,20 +116,25 @@ def attention(q, k, v, softcap, backend=None):
 # integer hash below is plain tensor arithmetic that torch.compile fuses into its kernels.
 
 _M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
-NOISE, GIVEN, DROPOUT, DECODE = 0, 1 << 23, 1 << 24, 3 << 23  # stream bases: noise stream i uses 2i and 2i + 1,
+NOISE, GIVEN, DROPOUT, DECODE = (
+    0,
+    1 << 23,
+    1 << 24,
+    3 << 23,
+)  # stream bases: noise stream i uses 2i and 2i + 1,
 # dropout of layer l 2l and 2l + 1, the conditioning masks GIVEN, the final categorical draw DECODE and DECODE + 1
 
 
-def _hash32_(x):
-    """lowbias32 (C. Wellons), a bijective 32-bit mix, in place on an int64 tensor of values in [0, 2^32). Each
-    product x * c mod 2^32 is taken in the 16-bit halves of c, so int64 never overflows; in place, with one
-    scratch tensor, because a fresh tensor per operation costs more than the arithmetic on the CPU."""
-    tmp = torch.empty_like(x)
-    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=tmp))
-        torch.mul(x, c >> 16, out=tmp).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-        x.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(_M32)
-    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
+def _mul32(x, c):
+    """x * c mod 2^32 for x in [0, 2^32), with c split in 16-bit halves so that int64 never overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    """lowbias32 (C. Wellons), a bijective 32-bit mix of an int64 tensor of values in [0, 2^32)."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
 
 
 def _splitmix64(z):
@@ -207,10 +161,10 @@ def step_generator(seed, step):
 
 def row_uniform(keys, n, stream):
     """U(0, 1) float32 (B, n), 24-bit resolution: entry (b, i) is a function of (keys[b], stream, i) alone."""
-    stream = _hash32_(torch.tensor(stream & _M32, device=keys.device))
-    row = _hash32_(_hash32_((keys & _M32) ^ stream) ^ ((keys >> 32) & _M32))  # (B,)
-    bits = _hash32_(_hash32_(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
-    return bits.bitwise_right_shift_(8).float().add_(0.5).mul_(2.0 ** -24)
+    stream = _hash32(torch.tensor(stream & _M32, device=keys.device))
+    row = _hash32(_hash32((keys & _M32) ^ stream) ^ ((keys >> 32) & _M32))  # (B,)
+    bits = _hash32(_hash32(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
+    return ((bits >> 8).float() + 0.5) * 2.0**-24
 
 
 def row_normal(keys, n, stream):
@@ -240,11 +194,15 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, cond_dim, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
 
     def forward(self, tau):  # (B,) -> (B, cond_dim)
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=tau.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(10_000) * torch.arange(half, device=tau.device, dtype=torch.float32) / half
+        )
         args = tau.float()[:, None] * freqs[None]  # (B, half)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -272,25 +230,32 @@ class DiTBlock(nn.Module):
         super().__init__()
         D = cfg.n_embd
         self.n_head, self.softcap = cfg.n_head, cfg.attn_softcap
-        self.norm1, self.norm2 = LayerNorm(D), LayerNorm(D)
+        self.norm1 = LayerNorm(D)
+        self.norm2 = LayerNorm(D)
         self.attn_qkv = nn.Linear(D, 3 * D, bias=False)
         self.attn_out = nn.Linear(D, D, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(approximate="tanh"),
-                                 nn.Linear(cfg.mlp_ratio * D, D))
+        hidden = cfg.mlp_ratio * D
+        self.mlp = nn.Sequential(
+            nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D)
+        )
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * D)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, c, cos, sin, p, keys, stream):  # x (B, L, D), c (B, cond_dim); p: dropout
+    def forward(
+        self, x, c, rope, p, keys, stream, backend
+    ):  # x (B, L, D), c (B, cond_dim); p: dropout
         B, L, D = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, D)
+        modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
-        q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(dim=2)  # each (B, L, H, d)
-        y = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, self.softcap)
+        q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(
+            dim=2
+        )  # each (B, L, H, d)
+        y = attention(apply_rotary(q, *rope), apply_rotary(k, *rope), v, self.softcap, backend)
         x = x + gate_msa * dropout(self.attn_out(y.reshape(B, L, D)), p, keys, stream)
-        x = x + gate_mlp * dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), p, keys, stream + 1)
-        return x
+        y = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * dropout(y, p, keys, stream + 1)
 
 
 # -----------------------------------------------------------------------------
@@ -320,7 +285,9 @@ class FinalLayer(nn.Module):
 
 @dataclass
 class DiTConfig:
-    vocab_size: int = 50257  # V, the one-hot size (a compact vocabulary makes it smaller, see data.py)
+    vocab_size: int = (
+        50257  # V, the one-hot size (a compact vocabulary makes it smaller, see data.py)
+    )
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads
     n_embd: int = 768  # D, hidden size
@@ -328,8 +295,11 @@ class DiTConfig:
     mlp_ratio: int = 4  # MLP hidden = mlp_ratio * D
     dropout: float = 0.1  # dropout on the attention and MLP residual branches
     attn_softcap: float = 50.0  # attention logits -> softcap * tanh(logits / softcap)
-    logit_cap: float = 0.0  # if > 0, output logits -> cap * tanh(logits / cap) (the authors' later code: 30)
+    logit_cap: float = (
+        0.0  # if > 0, output logits -> cap * tanh(logits / cap) (the authors' later code: 30)
+    )
     two_time: bool = False  # flow-map model: a second time embedder for tau_t (METHOD.md 5)
+    time_warp: str = "exact"  # the tau(t) table it is trained under: "exact", or "authors" (flow.quadrature)
 
 
 # Presets of model shape; vocab_size is always set from the data.
@@ -370,22 +340,24 @@ class DiT(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return x.float() @ self.embed
 
-    def forward(self, h, tau_s, tau_t=None, keys=None, cap=True):
+    def forward(self, h, tau_s, tau_t=None, keys=None, attention="auto"):
+        """attention: the path of every block (model.attention); keys: see the class docstring."""
         c = self.t_embedder(tau_s)
         if self.t2_embedder is not None:
             c = c + self.t2_embedder(tau_t)
         c = F.silu(c)  # (B, cond_dim)
-        cos, sin = rotary_cos_sin(h.size(1), self.config.n_embd // self.config.n_head, h.device)
-        p, x = (self.config.dropout if self.training else 0.0), h
+        rope = rotary_cos_sin(h.size(1), self.config.n_embd // self.config.n_head, h.device)
+        x, p = h, self.config.dropout if self.training else 0.0
         for i, block in enumerate(self.blocks):
-            x = block(x, c, cos, sin, p, keys, DROPOUT + 2 * i)
+            x = block(x, c, rope, p, keys, DROPOUT + 2 * i, attention)
         logits = self.final_layer(x, c).float()
-        if self.config.logit_cap > 0 and cap:  # cap=False: a loss applies it (flow.CrossEntropy)
-            logits = soft_cap(logits, self.config.logit_cap)
-        return logits
+        cap = self.config.logit_cap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def num_params(self, exclude_embed=False):
-        return sum(p.numel() for n, p in self.named_parameters() if not (exclude_embed and n == "embed"))
+        return sum(
+            p.numel() for n, p in self.named_parameters() if not (exclude_embed and n == "embed")
+        )
 
     def flops_per_token(self, L):
         """Training FLOPs per token (forward + backward); the projected input layer costs O(V D^2 / (B L))."""
@@ -401,7 +373,11 @@ def unwrap(model):
     """The DiT inside DDP and torch.compile wrappers, for its E, config and project: every function of flow.py
     takes the bare, the DDP-wrapped and the compiled module alike."""
     while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
+        model = (
+            model.module
+            if isinstance(getattr(model, "module", None), nn.Module)
+            else model._orig_mod
+        )
     return model
 
 
@@ -409,4 +385,6 @@ def autocast_for(device, dtype):
     """One autocast context for the transformer: bf16 (CPU or CUDA) or none; dtype None picks by device."""
     device_type = torch.device(device).type
     dtype = dtype or ("bf16" if device_type == "cuda" else "fp32")
-    return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext(), dtype
+    return torch.autocast(
+        device_type, dtype=torch.bfloat16
+    ) if dtype == "bf16" else nullcontext(), dtype

@@ -23,54 +23,97 @@ from data import DataError, decode, encode_text
 from flow import RewardGuide, generate
 from reward import RewardError, make_reward, reward_of_tokens
 from model import autocast_for
-from trainer import COUNT, FINITE, FRACTION, NONNEG, checked, device_flag, out_file, parser_for, usage_error
+from trainer import COUNT, FINITE, FRACTION, NONNEG, TOP_P, device_flag, out_path, parser_for
 
 parser = parser_for("Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.", "sample.py")
-parser.add_argument("--ckpt", default="out/fmlm-ptb/ckpt.pt",
-                    help="checkpoint from train_flm.py or distill.py, or one of the authors' released models: a "
-                    "Hugging Face repo id (david3684/FMLM-B-OWT), a folder with config.json + model.safetensors, "
-                    "or a Lightning .ckpt")
-parser.add_argument("--logit-cap", type=NONNEG, help="output logit cap c (c * tanh(logits / c); 0: none; None: "
-                    "the checkpoint's, 30 for the authors' models)")
+parser.add_argument(
+    "--ckpt",
+    default="out/fmlm-ptb/ckpt.pt",
+    help="checkpoint from train_flm.py or distill.py, or one of the authors' released models: a "
+    "Hugging Face repo id (david3684/FMLM-B-OWT), a folder with config.json + model.safetensors, "
+    "or a Lightning .ckpt",
+)
+parser.add_argument(
+    "--logit-cap",
+    type=NONNEG,
+    help="output logit cap c (c * tanh(logits / c); 0: none; None: "
+    "the checkpoint's, 30 for the authors' models)",
+)
 parser.add_argument("--steps", type=COUNT, help="sampler steps (None: 1 for FMLM, 256 for FLM)")
 parser.add_argument("--num-samples", type=COUNT, default=8, help="sequences to generate")
 parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (None: the training length)")
 parser.add_argument("--batch-size", type=COUNT, default=64, help="sequences per forward pass")
 parser.add_argument("--seed", type=int, default=0, help="seed of the noise x_0")
-parser.add_argument("--gamma", type=FRACTION, default=0.0, help="FMLM only: stochastic flow-map sampler, in [0, 1]")
+parser.add_argument(
+    "--gamma", type=FRACTION, default=0.0, help="FMLM only: stochastic flow-map sampler, in [0, 1]"
+)
 parser.add_argument("--guide-ckpt", help="autoguidance: a weaker checkpoint of the same kind")
-parser.add_argument("--eta", type=FINITE, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)")
-parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-parser.add_argument("--out", type=out_file, help="also write the samples as JSONL (text, tokens) to this file")
+parser.add_argument(
+    "--eta", type=FINITE, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)"
+)
+parser.add_argument(
+    "--no-ema", action="store_true", help="use the raw weights instead of the EMA weights"
+)
+parser.add_argument(
+    "--out",
+    type=out_path(folder=False),
+    help="also write the samples as JSONL (text, tokens) to this file",
+)
 parser.add_argument("--device", type=device_flag, help="cpu, cuda, ... (None: cuda if available)")
-parser.add_argument("--dtype", choices=["fp32", "bf16"],
-                    help="autocast precision of the network (None: bf16 on CUDA, fp32 on CPU); state stays fp32")
-parser.add_argument("--allow-long", action="store_true",
-                    help="allow --seq-len beyond the training length (the model has never seen it; memory grows "
-                    "as L^2)")
+parser.add_argument(
+    "--dtype",
+    choices=["fp32", "bf16"],
+    help="autocast precision of the network (None: bf16 on CUDA, fp32 on CPU); state stays fp32",
+)
+parser.add_argument(
+    "--allow-long",
+    action="store_true",
+    help="allow --seq-len beyond the training length (the model has never seen it; memory grows "
+    "as L^2)",
+)
 parser.add_argument("--prompt", help="condition on this text as the start of every sample")
-parser.add_argument("--infill", help='condition on a text with gaps: "[MASK]" is one token to '
-                    'generate, "[MASK*n]" n tokens; the positions after the text are generated too')
-parser.add_argument("--temperature", type=NONNEG, default=0.0,
-                    help="final decode: 0 takes the argmax of the last denoiser; T > 0 draws each token from it at "
-                    "temperature T (keyed by row: a sample does not depend on its batch)")
-parser.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=1.0,
-                    help="nucleus of the final draw at --temperature > 0 (1: the whole distribution)")
-parser.add_argument("--reward", help="reward guidance (METHOD.md 16, reward.py): lexical:WORD[,WORD...], "
-                    "semantic:TEXT (all-MiniLM-L6-v2; bert-base-uncased models) or classifier:ID_OR_FOLDER (a "
-                    "Hugging Face sequence classifier with the model's tokenizer)")
-parser.add_argument("--reward-scale", type=FINITE, default=1.0, help="lambda, the guidance strength (0: unguided)")
-parser.add_argument("--reward-form", choices=["endpoint", "lookahead"], default="endpoint",
-                    help="endpoint: ascend the clean prediction's logits; lookahead: move the state along the "
-                    "reward's gradient through the network")
-parser.add_argument("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
-parser.add_argument("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
+parser.add_argument(
+    "--infill",
+    help='condition on a text with gaps: "[MASK]" is one token to '
+    'generate, "[MASK*n]" n tokens; the positions after the text are generated too',
+)
+parser.add_argument(
+    "--temperature",
+    type=NONNEG,
+    default=0.0,
+    help="final decode: 0 takes the argmax of the last denoiser; T > 0 draws each token from it at "
+    "temperature T (keyed by row: a sample does not depend on its batch)",
+)
+parser.add_argument(
+    "--top-p",
+    type=TOP_P,
+    default=1.0,
+    help="nucleus of the final draw at --temperature > 0 (1: the whole distribution)",
+)
+parser.add_argument(
+    "--reward",
+    help="reward guidance (METHOD.md 16, reward.py): lexical:WORD[,WORD...], "
+    "semantic:TEXT (all-MiniLM-L6-v2; bert-base-uncased models) or classifier:ID_OR_FOLDER (a "
+    "Hugging Face sequence classifier with the model's tokenizer)",
+)
+parser.add_argument(
+    "--reward-scale", type=FINITE, default=1.0, help="lambda, the guidance strength (0: unguided)"
+)
+parser.add_argument(
+    "--reward-form",
+    choices=["endpoint", "lookahead"],
+    default="endpoint",
+    help="endpoint: ascend the clean prediction's logits; lookahead: move the state along the "
+    "reward's gradient through the network",
+)
+parser.add_argument(
+    "--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step"
+)
+parser.add_argument(
+    "--reward-label", help="classifier rewards: the class, an index or a name (None: 0)"
+)
 parser.add_argument("--quiet", action="store_true", help="do not print the texts")
 args = parser.parse_args()
-
-
-def fail(message):
-    raise SystemExit(f"sample.py: error: {message}")
 
 
 # -----------------------------------------------------------------------------
@@ -79,20 +122,32 @@ def fail(message):
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 try:
     ckpt = load_checkpoint(args.ckpt, logit_cap=args.logit_cap)
-    weak = load_checkpoint(args.guide_ckpt, kind=ckpt["kind"], logit_cap=args.logit_cap) if args.guide_ckpt else None
+    weak = (
+        load_checkpoint(args.guide_ckpt, kind=ckpt["kind"], logit_cap=args.logit_cap)
+        if args.guide_ckpt
+        else None
+    )
 except CheckpointError as e:
-    fail(f"{e}{'; train one with train_flm.py then distill.py (README)' if 'does not exist' in str(e) else ''}")
+    parser.error(
+        f"{e}{'; train one with train_flm.py then distill.py (README)' if 'does not exist' in str(e) else ''}"
+    )
 steps = args.steps if args.steps is not None else (1 if ckpt["kind"] == "fmlm" else 256)
 if args.gamma > 0 and ckpt["kind"] != "fmlm":
-    usage_error("sample.py", f"argument --gamma: got {args.gamma}, but {args.ckpt} is an FLM; the stochastic "
-                "sampler needs an FMLM checkpoint (distill.py)")
+    parser.error(
+        f"argument --gamma: got {args.gamma}, but {args.ckpt} is an FLM; the stochastic "
+        "sampler needs an FMLM checkpoint (distill.py)"
+    )
 train_len, cfg = ckpt["args"]["seq_len"], ckpt["model_config"]
 if args.seq_len and args.seq_len > train_len and not args.allow_long:
     B, L = min(args.batch_size, args.num_samples), args.seq_len
-    gib = (B * cfg["n_head"] * L * L + 3 * B * L * cfg["vocab_size"]) * 4 / 2 ** 30  # attention scores, logits
-    usage_error("sample.py", f"argument --seq-len: got {L}, expected at most the training length {train_len} "
-                f"(at batch {B} it would need about {gib:,.1f} GiB for attention scores and logits; "
-                "--allow-long to try anyway)")
+    gib = (
+        (B * cfg["n_head"] * L * L + 3 * B * L * cfg["vocab_size"]) * 4 / 2**30
+    )  # attention scores, logits
+    parser.error(
+        f"argument --seq-len: got {L}, expected at most the training length {train_len} "
+        f"(at batch {B} it would need about {gib:,.1f} GiB for attention scores and logits; "
+        "--allow-long to try anyway)"
+    )
 model = model_from_checkpoint(ckpt, ema=not args.no_ema).to(device).eval()
 weak_model = model_from_checkpoint(weak, ema=not args.no_ema).to(device).eval() if weak else None
 seq_len = args.seq_len or ckpt["args"]["seq_len"]
@@ -103,46 +158,63 @@ vocab, tokenizer = ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2")
 
 cond = None
 if args.prompt is not None and args.infill is not None:
-    usage_error("sample.py", "give --prompt or --infill, not both")
+    parser.error("give --prompt or --infill, not both")
 text, flag = (args.prompt, "--prompt") if args.prompt is not None else (args.infill, "--infill")
 if text is not None:
     if not text.strip():
-        usage_error("sample.py", f"argument {flag}: got {text!r}, expected some text to condition on")
+        parser.error(f"argument {flag}: got {text!r}, expected some text to condition on")
     try:
         ids, given = encode_text(text, vocab, tokenizer)
     except DataError as e:
         try:  # corpora such as the Penn Treebank write words with a leading space: " new", not "new"
             ids, given = encode_text(" " + text, vocab, tokenizer)
-            print(f"sample.py: note: {flag} read as {' ' + text!r}, with a leading space ({e})", file=sys.stderr)
+            print(
+                f"sample.py: note: {flag} read as {' ' + text!r}, with a leading space ({e})",
+                file=sys.stderr,
+            )
         except DataError:
-            usage_error("sample.py", f"argument {flag}: {e}")
+            parser.error(f"argument {flag}: {e}")
     if not any(given):
-        usage_error("sample.py", f"argument {flag}: got {text!r}, which has no tokens to condition on")
+        parser.error(f"argument {flag}: got {text!r}, which has no tokens to condition on")
     if len(ids) > seq_len:
-        usage_error("sample.py", f"argument {flag}: got {len(ids)} tokens, expected at most --seq-len {seq_len} "
-                    f"(and fewer, to leave positions to generate)")
+        parser.error(
+            f"argument {flag}: got {len(ids)} tokens, expected at most --seq-len {seq_len} "
+            f"(and fewer, to leave positions to generate)"
+        )
     if len(ids) == seq_len and all(given):
-        usage_error("sample.py", f"argument {flag}: its {len(ids)} tokens fill the whole sequence of {seq_len}; "
-                    "nothing is left to generate")
+        parser.error(
+            f"argument {flag}: its {len(ids)} tokens fill the whole sequence of {seq_len}; "
+            "nothing is left to generate"
+        )
     pad = seq_len - len(ids)
-    cond = (torch.tensor(given + [False] * pad, device=device), torch.tensor(ids + [0] * pad, device=device))
+    cond = (
+        torch.tensor(given + [False] * pad, device=device),
+        torch.tensor(ids + [0] * pad, device=device),
+    )
     if not ckpt["args"].get("cond_frac"):
-        print(f"sample.py: note: {args.ckpt} was trained without --cond-frac; it has not learned to read given "
-              "tokens, so expect weak conditioning", file=sys.stderr)
+        print(
+            f"sample.py: note: {args.ckpt} was trained without --cond-frac; it has not learned to read given "
+            "tokens, so expect weak conditioning",
+            file=sys.stderr,
+        )
 
 guide_reward, reward = None, None
 if args.reward is not None:
     try:
         reward = make_reward(args.reward, vocab, tokenizer, args.reward_label, device)
     except (RewardError, DataError) as e:
-        usage_error("sample.py", f"argument --reward: {e}")
+        parser.error(f"argument --reward: {e}")
     guide_reward = RewardGuide(reward, args.reward_scale, args.reward_form, args.reward_iters)
 
 # -----------------------------------------------------------------------------
 # sample, decode, write
 
-bar = tqdm(total=steps * -(-args.num_samples // args.batch_size), desc=f"{ckpt['kind']} {steps} steps",
-           file=sys.stderr, disable=args.quiet)
+bar = tqdm(
+    total=steps * -(-args.num_samples // args.batch_size),
+    desc=f"{ckpt['kind']} {steps} steps",
+    file=sys.stderr,
+    disable=args.quiet,
+)
 
 
 def progress(steps_range):
@@ -153,18 +225,33 @@ def progress(steps_range):
 
 autocast, _ = autocast_for(device, args.dtype)
 with autocast:
-    tokens = generate(model, args.num_samples, seq_len, steps, args.batch_size, args.seed, cond, gamma=args.gamma,
-                      guide=(weak_model, args.eta) if weak_model else None, progress=progress,
-                      reward=guide_reward, temperature=args.temperature, top_p=args.top_p).cpu()
+    tokens = generate(
+        model,
+        args.num_samples,
+        seq_len,
+        steps,
+        args.batch_size,
+        args.seed,
+        cond,
+        gamma=args.gamma,
+        guide=(weak_model, args.eta) if weak_model else None,
+        progress=progress,
+        reward=guide_reward,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    ).cpu()
 bar.close()
 if reward is not None:
     r = reward_of_tokens(reward, tokens, cfg["vocab_size"], device, args.batch_size)
-    print(f"reward {args.reward}: mean {r.mean():.4f} over {len(r)} samples (--reward-scale {args.reward_scale:g}, "
-          f"{args.reward_form})", file=sys.stderr)
+    print(
+        f"reward {args.reward}: mean {r.mean():.4f} over {len(r)} samples (--reward-scale {args.reward_scale:g}, "
+        f"{args.reward_form})",
+        file=sys.stderr,
+    )
 try:
     texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]
 except DataError as e:
-    fail(e)
+    parser.error(str(e))
 if not args.quiet:
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")
@@ -172,10 +259,34 @@ if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         for i, (text, row) in enumerate(zip(texts, tokens.tolist())):
-            guided = {} if reward is None else dict(reward=args.reward, reward_scale=args.reward_scale,
-                                                    reward_form=args.reward_form, reward_value=float(r[i]))
-            f.write(json.dumps(dict(text=text, tokens=row, kind=ckpt["kind"], steps=steps, ckpt=args.ckpt,
-                                    seed=args.seed, gamma=args.gamma, prompt=args.prompt, infill=args.infill,
-                                    temperature=args.temperature, top_p=args.top_p, **guided)) + "\n")
+            guided = (
+                {}
+                if reward is None
+                else dict(
+                    reward=args.reward,
+                    reward_scale=args.reward_scale,
+                    reward_form=args.reward_form,
+                    reward_value=float(r[i]),
+                )
+            )
+            f.write(
+                json.dumps(
+                    dict(
+                        text=text,
+                        tokens=row,
+                        kind=ckpt["kind"],
+                        steps=steps,
+                        ckpt=args.ckpt,
+                        seed=args.seed,
+                        gamma=args.gamma,
+                        prompt=args.prompt,
+                        infill=args.infill,
+                        temperature=args.temperature,
+                        top_p=args.top_p,
+                        **guided,
+                    )
+                )
+                + "\n"
+            )
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)

