@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 import torch
 
+from data import DataError, atomic_write, write_text
 from model import DiT, DiTConfig
 
 # -----------------------------------------------------------------------------
@@ -29,9 +30,7 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path, ckpt):
     """torch.save under a temporary name, then rename: a crash never leaves a half-written file at path."""
-    tmp = path + ".tmp"
-    torch.save(dict(ckpt, format_version=CKPT_VERSION), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(dict(ckpt, format_version=CKPT_VERSION), tmp))
 
 
 def load_checkpoint(path, kind=None, logit_cap=None):
@@ -260,7 +259,10 @@ def _authors_config(path, weights, model_cfg):
     n_head = model_cfg.get("n_heads")
     if n_head is None:
         n_head = max(1, D // 64)
-        print(f"note: {path} names no head count; taking the authors' head size 64: {n_head} heads", file=sys.stderr)
+        print(
+            f"note: {path} names no head count; taking the authors' head size 64: {n_head} heads",
+            file=sys.stderr,
+        )
     return DiTConfig(
         vocab_size=V,
         n_layer=int(model_cfg.get("n_blocks", n_layer)),
@@ -290,10 +292,16 @@ def load_authors_checkpoint(path):
     expected = DiT(cfg).state_dict()
     for weights in (raw, ema):
         for key in sorted(set(expected) | set(weights)):
-            if key not in weights or key not in expected or weights[key].shape != expected[key].shape:
+            if (
+                key not in weights
+                or key not in expected
+                or weights[key].shape != expected[key].shape
+            ):
                 got = tuple(weights[key].shape) if key in weights else "missing"
                 want = tuple(expected[key].shape) if key in expected else "no such parameter"
-                raise CheckpointError(f"{path}: weight {key} is {got}, the config {model_cfg} needs {want}")
+                raise CheckpointError(
+                    f"{path}: weight {key} is {got}, the config {model_cfg} needs {want}"
+                )
     tokenizer = (config.get("data") or {}).get("tokenizer_name_or_path") or "gpt2"
     seq_len = int(model_cfg.get("length") or (128 if "bert" in tokenizer else 1024))
     return dict(
@@ -332,7 +340,9 @@ def export_hf(ckpt, folder):
                 name = their_prefix + name[len(ours_prefix) :]
                 break
         theirs[name] = tensor.detach().cpu().contiguous()
-    head = cfg["n_embd"] // cfg["n_head"]  # the rotary buffer, which the authors' class keeps in its state
+    head = (
+        cfg["n_embd"] // cfg["n_head"]
+    )  # the rotary buffer, which the authors' class keeps in its state
     theirs["rotary_emb.inv_freq"] = 1.0 / 10_000 ** (torch.arange(0, head, 2).float() / head)
     data = ckpt["data"]
     # the hydra config their DIT.__init__ reads (algo.name holding "flm" and algo.double_temb make the second time
@@ -375,14 +385,14 @@ def export_hf(ckpt, folder):
             ),
         ),
     )
-    os.makedirs(folder, exist_ok=True)
-    save_file(theirs, os.path.join(folder, "model.safetensors.tmp"), metadata=dict(format="pt"))
-    os.replace(
-        os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors")
-    )
-    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {folder}: {e.strerror}") from None
+    weights = os.path.join(folder, "model.safetensors")
+    atomic_write(weights, lambda tmp: save_file(theirs, tmp, metadata=dict(format="pt")))
+    config_json = os.path.join(folder, "config.json")
+    write_text(config_json, json.dumps(config, indent=2))
 
 
 def _ours_from_export(path, ema, meta):
@@ -461,6 +471,8 @@ if __name__ == "__main__":
         export_hf(ckpt, args.folder)
     except ImportError:
         parser.error("the export writes safetensors: pip install safetensors")
+    except DataError as e:
+        parser.error(str(e))
     print(
         f"wrote {args.folder}/config.json and {args.folder}/model.safetensors ({ckpt['kind']}, step {ckpt['step']}, "
         "EMA weights)"

@@ -24,7 +24,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import pathlib
 import re
+import signal
+import sys
 import time
 import zlib
 from multiprocessing import Pool
@@ -194,20 +197,63 @@ def decode(ids, vocab=None, tokenizer="gpt2"):
 
 
 # -----------------------------------------------------------------------------
+# writing files: every file the project writes goes through atomic_write
+
+
+def atomic_write(path, write):
+    """write(tmp) then rename tmp to path, so that path is never half-written. On any failure (a full disk, an
+    unwritable folder, Ctrl-C) tmp is removed and the previous file at path is left as it was; an OSError, or the
+    RuntimeError that torch.save raises for one, becomes a DataError naming the path and the system's reason."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise DataError(f"cannot write {path}: {reason}") from None
+        raise
+
+
+def write_text(path, text):
+    """A text file, by atomic_write."""
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def writable(path, folder):
+    """None if path can be written as a file (folder=False) or created as a folder, else why not: the first
+    existing folder above it must be a writable folder, and path itself not the other kind."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        return f"{path} is a {'file' if folder else 'folder'}; expected a {'folder' if folder else 'file'}"
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        return f"{above} is a file, so {path} cannot be created"
+    if not os.access(above, os.W_OK):
+        return f"{above} is not writable"
+    return None
+
+
+# -----------------------------------------------------------------------------
 # shards
 
 
 def write_shard(path, tokens):
-    """Write uint16 tokens with the llm.c header, under a temporary name then renamed (atomic)."""
+    """Write uint16 tokens with the llm.c header (atomic_write)."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, len(tokens))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def read_shard(path):
@@ -487,7 +533,9 @@ def _encoded(documents, num_proc, tokenizer, batch_size=256):
     if num_proc <= 1:
         yield from map(encode, _batches(documents, batch_size))
         return
-    with Pool(num_proc) as pool:
+    with Pool(
+        num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)
+    ) as pool:  # Ctrl-C: the parent reports it
         pending = collections.deque()
         for batch in _batches(documents, batch_size):
             pending.append(pool.apply_async(encode, (batch,)))
@@ -532,10 +580,8 @@ def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, 
 
 
 def _write_meta(meta_path, meta):
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, meta_path)  # written last: its presence means every shard is complete
+    """meta.json, written last: its presence means every shard is complete."""
+    write_text(meta_path, json.dumps(meta))
 
 
 def prepare(
@@ -560,7 +606,10 @@ def prepare(
     except (OSError, ValueError, AttributeError):
         pass  # none, or unreadable: rebuilt below
     get_tokenizer(tokenizer)  # a missing tokenizer fails here, before any file is touched
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {out_dir}: {e.strerror}") from None
     for stale in glob.glob(os.path.join(out_dir, "*.bin*")) + [meta_path]:
         if os.path.exists(stale):
             os.remove(stale)
@@ -794,7 +843,12 @@ if __name__ == "__main__":
         ("num-proc", args.num_proc, args.num_proc >= 1, "an integer >= 1"),
         ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "a number in (0, 1)"),
         ("val-last", args.val_last, args.val_last is None or args.val_last >= 1, "an integer >= 1"),
-        ("out", args.out, not (args.out and os.path.isfile(args.out)), "a folder, not a file"),
+        (
+            "out",
+            args.out,
+            not (args.out and writable(args.out, True)),
+            "a folder that can be created",
+        ),
     ):
         if not ok:
             parser.error(f"argument --{flag}: got {value}, expected {expected}")
@@ -861,6 +915,13 @@ if __name__ == "__main__":
             )
     except DataError as e:
         raise SystemExit(f"data.py: error: {e}")
+    except KeyboardInterrupt:
+        print(
+            "data.py: error: stopped by Ctrl-C; the output folder has no meta.json yet, so nothing reads it as "
+            "prepared: run the command again",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
     counts = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items())
     print(
         f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import Data, DataError, decode
+from data import Data, DataError, atomic_write, decode, write_text
 from flow import RewardGuide, factorized_sample, generate
 from model import autocast_for
 from reward import RewardError, make_reward, reward_of_tokens
@@ -321,8 +321,7 @@ def plot(results, path, args):
         )
         axes[-1].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 # -----------------------------------------------------------------------------
@@ -749,12 +748,13 @@ def main():
         lines += frontier_table(results, data_row["entropy"], args.top_p)
     table = "\n".join(lines)
     print(table)
-    if args.markdown:
-        with open(args.markdown + ".tmp", "w") as f:
-            f.write(f"Command: python {' '.join(sys.argv)}\n\n{table}\n")
-        os.replace(args.markdown + ".tmp", args.markdown)
-    if args.plot:
-        plot(results, args.plot, args)
+    try:
+        if args.markdown:
+            write_text(args.markdown, f"Command: python {' '.join(sys.argv)}\n\n{table}\n")
+        if args.plot:
+            plot(results, args.plot, args)
+    except DataError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def quadrature(rule):
     rule the authors' models were trained under, off by up to 9e-5 in tau at V = 50,257 (METHOD.md 3)."""
     if rule == "authors":
         nodes, weights = np.polynomial.hermite.hermgauss(100)
-        z, w = torch.from_numpy(nodes * math.sqrt(2)), torch.from_numpy(weights / math.sqrt(math.pi))
+        z, w = (
+            torch.from_numpy(nodes * math.sqrt(2)),
+            torch.from_numpy(weights / math.sqrt(math.pi)),
+        )
         return z, w
     z = torch.linspace(-10, 10, 801, dtype=torch.float64)
     return z, torch.exp(-(z**2) / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])

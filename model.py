@@ -299,7 +299,9 @@ class DiTConfig:
         0.0  # if > 0, output logits -> cap * tanh(logits / cap) (the authors' later code: 30)
     )
     two_time: bool = False  # flow-map model: a second time embedder for tau_t (METHOD.md 5)
-    time_warp: str = "exact"  # the tau(t) table it is trained under: "exact", or "authors" (flow.quadrature)
+    time_warp: str = (
+        "exact"  # the tau(t) table it is trained under: "exact", or "authors" (flow.quadrature)
+    )
 
 
 # Presets of model shape; vocab_size is always set from the data.

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import DataError, decode, encode_text
+from data import DataError, decode, encode_text, write_text
 from flow import RewardGuide, generate
 from reward import RewardError, make_reward, reward_of_tokens
 from model import autocast_for
@@ -256,37 +256,26 @@ if not args.quiet:
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")
 if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        for i, (text, row) in enumerate(zip(texts, tokens.tolist())):
-            guided = (
-                {}
-                if reward is None
-                else dict(
-                    reward=args.reward,
-                    reward_scale=args.reward_scale,
-                    reward_form=args.reward_form,
-                    reward_value=float(r[i]),
-                )
-            )
-            f.write(
-                json.dumps(
-                    dict(
-                        text=text,
-                        tokens=row,
-                        kind=ckpt["kind"],
-                        steps=steps,
-                        ckpt=args.ckpt,
-                        seed=args.seed,
-                        gamma=args.gamma,
-                        prompt=args.prompt,
-                        infill=args.infill,
-                        temperature=args.temperature,
-                        top_p=args.top_p,
-                        **guided,
-                    )
-                )
-                + "\n"
-            )
-    os.replace(args.out + ".tmp", args.out)
+    run = dict(
+        kind=ckpt["kind"],
+        steps=steps,
+        ckpt=args.ckpt,
+        seed=args.seed,
+        gamma=args.gamma,
+        prompt=args.prompt,
+        infill=args.infill,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    if reward is not None:
+        run.update(reward=args.reward, reward_scale=args.reward_scale, reward_form=args.reward_form)
+    lines = []
+    for i, (text, row) in enumerate(zip(texts, tokens.tolist())):
+        value = {} if reward is None else dict(reward_value=float(r[i]))
+        lines.append(json.dumps(dict(text=text, tokens=row, **run, **value)) + "\n")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_text(args.out, "".join(lines))
+    except (OSError, DataError) as e:
+        parser.error(f"argument --out: {e}")
     print(f"wrote {len(texts)} samples to {args.out}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The real scripts in subprocesses: end to end, SIGKILL and exact resume, and clear errors (CPU, a minute)."""
 
 import importlib.util
+import errno
 import json
 import math
 import os
@@ -452,6 +453,10 @@ def bad_cases(d, r):
         (t + ["--decay", "1.5"], "argument --decay: got 1.5, expected a number in [0, 1]"),
         (t + ["--ckpt-every", "-3"], "argument --ckpt-every: got -3"),
         (["train_flm.py", "--data", d, "--out-dir", str(r / "a_file")], "argument --out-dir: got"),
+        (
+            ["train_flm.py", "--data", d, "--out-dir", str(r / "a_file" / "run")],
+            "a_file is a file, so",
+        ),
         (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
         (["distill.py", "--teacher", str(r / "teacher_dir")], "teacher_dir has no config.json"),
         (["distill.py", "--teacher", str(r / "missing.pt")], "does not exist"),
@@ -521,6 +526,7 @@ def bad_cases(d, r):
         (s + ["--logit-cap", "-1"], "argument --logit-cap: got -1.0"),
         (s + ["--guide-ckpt", str(r / "missing.pt")], "does not exist"),
         (s + ["--out", str(r)], "argument --out: got"),
+        (s + ["--out", str(r / "a_file" / "s.jsonl")], "a_file is a file, so"),
         (s + ["--device", "cuda:3"], "argument --device: got cuda:3"),
         (s + ["--temperature", "-0.5"], "argument --temperature: got -0.5"),
         (s + ["--top-p", "1.5"], "argument --top-p: got 1.5, expected a number in (0, 1]"),
@@ -556,6 +562,7 @@ def bad_cases(d, r):
         (e + ["--logit-cap", "-2"], "argument --logit-cap: got -2.0"),
         (e + ["--markdown", str(r)], "argument --markdown: got"),
         (e + ["--plot", str(r)], "argument --plot: got"),
+        (e + ["--markdown", str(r / "a_file" / "t.md")], "a_file is a file, so"),
         (e + ["--device", "tpu"], "argument --device: got tpu"),
         (e + ["--gamma", "1.5"], "argument --gamma: got 1.5"),
         (e + ["--weak", flm], "autoguidance needs both --weak CKPT and --eta"),
@@ -587,6 +594,7 @@ def bad_cases(d, r):
             "no such file or folder",
         ),
         (["data.py", "--out", str(r / "a_file")], "argument --out: got"),
+        (["data.py", "--out", str(r / "a_file" / "d")], "argument --out: got"),
         (["data.py", "--shard-size", "0"], "argument --shard-size: got 0"),
         (["data.py", "--num-proc", "0"], "argument --num-proc: got 0"),
         (["data.py", "--val-fraction", "1"], "argument --val-fraction: got 1.0"),
@@ -1137,3 +1145,136 @@ def test_bf16_trains_on_cpu_with_a_finite_falling_loss(data_dir, tmp_path):
         "--num-samples",
         "2",
     )
+
+
+def test_ctrl_c_checkpoints_the_step_and_resumes_to_the_uninterrupted_weights(data_dir, tmp_path):
+    cmd = lambda out: [
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        str(out),
+        *TINY,
+        *MOVING,
+        "--eval-every",
+        "100",
+        "--max-steps",
+        "40",
+    ]
+    train(data_dir, tmp_path / "whole", *cmd(tmp_path / "whole")[5:])
+    default_sigint = lambda: signal.signal(
+        signal.SIGINT, signal.SIG_DFL
+    )  # as a terminal starts a program
+    job = subprocess.Popen(
+        [sys.executable, *cmd(tmp_path / "cut")],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
+    log, deadline = tmp_path / "cut" / "log.txt", time.time() + 600
+    while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 130, err  # as a shell reports Ctrl-C, so that train && distill stops
+    assert (
+        "stopped by SIGINT" in out and "continue with --resume" in out and "Traceback" not in err
+    ), err
+    assert not list((tmp_path / "cut").glob("*.tmp"))
+    stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= stopped_at < 40, stopped_at
+    train(data_dir, tmp_path / "cut", *cmd(tmp_path / "cut")[5:], "--resume")
+    for key in ("model", "ema"):
+        diff = max_diff(
+            weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "cut" / "ckpt.pt", key)
+        )
+        assert diff == 0.0, (key, diff)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        str(out),
+        *TINY,
+        "--eval-every",
+        "100",
+        "--max-steps",
+        "400",
+        "--ckpt-every",
+        "2",
+    ]
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    job = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
+    deadline = time.time() + 600
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    time.sleep(
+        0.02
+    )  # two presses; if the run's step ends between them, the first alone stops it, as it should
+    job.send_signal(signal.SIGINT)
+    stdout, err = job.communicate(timeout=600)
+    assert job.returncode == 130 and "Traceback" not in err, err
+    assert "stopped at once by a second Ctrl-C" in err or "stopped by SIGINT" in stdout, (
+        stdout,
+        err,
+    )
+    assert len([line for line in err.splitlines() if line.strip()]) <= 1, err
+    assert not list(out.glob("*.tmp"))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2  # whole: it loads
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch
+):
+    from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from data import DataError
+
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, dict(kind="flm", step=1))
+
+    def full_disk(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
+        open(f, "wb").write(b"partial")
+        enospc()
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(DataError, match=f"cannot write {path}: No space left on device"):
+        save_checkpoint(path, dict(kind="flm", step=2))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint, whole
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(tmp_path / "nothing.pt"))
+
+
+def test_a_full_disk_while_preparing_data_leaves_no_shard_and_no_meta(tmp_path, monkeypatch):
+    import data
+    from data import DataError, prepare
+
+    docs = [
+        ("train", "the company said it would buy the shares " * 20),
+        ("val", "the market fell " * 20),
+    ]
+    monkeypatch.setattr(data.os, "fsync", enospc)  # the shard's data reaches the disk: no room
+    with pytest.raises(DataError, match="train_000000.bin: No space left on device"):
+        prepare(str(tmp_path / "d"), docs, dict(test=1), shard_size=1000)
+    assert (
+        os.listdir(tmp_path / "d") == []
+    )  # no temporary file, and no meta.json: not read as prepared

@@ -12,6 +12,7 @@ micro-steps train on the same global batch, and a run resumes on any number of r
 """
 
 import argparse
+import glob
 import math
 import os
 import re
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from data import DataError, atomic_write, writable
 from model import DiTConfig, autocast_for
 
 # -----------------------------------------------------------------------------
@@ -68,14 +70,13 @@ def device_flag(text):
 
 
 def out_path(folder):
-    """An argparse type for an output file (folder=False) or folder: it must be creatable where it is."""
+    """An argparse type for an output file (folder=False) or folder that can be written where it is (data.writable),
+    checked when the flags are read, before a model loads or a step runs."""
 
     def parse(text):
-        if os.path.isdir(text) != folder and os.path.exists(text):
-            what = "a file" if folder else "a folder"
-            raise argparse.ArgumentTypeError(
-                f"got {text}, which is {what}; expected a {'folder' if folder else 'file'}"
-            )
+        why = writable(text, folder)
+        if why:
+            raise argparse.ArgumentTypeError(f"got {text}: {why}")
         return text
 
     return parse
@@ -251,10 +252,8 @@ class Run:
         self.master = self.rank == 0
         self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         self.signals = []  # the names of the stop signals caught
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(
-                sig, lambda signum, frame: self.signals.append(signal.Signals(signum).name)
-            )
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
         self.autocast, args.dtype = autocast_for(self.device, args.dtype)
         torch.backends.cuda.matmul.allow_tf32 = (
             True  # the transformer's fp32 matmuls; the noise's are float64
@@ -280,6 +279,23 @@ class Run:
                 project=args.wandb, name=name, config=vars(args), dir=args.out_dir, resume="allow"
             )
 
+    def on_signal(self, signum, frame):
+        """A stop request (SIGTERM, SIGUSR1, Ctrl-C), honoured after the step (preempted); a second Ctrl-C stops
+        at once, leaving the last checkpoint whole and no temporary file."""
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and "SIGINT" in self.signals:
+            for tmp in glob.glob(os.path.join(self.args.out_dir, "*.tmp")) if self.master else []:
+                os.remove(tmp)
+            if self.master:
+                print(
+                    f"{self.script}: stopped at once by a second Ctrl-C; {self.ckpt_path} holds the last "
+                    "checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            os._exit(130)
+        self.signals.append(name)
+
     def fail(self, message):
         """Stop every rank with one line from rank 0."""
         if self.ddp:
@@ -290,7 +306,10 @@ class Run:
         """The output folder, and the model line and batch arithmetic, once, on rank 0."""
         args = self.args
         if self.master:
-            os.makedirs(args.out_dir, exist_ok=True)
+            try:
+                os.makedirs(args.out_dir, exist_ok=True)
+            except OSError as e:
+                self.fail(f"cannot create --out-dir {args.out_dir}: {e.strerror}")
             print(model_line)
             print(
                 f"global batch {args.batch_size} = micro {args.micro_batch} x world {self.world} x accumulation "
@@ -377,12 +396,14 @@ class Run:
         self.check_finite(*models)
         if not self.master:
             return
-        save_checkpoint(self.ckpt_path, ckpt)
         step, args = ckpt["step"], self.args
-        if args.keep_every and step % args.keep_every == 0 and step < args.max_steps:
-            kept = os.path.join(args.out_dir, f"ckpt-{step}.pt")
-            shutil.copyfile(self.ckpt_path, kept + ".tmp")
-            os.replace(kept + ".tmp", kept)
+        try:
+            save_checkpoint(self.ckpt_path, ckpt)
+            if args.keep_every and step % args.keep_every == 0 and step < args.max_steps:
+                kept = os.path.join(args.out_dir, f"ckpt-{step}.pt")
+                atomic_write(kept, lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
+        except DataError as e:
+            self.fail(f"{e}; the previous checkpoint is kept as it was")
 
     def log(self, line, **metrics):
         """Print on rank 0, append to out_dir/log.txt, and send metrics (with their step) to --wandb."""
@@ -433,9 +454,12 @@ class Run:
         return True
 
     def finish(self):
-        """Every rank leaves together, after rank 0 has written its last checkpoint; the wandb run ends."""
+        """Every rank leaves together, after rank 0 has written its last checkpoint; the wandb run ends. Exit code 130
+        after a Ctrl-C, as a shell reports one (so that `train && distill` stops there), 0 otherwise."""
         if self.wandb:
             self.wandb.finish()
         if self.ddp:
             dist.barrier()
             dist.destroy_process_group()
+        if self.signals and self.signals[0] == "SIGINT":
+            raise SystemExit(130)
