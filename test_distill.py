@@ -459,3 +459,75 @@ def test_a_model_distilled_with_prompts_continues_new_with_york_in_one_step():
     )
     assert min(right) >= 0.95
     assert abs(share - 0.5) < 0.1
+
+
+# -----------------------------------------------------------------------------
+# the training loops' rules (METHOD.md 17): EMA, lr schedule, and which positions a loss reads
+
+
+def test_ema_is_the_decayed_average_with_its_warmup():
+    from trainer import ema_update
+
+    torch.manual_seed(0)
+    ema, model = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    for step, decay in ((0, 0.9999), (5, 0.9999), (10_000, 0.99)):
+        d = min(decay, (1 + step) / (10 + step))  # the warmup: 0.1 at step 0, 0.4 at step 5
+        before = [p.clone() for p in ema.parameters()]
+        ema_update(ema, model, step, decay)
+        for e, old, m in zip(ema.parameters(), before, model.parameters()):
+            torch.testing.assert_close(e, d * old + (1 - d) * m, rtol=0, atol=1e-15)
+
+
+def test_the_lr_warms_up_linearly_holds_and_decays_linearly_to_zero():
+    from types import SimpleNamespace
+
+    from trainer import get_lr
+
+    args = SimpleNamespace(lr=1.0, warmup=4, max_steps=100, decay=0.2)
+    lrs = [get_lr(step, args) for step in range(101)]
+    assert lrs[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]  # (step + 1) / warmup
+    assert lrs[4:80] == [1.0] * 76  # constant until the last 20% of the steps
+    assert lrs[90] == pytest.approx(0.5) and lrs[100] == 0.0  # linear to 0 at max_steps
+    assert get_lr(99_999, SimpleNamespace(lr=3e-4, warmup=2500, max_steps=10**6, decay=0.0)) == 3e-4
+
+
+class Shifted(torch.nn.Module):
+    """The DiT's logits plus a zero tensor whose gradient shows how the loss weighs each position's logits."""
+
+    def __init__(self, module, shape):
+        super().__init__()
+        self.module = module  # flow.unwrap finds the DiT here, as in a DDP wrapper
+        self.shift = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+        self.seen = []
+
+    def forward(self, *args, **kwargs):
+        logits = self.module(*args, **kwargs).double()
+        self.seen.append(logits.detach())
+        return logits + self.shift
+
+
+@pytest.mark.parametrize("loss", ["flm", "distill"])
+def test_given_positions_cannot_move_the_loss_and_every_row_weighs_the_same(loss):
+    from flow import flm_loss
+
+    B, L, V = 4, 8, 64
+    net = DiT(DiTConfig(vocab_size=V, two_time=loss == "distill", **MODEL_PRESETS["tiny"]))
+    model = Shifted(net, (B, L, V))
+    tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
+    given = torch.zeros(B, L, dtype=torch.bool)
+    given[0, :6], given[1, :1], given[2, ::2] = True, True, True  # 2, 7, 4 and 8 free positions
+    keys = slot_keys(0, 0, range(B))
+    if loss == "flm":
+        flm_loss(model, tokens, torch.rand(B), keys, given=given).backward()
+        target = torch.nn.functional.one_hot(tokens, V).double()
+    else:  # all diagonal rows, self-distillation: the one-hot data is the target
+        tau = torch.rand(B)
+        distill_loss(model, None, tokens, (tau, tau, B), keys, given=given).backward()
+        target = torch.nn.functional.one_hot(tokens, V).double()
+    grad = model.shift.grad
+    assert (grad[given] == 0).all()  # a given position's logits do not reach the loss
+    free = (~given).sum(1).double().view(B, 1, 1)
+    expected = (model.seen[-1].softmax(-1) - target) / (
+        B * free
+    )  # the mean over each row's free positions
+    torch.testing.assert_close(grad[~given], expected[~given], rtol=1e-5, atol=1e-9)

@@ -1278,3 +1278,40 @@ def test_a_full_disk_while_preparing_data_leaves_no_shard_and_no_meta(tmp_path, 
     assert (
         os.listdir(tmp_path / "d") == []
     )  # no temporary file, and no meta.json: not read as prepared
+
+
+def test_the_gradient_clip_bounds_the_step_and_zero_turns_it_off(data_dir, tmp_path):
+    # AdamW divides by sqrt(v) + 1e-8: a gradient clipped to norm 1e-12 moves the weights by about lr 1e-4
+    common = [*MOVING, "--max-steps", "2", "--eval-every", "2"]
+    for name, extra in (
+        ("still", ["--lr", "1e-30"]),
+        ("clipped", ["--grad-clip", "1e-12"]),
+        ("off", ["--grad-clip", "0"]),
+    ):
+        train(data_dir, tmp_path / name, *common, *extra)
+    still = weights(tmp_path / "still" / "ckpt.pt")
+    assert max_diff(weights(tmp_path / "clipped" / "ckpt.pt"), still) < 1e-5
+    assert max_diff(weights(tmp_path / "off" / "ckpt.pt"), still) > 1e-3
+
+
+def test_a_checkpoint_holds_what_resume_sampling_and_export_read(bad_files):
+    for kind in ("flm", "fmlm"):
+        ckpt = torch.load(bad_files / kind / "ckpt.pt", weights_only=True)  # plain types only
+        assert {
+            "kind",
+            "model",
+            "ema",
+            "optimizer",
+            "model_config",
+            "step",
+            "args",
+            "data",
+            "format_version",
+        } <= set(ckpt)
+        assert ckpt["kind"] == kind and ckpt["format_version"] == 1
+        assert set(ckpt["data"]) >= {"dir", "vocab", "vocab_size", "tokenizer"}
+        assert (
+            ckpt["model_config"]["two_time"] == (kind == "fmlm")
+            and ckpt["model_config"]["time_warp"] == "exact"
+        )
+        assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["seq_len"] > 0

@@ -1,4 +1,5 @@
-"""The mathematics of METHOD.md, checked on small seeded tensors (CPU, seconds)."""
+"""The mathematics of METHOD.md, checked on small seeded tensors (CPU, seconds). METHOD.md 17 maps every rule to
+its test."""
 
 import math
 
