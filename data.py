@@ -763,6 +763,17 @@ class Data:
     def decode(self, ids):
         return decode(ids, self.vocab, self.tokenizer)
 
+    def describe(self):
+        """What a checkpoint records of the data it was trained on."""
+        source = self.meta["source"]
+        return dict(
+            dir=self.dir,
+            vocab_size=self.vocab_size,
+            vocab=self.vocab,
+            source=source,
+            tokenizer=self.tokenizer,
+        )
+
 
 # -----------------------------------------------------------------------------
 # command line

@@ -30,87 +30,35 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError
 from flow import OBJECTIVES, distill_loss, distill_times, given_mask, reading, state_factor
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
-from trainer import (
-    BELOW_1,
-    COUNT,
-    FRACTION,
-    NONNEG,
-    Run,
-    add_run_args,
-    carry_factor_grad,
-    ema_update,
-    get_lr,
-    parse_with_preset,
-)
-from trainer import fail, parser_for
+from trainer import BELOW_1, COUNT, FRACTION, NONNEG, Run, add_run_args, carry_factor_grad
+from trainer import ema_update, fail, get_lr, parse_with_preset, parser_for
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
 
+# the paper's settings (METHOD.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
+# the authors' student trains with dropout 0.1 and trains its E
+PAPER = dict(lr=3e-4, warmup=1000, decay=0.0, max_steps=100_000, ema=0.9999, eval_every=5000)
+PAPER.update(keep_every=0, dropout=0.1, train_embed=True, cond_frac=0.0, boundary_frac=1 / 32)
+# the embedded corpus on a laptop CPU
+PTB = dict(
+    teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=2e-3, warmup=50, decay=0.0
+)
+PTB.update(max_steps=600, ema=0.99, eval_every=100, eval_windows=64, keep_every=0, dropout=0.0)
+PTB.update(train_embed=False, cond_frac=0.2, boundary_frac=0.25)
 RUN_PRESETS = {
-    # the embedded corpus on a laptop CPU
-    "ptb": dict(
-        teacher="out/flm-ptb/ckpt.pt",
-        batch_size=32,
-        micro_batch=32,
-        lr=2e-3,
-        warmup=50,
-        decay=0.0,
-        max_steps=600,
-        ema=0.99,
-        eval_every=100,
-        eval_windows=64,
-        keep_every=0,
-        dropout=0.0,
-        train_embed=False,
-        cond_frac=0.2,
-        boundary_frac=0.25,
-    ),
-    # the paper's settings (METHOD.md 6): AdamW 3e-4, betas (0.9, 0.95), 100K steps, batch 512 (LM1B) / 128 (OWT);
-    # the authors' student trains with dropout 0.1 and trains its E
+    "ptb": PTB,
+    # the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the
+    # steps, and the lr 1e-3 that made its table (docs/results.md)
+    "ptb-long": dict(PTB, teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3),
+    "ptb-bert": dict(PTB, teacher="out/flm-ptb-bert/ckpt.pt"),  # WordPiece, as train_flm.py's
     "lm1b": dict(
-        teacher="out/flm-lm1b/ckpt.pt",
-        batch_size=512,
-        micro_batch=64,
-        lr=3e-4,
-        warmup=1000,
-        decay=0.0,
-        max_steps=100_000,
-        ema=0.9999,
-        eval_every=5000,
-        eval_windows=1024,
-        keep_every=0,
-        dropout=0.1,
-        train_embed=True,
-        cond_frac=0.0,
-        boundary_frac=1 / 32,
+        PAPER, teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, eval_windows=1024
     ),
     "owt": dict(
-        teacher="out/flm-owt/ckpt.pt",
-        batch_size=128,
-        micro_batch=8,
-        lr=3e-4,
-        warmup=1000,
-        decay=0.0,
-        max_steps=100_000,
-        ema=0.9999,
-        eval_every=5000,
-        eval_windows=256,
-        keep_every=0,
-        dropout=0.1,
-        train_embed=True,
-        cond_frac=0.0,
-        boundary_frac=1 / 32,
+        PAPER, teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, eval_windows=256
     ),
 }
-# the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the steps,
-# and the lr 1e-3 that made its table (results-long.md)
-RUN_PRESETS["ptb-long"] = dict(
-    RUN_PRESETS["ptb"], teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3
-)
-RUN_PRESETS["ptb-bert"] = dict(
-    RUN_PRESETS["ptb"], teacher="out/flm-ptb-bert/ckpt.pt"
-)  # WordPiece, as train_flm.py
 SELF_DISTILL = {  # --self-distill has no teacher to take these from: (model, seq_len, data) per preset
     "ptb": ("ptb", 32, "data/ptb"),
     "ptb-long": ("ptb", 64, "data/ptb"),
@@ -120,54 +68,23 @@ SELF_DISTILL = {  # --self-distill has no teacher to take these from: (model, se
 }
 
 parser = parser_for("Distill an FLM into its flow map (FMLM).", "distill.py")
-parser.add_argument(
-    "--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from"
-)
-parser.add_argument(
-    "--teacher",
-    help="FLM checkpoint from train_flm.py (its EMA weights are the teacher), or an "
-    "authors' released FLM as in sample.py --ckpt (then --data is needed)",
-)
-parser.add_argument(
-    "--logit-cap",
-    type=NONNEG,
-    help="teacher's (and student's) output logit cap (None: the teacher's, 30 for the authors')",
-)
-parser.add_argument(
-    "--objective",
-    choices=OBJECTIVES,
-    default="semigroup",
-    help="the off-diagonal target (METHOD.md 6): semigroup (the paper's), lagrangian or eulerian (a "
-    "JVP through the student with the explicit attention formula)",
-)
-parser.add_argument(
-    "--self-distill",
-    action="store_true",
-    help="no teacher: train a fresh two-time DiT (--model, --data) into a flow map",
-)
-parser.add_argument(
-    "--model",
-    choices=list(MODEL_PRESETS),
-    help="--self-distill: model shape preset (None: the preset's, ptb or small)",
-)
-parser.add_argument("--data", help="prepared data folder (None: the teacher's)")
-parser.add_argument("--dropout", type=BELOW_1, help="student dropout (the authors' 0.1)")
-parser.add_argument(
+a = parser.add_argument
+a("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings")
+a("--teacher", help="FLM checkpoint (its EMA weights), or an authors' model as in sample.py --ckpt")
+a("--logit-cap", type=NONNEG, help="output logit cap of teacher and student (None: the teacher's)")
+a("--objective", choices=OBJECTIVES, default="semigroup", help="off-diagonal target (METHOD.md 6)")
+a("--self-distill", action="store_true", help="no teacher: a fresh two-time DiT (--model, --data)")
+a("--model", choices=list(MODEL_PRESETS), help="--self-distill: model shape (None: the preset's)")
+a("--data", help="prepared data folder (None: the teacher's)")
+a("--dropout", type=BELOW_1, help="student dropout (the authors' 0.1)")
+a(
     "--train-embed",
     action=argparse.BooleanOptionalAction,
-    help="train the student's input matrix E (the authors'; teacher and student then read one joint "
-    "state x_s @ [E_teacher, E_student]), or freeze it at the teacher's",
+    help="train the student's E (joint state)",
 )
-parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (None: the teacher's)")
-parser.add_argument(
-    "--diag-frac", type=FRACTION, default=0.5, help="share of diagonal rows (tau_s = tau_t)"
-)
-parser.add_argument(
-    "--boundary-frac",
-    type=FRACTION,
-    help="share of the non-diagonal rows at (tau_s, tau_t) = "
-    "(0, 1), the one-step jump (the paper's 1/32 is no row of a batch of 32)",
-)
+a("--seq-len", type=COUNT, help="tokens per sequence (None: the teacher's)")
+a("--diag-frac", type=FRACTION, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
+a("--boundary-frac", type=FRACTION, help="share of the other rows at (tau_s, tau_t) = (0, 1)")
 add_run_args(parser)
 args = parse_with_preset(parser, RUN_PRESETS, "fmlm")
 if args.self_distill:
@@ -197,14 +114,13 @@ try:
     data = Data(args.data or teacher_ckpt["data"]["dir"])
 except DataError as e:
     run.fail(e)
-if teacher_ckpt and (
-    data.vocab != teacher_ckpt["data"]["vocab"]
-    or data.tokenizer != teacher_ckpt["data"].get("tokenizer", "gpt2")
-    or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]
-):
-    run.fail(
-        f"{data.dir} was prepared with another vocabulary than the teacher {args.teacher} was trained on"
-    )
+if teacher_ckpt:
+    taught = teacher_ckpt["data"]
+    same = (data.vocab, data.tokenizer) == (taught["vocab"], taught.get("tokenizer", "gpt2"))
+    if not same or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]:
+        run.fail(
+            f"{data.dir} has another vocabulary than the teacher {args.teacher} was trained on"
+        )
 if args.seq_len > data.max_seq_len():
     run.fail(
         f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
@@ -214,38 +130,31 @@ args.data = data.dir
 torch.manual_seed(args.seed)
 if args.self_distill:
     teacher = None
-    raw_model = DiT(
-        DiTConfig(
-            vocab_size=data.vocab_size,
-            two_time=True,
-            **dict(MODEL_PRESETS[args.model], dropout=args.dropout),
-        )
-    ).to(device)
+    shape = dict(MODEL_PRESETS[args.model], dropout=args.dropout)
+    raw_model = DiT(DiTConfig(vocab_size=data.vocab_size, two_time=True, **shape)).to(device)
 else:
     teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)
     raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
     raw_model.config.dropout = args.dropout  # the deep copy has its own config
     raw_model.add_second_time()
-    raw_model.embed.requires_grad_(
-        args.train_embed
-    )  # frozen: teacher and student read the same h = x_s @ E
+    # frozen, teacher and student read the same h = x_s @ E; trained, a joint state (flow.reading)
+    raw_model.embed.requires_grad_(args.train_embed)
 cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
+# fused: one kernel per step, on CUDA and the CPU alike
 optimizer = torch.optim.AdamW(
     params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True
-)  # one kernel per step, on CUDA and the CPU alike
+)
 start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
 model = run.wrap(raw_model)
+trained = sum(p.numel() for p in params)
+source = "self-distillation (no teacher)"
+if teacher is not None:
+    source = f"teacher {args.teacher} (step {teacher_ckpt['step']})"
 run.setup(
-    f"student: {raw_model.num_params():,} parameters ({sum(p.numel() for p in params):,} "
-    f"trained), V = {cfg.vocab_size:,}, E {'trained' if raw_model.embed.requires_grad else 'frozen'}, "
-    f"objective {args.objective}, "
-    + (
-        "self-distillation (no teacher)"
-        if teacher is None
-        else f"teacher {args.teacher} (step {teacher_ckpt['step']})"
-    )
+    f"student: {raw_model.num_params():,} parameters ({trained:,} trained), V = {cfg.vocab_size:,}, E "
+    f"{'trained' if args.train_embed or teacher is None else 'frozen'}, objective {args.objective}, {source}"
 )
 
 
@@ -269,26 +178,12 @@ def val_loss(net):
 
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    source = dict(
-        dir=args.data,
-        vocab_size=data.vocab_size,
-        vocab=data.vocab,
-        source=data.meta["source"],
-        tokenizer=data.tokenizer,
-    )
     ckpt = dict(
-        kind="fmlm",
-        teacher=args.teacher,
-        objective=args.objective,
-        data=teacher_ckpt["data"] if teacher_ckpt else source,
-        model=raw_model.state_dict(),
-        ema=ema_model.state_dict(),
-        optimizer=optimizer.state_dict(),
-        model_config=asdict(cfg),
-        step=step,
-        args=vars(args),
-        val_loss=val,
+        kind="fmlm", teacher=args.teacher, objective=args.objective, step=step, val_loss=val
     )
+    ckpt.update(data=teacher_ckpt["data"] if teacher_ckpt else data.describe(), args=vars(args))
+    ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict(), model_config=asdict(cfg))
+    ckpt.update(optimizer=optimizer.state_dict())
     run.save(ckpt, raw_model, ema_model)
 
 

@@ -22,17 +22,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # flash-attn is optional and GPU-only; its softcap argument (2.6 and newer) keeps the attention soft-cap exact
+# flash-attn is optional and GPU-only; its softcap argument (2.6 and newer) keeps the attention soft-cap exact,
+# so an older build is not used. flex_attention applies the soft-cap as a score_mod, without (B, H, L, L) scores.
+try:
     import flash_attn
     from flash_attn import flash_attn_func
 
     if tuple(int(v) for v in flash_attn.__version__.split(".")[:2]) < (2, 6):
-        flash_attn_func = (
-            None  # an older build has no softcap: "auto" takes flex or the explicit formula instead
-        )
+        flash_attn_func = None
 except ImportError:
     flash_attn_func = None
-try:  # PyTorch's fused attention with a score_mod: the exact soft-cap without (B, H, L, L) scores in memory
+try:
     from torch.nn.attention.flex_attention import flex_attention
 except ImportError:
     flex_attention = None
@@ -53,12 +53,8 @@ def rotate_half(x):
 
 def rotary_cos_sin(L, head_dim, device, base=10_000.0):
     """cos and sin tables of rotary embeddings, (L, 1, head_dim) each, fp32."""
-    inv_freq = 1.0 / base ** (
-        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    )
-    freqs = torch.outer(
-        torch.arange(L, device=device, dtype=torch.float32), inv_freq
-    )  # (L, head_dim / 2)
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device) / head_dim)
+    freqs = torch.outer(torch.arange(L, device=device, dtype=torch.float32), inv_freq)  # (L, d / 2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (L, 1, head_dim)
     return emb.cos(), emb.sin()
 
@@ -72,15 +68,10 @@ def attention(q, k, v, softcap, backend="auto"):
     """Non-causal attention with logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each.
     backend: "flash" (flash-attn), "flex" (torch's flex_attention), "explicit" (the formula, which forward-mode AD
     needs) or "auto" (flash, else flex on CUDA; explicit on the CPU, where flex has no backward)."""
-    if backend == "auto":
-        fused = (
-            "flash"
-            if flash_attn_func is not None
-            else "flex"
-            if flex_attention is not None
-            else "explicit"
-        )
-        backend = fused if q.is_cuda else "explicit"
+    if backend == "auto" and not q.is_cuda:
+        backend = "explicit"
+    elif backend == "auto":
+        backend = "flash" if flash_attn_func else "flex" if flex_attention else "explicit"
     if backend == "flash":
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         out = flash_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), causal=False, softcap=softcap)
@@ -91,13 +82,9 @@ def attention(q, k, v, softcap, backend="auto"):
         def softcap_mod(score, b, h, q_idx, kv_idx):  # score is already scaled by 1 / sqrt(d)
             return softcap * torch.tanh(score / softcap)
 
-        run = (
-            _compiled_flex() if q.is_cuda else flex_attention
-        )  # eager on the CPU: the tests' reference
+        run = _compiled_flex() if q.is_cuda else flex_attention  # eager on the CPU: the tests'
         return run(q, k, v, score_mod=softcap_mod).transpose(1, 2)
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(
-        q.size(-1)
-    )  # (B, H, L, L), O(L^2) memory
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, L, L)
     out = (softcap * torch.tanh(scores / softcap)).softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, d)
     return out.transpose(1, 2)  # (B, L, H, d)
 
@@ -116,13 +103,9 @@ def _compiled_flex():
 # integer hash below is plain tensor arithmetic that torch.compile fuses into its kernels.
 
 _M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
-NOISE, GIVEN, DROPOUT, DECODE = (
-    0,
-    1 << 23,
-    1 << 24,
-    3 << 23,
-)  # stream bases: noise stream i uses 2i and 2i + 1,
-# dropout of layer l 2l and 2l + 1, the conditioning masks GIVEN, the final categorical draw DECODE and DECODE + 1
+# stream bases: noise stream i uses 2i and 2i + 1, dropout of layer l 2l and 2l + 1, the conditioning masks
+# GIVEN, the final categorical draw DECODE and DECODE + 1
+NOISE, GIVEN, DROPOUT, DECODE = 0, 1 << 23, 1 << 24, 3 << 23
 
 
 def _mul32(x, c):
@@ -200,9 +183,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, tau):  # (B,) -> (B, cond_dim)
         half = self.freq_dim // 2
-        freqs = torch.exp(
-            -math.log(10_000) * torch.arange(half, device=tau.device, dtype=torch.float32) / half
-        )
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=tau.device) / half)
         args = tau.float()[:, None] * freqs[None]  # (B, half)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -242,16 +223,12 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(
-        self, x, c, rope, p, keys, stream, backend
-    ):  # x (B, L, D), c (B, cond_dim); p: dropout
+    def forward(self, x, c, rope, p, keys, stream, backend):  # x (B, L, D), c (B, cond_dim)
         B, L, D = x.shape
         modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
-        q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(
-            dim=2
-        )  # each (B, L, H, d)
+        q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(2)  # (B, L, H, d) each
         y = attention(apply_rotary(q, *rope), apply_rotary(k, *rope), v, self.softcap, backend)
         x = x + gate_msa * dropout(self.attn_out(y.reshape(B, L, D)), p, keys, stream)
         y = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -285,9 +262,7 @@ class FinalLayer(nn.Module):
 
 @dataclass
 class DiTConfig:
-    vocab_size: int = (
-        50257  # V, the one-hot size (a compact vocabulary makes it smaller, see data.py)
-    )
+    vocab_size: int = 50257  # V, the one-hot size (a compact vocabulary is smaller, data.py)
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads
     n_embd: int = 768  # D, hidden size
@@ -295,13 +270,9 @@ class DiTConfig:
     mlp_ratio: int = 4  # MLP hidden = mlp_ratio * D
     dropout: float = 0.1  # dropout on the attention and MLP residual branches
     attn_softcap: float = 50.0  # attention logits -> softcap * tanh(logits / softcap)
-    logit_cap: float = (
-        0.0  # if > 0, output logits -> cap * tanh(logits / cap) (the authors' later code: 30)
-    )
+    logit_cap: float = 0.0  # if > 0, logits -> cap * tanh(logits / cap) (the authors': 30)
     two_time: bool = False  # flow-map model: a second time embedder for tau_t (METHOD.md 5)
-    time_warp: str = (
-        "exact"  # the tau(t) table it is trained under: "exact", or "authors" (flow.quadrature)
-    )
+    time_warp: str = "exact"  # the tau(t) it is trained under: "exact" or "authors" (flow.py)
 
 
 # Presets of model shape; vocab_size is always set from the data.
@@ -358,7 +329,7 @@ class DiT(nn.Module):
 
     def num_params(self, exclude_embed=False):
         return sum(
-            p.numel() for n, p in self.named_parameters() if not (exclude_embed and n == "embed")
+            p.numel() for n, p in self.named_parameters() if n != "embed" or not exclude_embed
         )
 
     def flops_per_token(self, L):
@@ -374,19 +345,19 @@ class DiT(nn.Module):
 def unwrap(model):
     """The DiT inside DDP and torch.compile wrappers, for its E, config and project: every function of flow.py
     takes the bare, the DDP-wrapped and the compiled module alike."""
-    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
-        model = (
-            model.module
-            if isinstance(getattr(model, "module", None), nn.Module)
-            else model._orig_mod
-        )
-    return model
+    while True:
+        if isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def autocast_for(device, dtype):
     """One autocast context for the transformer: bf16 (CPU or CUDA) or none; dtype None picks by device."""
     device_type = torch.device(device).type
     dtype = dtype or ("bf16" if device_type == "cuda" else "fp32")
-    return torch.autocast(
-        device_type, dtype=torch.bfloat16
-    ) if dtype == "bf16" else nullcontext(), dtype
+    if dtype == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16), dtype
+    return nullcontext(), dtype

@@ -458,7 +458,10 @@ def bad_cases(d, r):
             "a_file is a file, so",
         ),
         (["train_flm.py", "--preset", "nope"], "invalid choice: 'nope'"),
-        (["distill.py", "--teacher", str(r / "teacher_dir")], "teacher_dir holds neither; expected config.json"),
+        (
+            ["distill.py", "--teacher", str(r / "teacher_dir")],
+            "teacher_dir holds neither; expected config.json",
+        ),
         (["distill.py", "--teacher", str(r / "missing.pt")], "does not exist"),
         (
             ["distill.py", "--teacher", fmlm],

@@ -19,93 +19,47 @@ import torch
 from data import Data, DataError
 from flow import flm_loss, given_mask, state_factor, stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
-from trainer import (
-    BELOW_1,
-    COUNT,
-    Run,
-    add_run_args,
-    carry_factor_grad,
-    ema_update,
-    get_lr,
-    parse_with_preset,
-    parser_for,
-)
+from trainer import BELOW_1, COUNT, Run, add_run_args, carry_factor_grad, ema_update, get_lr
+from trainer import parse_with_preset, parser_for
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
 
-RUN_PRESETS = {
-    # the embedded corpus on a laptop CPU: about 7 minutes on 2 cores; the lr falls to 0 over the last 30% of steps,
-    # and a short EMA follows it (a long one averages in the weights of before the decay)
-    "ptb": dict(
-        data="data/ptb",
-        model="ptb",
-        batch_size=32,
-        micro_batch=32,
-        seq_len=32,
-        lr=2e-3,
-        warmup=100,
-        decay=0.3,
-        max_steps=1300,
-        ema=0.99,
-        eval_every=100,
-        eval_windows=128,
-        keep_every=500,
-        cond_frac=0.2,
-    ),
-    # the paper's settings (METHOD.md 10): AdamW 3e-4, warmup 2,500 then constant, batch 512, EMA 0.9999, 1M steps
-    "lm1b": dict(
-        data="data/lm1b",
-        model="small",
-        batch_size=512,
-        micro_batch=64,
-        seq_len=128,
-        lr=3e-4,
-        warmup=2500,
-        decay=0.0,
-        max_steps=1_000_000,
-        ema=0.9999,
-        eval_every=10_000,
-        eval_windows=2048,
-        keep_every=0,
-        cond_frac=0.0,
-    ),
-    "owt": dict(
-        data="data/openwebtext",
-        model="small",
-        batch_size=512,
-        micro_batch=16,
-        seq_len=1024,
-        lr=3e-4,
-        warmup=2500,
-        decay=0.0,
-        max_steps=1_000_000,
-        ema=0.9999,
-        eval_every=10_000,
-        eval_windows=512,
-        keep_every=0,
-        cond_frac=0.0,
-    ),
-}
-# the longer CPU recipe (with distill.py --preset ptb-long, about 40 minutes on 2 cores): sequences of 64 tokens
-# and the constant lr and long EMA that made its table (results-long.md)
-RUN_PRESETS["ptb-long"] = dict(
-    RUN_PRESETS["ptb"], seq_len=64, max_steps=1000, keep_every=500, decay=0.0, ema=0.999
+# the paper's settings (METHOD.md 10): AdamW 3e-4, warmup 2,500 then constant, batch 512, EMA 0.9999, 1M steps
+PAPER = dict(model="small", batch_size=512, lr=3e-4, warmup=2500, decay=0.0, max_steps=1_000_000)
+PAPER.update(ema=0.9999, eval_every=10_000, keep_every=0, cond_frac=0.0)
+# the embedded corpus on a laptop CPU, about 7 minutes on 2 cores: the lr falls to 0 over the last 30% of the
+# steps, and a short EMA follows it (a long one averages in the weights of before the decay)
+PTB = dict(
+    data="data/ptb", model="ptb", batch_size=32, micro_batch=32, seq_len=32, lr=2e-3, warmup=100
 )
-# the quick start on the Penn Treebank as LM1B is tokenized (python data.py --tokenizer bert-base-uncased --out
-# data/ptb-bert): the vocabulary of the semantic reward's encoder (METHOD.md 16)
-RUN_PRESETS["ptb-bert"] = dict(RUN_PRESETS["ptb"], data="data/ptb-bert")
+PTB.update(
+    decay=0.3,
+    max_steps=1300,
+    ema=0.99,
+    eval_every=100,
+    eval_windows=128,
+    keep_every=500,
+    cond_frac=0.2,
+)
+RUN_PRESETS = {
+    "ptb": PTB,
+    # the longer CPU recipe (with distill.py --preset ptb-long, about 40 minutes on 2 cores): 64 tokens, and the
+    # constant lr and long EMA that made its table (docs/results.md)
+    "ptb-long": dict(PTB, seq_len=64, max_steps=1000, decay=0.0, ema=0.999),
+    # the quick start with the tokenizer of LM1B and of the semantic reward's encoder (METHOD.md 16):
+    # python data.py --tokenizer bert-base-uncased --out data/ptb-bert
+    "ptb-bert": dict(PTB, data="data/ptb-bert"),
+    "lm1b": dict(PAPER, data="data/lm1b", micro_batch=64, seq_len=128, eval_windows=2048),
+    "owt": dict(PAPER, data="data/openwebtext", micro_batch=16, seq_len=1024, eval_windows=512),
+}
 
 parser = parser_for("Train an FLM denoiser (stage 1).", "train_flm.py")
-parser.add_argument(
-    "--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings to start from"
-)
+parser.add_argument("--preset", default="ptb", choices=list(RUN_PRESETS), help="run settings")
 parser.add_argument("--data", help="prepared data folder (python data.py)")
 parser.add_argument("--model", choices=list(MODEL_PRESETS), help="model shape preset (model.py)")
 parser.add_argument("--dropout", type=BELOW_1, help="override the model preset's dropout")
-parser.add_argument(
-    "--seq-len", type=COUNT, help="tokens per sequence (windows of the token stream)"
-)
+parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (windows of the stream)")
 add_run_args(parser)
 args = parse_with_preset(parser, RUN_PRESETS, "flm")
 
@@ -129,9 +83,9 @@ if args.dropout is not None:
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 raw_model = DiT(cfg).to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
-optimizer = torch.optim.AdamW(
-    raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True
-)  # one kernel per step, on CUDA and the CPU alike
+# AdamW as the paper (METHOD.md 10); fused: one kernel per step, on CUDA and the CPU alike
+adamw = dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+optimizer = torch.optim.AdamW(raw_model.parameters(), **adamw)
 start_step = 0
 if args.resume:
     ckpt = run.resume("flm", raw_model, ema_model, optimizer)
@@ -163,24 +117,9 @@ def val_loss(net):
 
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    source = dict(
-        dir=args.data,
-        vocab_size=data.vocab_size,
-        vocab=data.vocab,
-        source=data.meta["source"],
-        tokenizer=data.tokenizer,
-    )
-    ckpt = dict(
-        kind="flm",
-        data=source,
-        model=raw_model.state_dict(),
-        ema=ema_model.state_dict(),
-        optimizer=optimizer.state_dict(),
-        model_config=asdict(cfg),
-        step=step,
-        args=vars(args),
-        val_loss=val,
-    )
+    ckpt = dict(kind="flm", data=data.describe(), step=step, args=vars(args), val_loss=val)
+    ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict(), model_config=asdict(cfg))
+    ckpt.update(optimizer=optimizer.state_dict())
     run.save(ckpt, raw_model, ema_model)
 
 

@@ -92,9 +92,8 @@ def fail(script, message):
 
 def parser_for(description, script):
     """An ArgumentParser whose --help shows every default and whose errors are one line (rank 0 only)."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=description, formatter_class=formatter)
     parser.error = lambda message: fail(script, message)
     return parser
 
@@ -103,85 +102,32 @@ def add_run_args(parser):
     """The flags of both training stages; --preset sets their defaults (parse_with_preset)."""
     a = parser.add_argument
     a("--out-dir", type=out_path(folder=True), help="checkpoint and log folder")
-    a("--batch-size", type=COUNT, help="global batch in sequences, over all ranks and micro-steps")
-    a(
-        "--micro-batch",
-        type=COUNT,
-        help="sequences per rank per forward; accumulation = batch / (micro x world)",
-    )
+    a("--batch-size", type=COUNT, help="global batch in sequences, over ranks and micro-steps")
+    a("--micro-batch", type=COUNT, help="sequences per rank per forward (sets the accumulation)")
     a("--lr", type=POSITIVE, help="AdamW learning rate after warmup")
     a("--warmup", type=COUNT, help="linear warmup steps")
-    a(
-        "--decay",
-        type=FRACTION,
-        help="share of the last steps over which the lr falls linearly to 0 (0: constant)",
-    )
+    a("--decay", type=FRACTION, help="share of the last steps where the lr falls linearly to 0")
     a("--max-steps", type=COUNT, help="optimizer steps")
     a("--ema", type=BELOW_1, help="EMA decay (with warmup: min(ema, (1 + step) / (10 + step)))")
     a("--grad-clip", type=NONNEG, default=1.0, help="gradient norm clip (0: off)")
     a("--eval-every", type=COUNT, help="steps between validation and checkpoint")
-    a(
-        "--eval-windows",
-        type=COUNT,
-        help="validation windows (fixed windows, times and noise), split over ranks",
-    )
+    a("--eval-windows", type=COUNT, help="validation windows (fixed times and noise)")
     a("--log-every", type=COUNT, default=10, help="steps between log lines")
-    a(
-        "--keep-every",
-        type=NONNEG_INT,
-        help="also keep the checkpoint of every multiple of this many steps as "
-        "ckpt-STEP.pt, at validation steps (0: only the latest; an earlier one is autoguidance's weak model)",
-    )
-    a(
-        "--cond-frac",
-        type=FRACTION,
-        help="conditioning: the share of rows given a prompt (a prefix of random length) "
-        "or spans to fill, fed clean at every time and left out of the loss (0: off)",
-    )
-    a(
-        "--seed",
-        type=int,
-        default=1337,
-        help="seed; every random draw of a step derives from (seed, step, slot)",
-    )
-    a(
-        "--device",
-        type=device_flag,
-        help="cpu, cuda, cuda:1, ... (None: cuda if available; torchrun: LOCAL_RANK)",
-    )
-    a(
-        "--dtype",
-        choices=["fp32", "bf16"],
-        help="autocast precision of the transformer (None: bf16 on CUDA, "
-        "fp32 on CPU); time warp, softmax, losses and sampler state stay fp32",
-    )
+    a("--keep-every", type=NONNEG_INT, help="also keep ckpt-STEP.pt at these validations (0: no)")
+    a("--cond-frac", type=FRACTION, help="share of rows given a prompt or spans (METHOD.md 15)")
+    a("--seed", type=int, default=1337, help="every draw of a step derives from (seed, step, slot)")
+    a("--device", type=device_flag, help="cpu, cuda, cuda:N (None: cuda if available)")
+    a("--dtype", choices=["fp32", "bf16"], help="autocast (None: bf16 on CUDA, fp32 on CPU)")
     a("--compile", action="store_true", help="torch.compile the trained model")
-    a(
-        "--resume",
-        action="store_true",
-        help="continue from out_dir/ckpt.pt (on any number of ranks)",
-    )
-    a(
-        "--ckpt-every",
-        type=NONNEG_INT,
-        default=0,
-        help="also write the checkpoint every this many steps between "
-        "validations (0: only at validations); SIGTERM or SIGUSR1 writes one at the step it interrupts",
-    )
-    a(
-        "--wandb",
-        metavar="PROJECT",
-        help="also log to Weights & Biases under this project (pip install wandb; "
-        "WANDB_MODE=offline works without an account)",
-    )
+    a("--resume", action="store_true", help="continue from out_dir/ckpt.pt, on any number of ranks")
+    a("--ckpt-every", type=NONNEG_INT, default=0, help="also checkpoint every N steps (0: no)")
+    a("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb)")
 
 
 def parse_with_preset(parser, presets, stage):
     """Read --preset first, make its settings the defaults (so that --help prints them), then parse the rest."""
-    preset = parser.parse_known_args([a for a in sys.argv[1:] if a not in ("-h", "--help")])[
-        0
-    ].preset
-    parser.set_defaults(**presets[preset], out_dir=f"out/{stage}-{preset}")
+    known = parser.parse_known_args([a for a in sys.argv[1:] if a not in ("-h", "--help")])[0]
+    parser.set_defaults(**presets[known.preset], out_dir=f"out/{stage}-{known.preset}")
     return parser.parse_args()
 
 
@@ -255,9 +201,8 @@ class Run:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         self.autocast, args.dtype = autocast_for(self.device, args.dtype)
-        torch.backends.cuda.matmul.allow_tf32 = (
-            True  # the transformer's fp32 matmuls; the noise's are float64
-        )
+        # TF32 for the transformer's fp32 matmuls; the noise's covariance is float64 (flow.noise_factor)
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if args.batch_size % (args.micro_batch * self.world):
             self.fail(
@@ -265,9 +210,8 @@ class Run:
                 f"x world {self.world}"
             )
         self.accum = args.batch_size // (args.micro_batch * self.world)
-        self.first_bad = torch.tensor(
-            -1, device=self.device
-        )  # first step with a non-finite loss or gradient
+        # the first step with a non-finite loss or gradient, read only when logging (no host sync a step)
+        self.first_bad = torch.tensor(-1, device=self.device)
         self.wandb = None
         if args.wandb and self.master:
             try:
@@ -287,12 +231,8 @@ class Run:
             for tmp in glob.glob(os.path.join(self.args.out_dir, "*.tmp")) if self.master else []:
                 os.remove(tmp)
             if self.master:
-                print(
-                    f"{self.script}: stopped at once by a second Ctrl-C; {self.ckpt_path} holds the last "
-                    "checkpoint",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                line = f"stopped at once by a second Ctrl-C; {self.ckpt_path} holds the last checkpoint"
+                print(f"{self.script}: {line}", file=sys.stderr, flush=True)
             os._exit(130)
         self.signals.append(name)
 
@@ -322,12 +262,8 @@ class Run:
         dynamo split the graph at DDP's buckets, so the gradient all-reduce overlaps the backward)."""
         model = raw_model
         if self.ddp:
-            model = DDP(
-                model,
-                device_ids=[int(os.environ["LOCAL_RANK"])]
-                if self.device.startswith("cuda")
-                else None,
-            )
+            cuda = self.device.startswith("cuda")
+            model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cuda else None)
         return torch.compile(model) if self.args.compile else model
 
     def resume(self, kind, raw_model, ema_model, optimizer):
@@ -419,24 +355,16 @@ class Run:
         self.check_finite()
         if self.ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss, grad_norm, tokens = (
-            loss_sum.item() / self.accum,
-            grad_norm.item(),
-            self.args.batch_size * self.args.seq_len,
-        )
+        tokens = self.args.batch_size * self.args.seq_len
+        loss, grad, ms = loss_sum.item() / self.accum, grad_norm.item(), dt * 1000
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad, ms_per_step=ms, tokens_per_s=tokens / dt)
+        line = f"step {step} | loss {loss:.4f} | lr {lr:.2e} | grad {grad:.3f} | {ms:.0f} ms | "
+        line += f"{tokens / dt:,.0f} tok/s"
         peak = peak_flops(self.device, self.args.dtype)
-        mfu = flops_per_token * tokens / dt / peak / self.world if peak else None
-        self.log(
-            f"step {step} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | {dt * 1000:.0f} ms | "
-            f"{tokens / dt:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""),
-            step=step,
-            loss=loss,
-            lr=lr,
-            grad_norm=grad_norm,
-            ms_per_step=dt * 1000,
-            tokens_per_s=tokens / dt,
-            **({"mfu": mfu} if mfu else {}),
-        )
+        if peak:
+            metrics["mfu"] = flops_per_token * tokens / dt / peak / self.world
+            line += f" | mfu {metrics['mfu']:.1%}"
+        self.log(line, step=step, **metrics)
 
     def preempted(self, step, save):
         """True after a SIGTERM or SIGUSR1 caught by any rank: every rank gets the same answer (reduced over ranks,
