@@ -670,7 +670,7 @@ class Data:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
             raise DataError(
-                f"{meta_path} is not a meta.json of data.py ({why}); prepare it again"
+                f"{meta_path} is not a valid meta.json of data.py ({why}); prepare it again"
             ) from None
         self.dir, self.tokenizer = data_dir, self.meta.get("tokenizer", "gpt2")
         self.splits = {}
@@ -708,8 +708,10 @@ class Data:
             rows.append(shards[w][start : start + seq_len])
         x = np.stack(rows).astype(np.int64)
         if x.max() >= self.vocab_size:
-            where = f"{self.dir} split {split!r} holds token id {x.max()}, outside meta.json's vocabulary"
-            raise DataError(f"{where} of {self.vocab_size}: the shards and meta.json do not match")
+            where = f"{self.dir} split {split!r} holds token id {x.max()}, outside the vocabulary"
+            raise DataError(
+                f"{where} of {self.vocab_size} in meta.json: the shards and meta.json do not match"
+            )
         x = torch.from_numpy(x)
         if torch.device(device).type == "cuda":
             return x.pin_memory().to(device, non_blocking=True)

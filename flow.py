@@ -37,10 +37,8 @@ def quadrature(rule):
     rule the authors' models were trained under, off by up to 9e-5 in tau at V = 50,257 (METHOD.md 3)."""
     if rule == "authors":
         nodes, weights = np.polynomial.hermite.hermgauss(100)
-        z, w = (
-            torch.from_numpy(nodes * math.sqrt(2)),
-            torch.from_numpy(weights / math.sqrt(math.pi)),
-        )
+        z = torch.from_numpy(nodes * math.sqrt(2))
+        w = torch.from_numpy(weights / math.sqrt(math.pi))
         return z, w
     z = torch.linspace(-10, 10, 801, dtype=torch.float64)
     return z, torch.exp(-(z**2) / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])
@@ -67,9 +65,8 @@ class TimeWarp:
         # float64: keep the strictly increasing points, then (1, 1),
         # where d tau / dt is 0 (the error rate vanishes faster than any power of 1 - t)
         tau[0] = 0.0
-        keep = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]]) & (
-            tau < 1.0
-        )
+        rising = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]])
+        keep = rising & (tau < 1.0)
         one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         self.t_table, self.tau_table = torch.cat([t[keep], one]), torch.cat([tau[keep], one])
         self.dtau_table = torch.cat([dtau[keep], zero])
@@ -77,11 +74,8 @@ class TimeWarp:
 
     def _on(self, device):
         if device not in self._tables:
-            self._tables[device] = (
-                self.t_table.to(device),
-                self.tau_table.to(device),
-                self.dtau_table.to(device),
-            )
+            tables = (self.t_table, self.tau_table, self.dtau_table)
+            self._tables[device] = tuple(table.to(device) for table in tables)
         return self._tables[device]
 
     def t(self, tau):
@@ -146,9 +140,8 @@ def joint_noise_factor(embed):
     with torch.no_grad():
         e = embed.double()
         lam, U = torch.linalg.eigh(e.T @ e)
-        inv_sqrt = torch.where(
-            lam > lam.max() * 1e-10, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam)
-        )
+        kept = lam > lam.max() * 1e-10  # the dependent directions dropped
+        inv_sqrt = torch.where(kept, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
         Q = (e @ (U * inv_sqrt)).to(embed.dtype)
     with torch.autocast(embed.device.type, enabled=False):
         return Q.T @ embed
@@ -161,11 +154,9 @@ def state_factor(model):
     model = unwrap(model)
     if isinstance(model, DenseView) or model.embed.size(0) <= model.embed.size(1):
         return None
-    return (
-        joint_noise_factor(model.embed)
-        if isinstance(model, JointView)
-        else noise_factor(model.embed).T
-    )
+    if isinstance(model, JointView):
+        return joint_noise_factor(model.embed)
+    return noise_factor(model.embed).T
 
 
 class JointView(nn.Module):
@@ -257,9 +248,7 @@ def flm_loss(model, tokens, tau, keys, given=None, factor=None):
 def cross_entropy(logits, target, given=None):
     """-sum_V target * log_softmax(logits) per position, target token ids (B, L) or distributions (B, L, V), in fp32;
     mean over positions (METHOD.md 2, 6), or over each row's free ones."""
-    logits = logits.to(
-        torch.promote_types(logits.dtype, torch.float32)
-    )  # fp32, or float64 for a float64 model
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (float64 stays)
     target = target.to(logits.dtype) if target.is_floating_point() else target
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), reduction="none")  # (B L,)
     ce = ce.view(logits.shape[:2])
@@ -386,20 +375,16 @@ def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, 
     warp = time_warp(student)
     s, t = warp.t(tau_s), warp.t(tau_t)
     zero = torch.zeros_like(tau_s)
-    delta, ddelta_dtau_t = jvp_denoiser(
-        student, h_s, tau_s, tau_t, torch.zeros_like(h_s), zero, torch.ones_like(tau_s)
-    )
-    X = clamp_given(
-        flow_map(h_s, unwrap(student).project(delta), s, t), given, clean
-    )  # X_{s,t}(x_s), student's delta
-    return lagrangian(
-        teacher_denoiser(X, tau_t), ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1), s, t
-    )
+    tangent = (torch.zeros_like(h_s), zero, torch.ones_like(tau_s))  # d / d tau_t
+    delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, *tangent)
+    # X_{s,t}(x_s) with the student's delta
+    X = clamp_given(flow_map(h_s, unwrap(student).project(delta), s, t), given, clean)
+    ddelta_dt = ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1)
+    return lagrangian(teacher_denoiser(X, tau_t), ddelta_dt, s, t)
 
 
-EULERIAN_T_MAX = (
-    1 - 1e-3
-)  # the Eulerian target is evaluated at t' = min(t, EULERIAN_T_MAX) (METHOD.md 6)
+# the Eulerian target is evaluated at t' = min(t, EULERIAN_T_MAX) (METHOD.md 6)
+EULERIAN_T_MAX = 1 - 1e-3
 
 
 @torch.no_grad()
@@ -415,9 +400,8 @@ def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, cl
     D_s = teacher_denoiser(h_s, tau_s)
     dh = unwrap(student).project(D_s) - h_s
     dh = clamp_given(dh, given, torch.zeros_like(dh))
-    _, directional = jvp_denoiser(
-        student, h_s, tau_s, tau_t, dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t)
-    )
+    tangent = (dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
+    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, *tangent)
     return eulerian(D_s, directional, s, t)
 
 
@@ -428,9 +412,7 @@ def onto_simplex(v):
     u = v.sort(dim=-1, descending=True).values
     excess = u.cumsum(-1) - 1  # sum of the k largest, minus 1
     k = torch.arange(1, v.size(-1) + 1, device=v.device, dtype=v.dtype)
-    support = (u - excess / k > 0).sum(
-        -1, keepdim=True
-    )  # how many entries stay positive (a prefix of u)
+    support = (u - excess / k > 0).sum(-1, keepdim=True)  # how many stay positive: a prefix of u
     theta = excess.gather(-1, support - 1) / support
     return (v - theta).clamp_min(0)
 
@@ -448,15 +430,13 @@ def distill_targets(net, D, h, tokens, times, keys, objective, given):
     diagonal = F.one_hot(tokens[:n], V).float() if D is None else D(h[:n], tau_s[:n])
     if n == len(tokens):
         return diagonal
-    D = D or (
-        lambda h, tau: denoiser(net, h, tau, tau)
-    )  # self-distillation: the student's own delta_{s,s}
+    if D is None:  # self-distillation: the student's own delta_{s,s}
+        D = lambda h, tau: denoiser(net, h, tau, tau)
     args = (h[n:], tau_s[n:], tau_t[n:])
     fix = {} if given is None else dict(given=given[n:], clean=clean_state(net, tokens[n:]))
     if objective == "semigroup":
-        off = semigroup_target(
-            net, *args[:2], (tau_s[n:] + tau_t[n:]) / 2, args[2], keys[n:], **fix
-        )
+        tau_u = (tau_s[n:] + tau_t[n:]) / 2
+        off = semigroup_target(net, *args[:2], tau_u, args[2], keys[n:], **fix)
     elif objective == "lagrangian":
         off = onto_simplex(lagrangian_target(net, D, *args, **fix))
     else:
@@ -468,11 +448,9 @@ def reading(student, teacher):
     """(teacher, student) as they read the distillation state: a student with a frozen E reads the teacher's
     h = x_s @ E; one that trains its E reads its own columns of the joint state x_s @ [E_teacher, E_student]."""
     net = unwrap(student)
-    return (
-        joint_views(teacher, net)
-        if teacher is not None and net.embed.requires_grad
-        else (teacher, net)
-    )
+    if teacher is not None and net.embed.requires_grad:
+        return joint_views(teacher, net)
+    return teacher, net
 
 
 def distill_loss(
@@ -572,19 +550,15 @@ def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
     if keys is None:
         raise ValueError("temperature > 0 needs the rows' keys")
     B, L, _ = d.shape
-    u = (
-        row_uniform(keys, L, DECODE).double()
-        + (row_uniform(keys, L, DECODE + 1).double() - 0.5) * 2.0**-24
-    )
+    u = row_uniform(keys, L, DECODE).double()
+    u += (row_uniform(keys, L, DECODE + 1).double() - 0.5) * 2.0**-24  # 48 bits: a float64 uniform
     out = torch.empty(B, L, dtype=torch.long, device=d.device)
     for b in range(B):  # a row at a time: the float64 sort of (L, V)
         p = (d[b].double().clamp_min(1e-300).log() / temperature).softmax(-1)
-        p, order = p.sort(
-            dim=-1, descending=True, stable=True
-        )  # stable: ties in the order argmax takes them
-        p = p * (
-            p.cumsum(-1) - p < top_p
-        )  # the nucleus: every token whose predecessors hold less than top_p
+        # stable: ties in the order argmax takes them
+        p, order = p.sort(dim=-1, descending=True, stable=True)
+        # the nucleus: every token whose predecessors hold less than top_p
+        p = p * (p.cumsum(-1) - p < top_p)
         cdf = p.cumsum(-1)
         j = (cdf < u[b, :, None] * cdf[:, -1:]).sum(-1).clamp_max(p.size(-1) - 1)
         out[b] = order.gather(-1, j[:, None])[:, 0]
@@ -631,9 +605,8 @@ def sample(
         s, t = ts[i], ts[i + 1]
         t_jump = stochastic_jump(t, gamma) if gamma > 0 else t
         tau_s = taus[i].expand(x.size(0))
-        tau_t = (
-            (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0)) if two_time else None
-        )
+        tau_t = (warp.tau(t_jump) if gamma > 0 else taus[i + 1]).expand(x.size(0))
+        tau_t = tau_t if two_time else None
         for _ in range(reward.iters if guided and reward.form == "lookahead" else 0):
             x = clamp_given(lookahead_step(model, x, s, tau_s, reward, gram), given, clean)
         d = guided_denoiser(model, x, tau_s, tau_t, guide)
@@ -665,17 +638,8 @@ def generate(model, num_samples, L, steps, batch_size=64, seed=0, cond=None, **o
         rows = slice(start, min(start + batch_size, num_samples))
         keys = slot_keys(seed, 0, range(rows.start, rows.stop))
         x = draw_noise(model, keys, L)
-        out.append(
-            sample(
-                model,
-                x,
-                steps,
-                None if cond is None else (cond[0][rows], cond[1][rows]),
-                keys=keys,
-                guide=guide,
-                **options,
-            )
-        )
+        rows_cond = None if cond is None else (cond[0][rows], cond[1][rows])
+        out.append(sample(model, x, steps, rows_cond, keys=keys, guide=guide, **options))
     return torch.cat(out)
 
 
@@ -686,9 +650,8 @@ def factorized_sample(model, num_samples, L, batch_size=64, seed=0):
     for start in range(0, num_samples, batch_size):
         keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
         tau = torch.zeros(len(keys), device=net.embed.device)
-        p = denoiser(
-            net, draw_noise(net, keys, L), tau, tau if net.config.two_time else None
-        )  # (B, L, V)
+        tau_t = tau if net.config.two_time else None
+        p = denoiser(net, draw_noise(net, keys, L), tau, tau_t)  # (B, L, V)
         u = row_uniform(keys.to(p.device), L, NOISE + 1)[
             ..., None
         ]  # inverse CDF, one uniform per position
