@@ -50,8 +50,7 @@ def load_checkpoint(path, kind=None, logit_cap=None):
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CKPT_VERSION:
         version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
         raise CheckpointError(
-            f"{path} has checkpoint format version {version}; this code reads version "
-            f"{CKPT_VERSION}"
+            f"{path} has checkpoint format version {version}; this code reads {CKPT_VERSION}"
         )
     if kind is not None and ckpt["kind"] != kind:
         what = {"flm": "an FLM denoiser (train_flm.py)", "fmlm": "a flow-map model (distill.py)"}
@@ -65,9 +64,9 @@ def _torch_load(path, **kwargs):
     try:
         return torch.load(path, map_location="cpu", **kwargs)
     except Exception as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt or not a torch file): "
-            f"{(str(e).splitlines() or [type(e).__name__])[0]}"
+            f"{path} is not a readable checkpoint (corrupt or not a torch file): {why}"
         ) from None
 
 
@@ -77,9 +76,7 @@ def _torch_load(path, **kwargs):
 # Hugging Face david3684/{FLM,FMLM}-B-{OWT,LM1B} (config.json + model.safetensors, EMA weights) and the same
 # models as Lightning .ckpt files (raw weights in state_dict, EMA weights in ema["shadow_params"]).
 
-AUTHORS_LOGIT_CAP = (
-    30.0  # the authors' original and later code cap output logits at 30 (METHOD.md 9)
-)
+AUTHORS_LOGIT_CAP = 30.0  # the authors' code caps output logits at 30 (METHOD.md 9)
 AUTHORS_KEYS = [
     ("vocab_embed.embedding", "embed"),
     ("sigma_map_prime.", "t2_embedder."),
@@ -181,10 +178,9 @@ def _read_lightning(path):
     ]  # the backbone's parameters, in order
     shadow = (ckpt.get("ema") or {}).get("shadow_params")
     if not isinstance(shadow, list) or len(shadow) != len(names):
-        raise CheckpointError(
-            f"{path}: ema['shadow_params'] should list the {len(names)} backbone parameters, "
-            f"found {len(shadow) if isinstance(shadow, list) else 'none'}"
-        )
+        found = len(shadow) if isinstance(shadow, list) else "none"
+        should = f"ema['shadow_params'] should list the {len(names)} backbone parameters"
+        raise CheckpointError(f"{path}: {should}, found {found}")
     config = _plain((ckpt.get("hyper_parameters") or {}).get("config")) or {}
     return raw, dict(zip(names, shadow)), config, int(ckpt.get("global_step", 0))
 
@@ -195,16 +191,14 @@ def _download(repo_id):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(
-            f"{repo_id} is neither a file nor a folder; to download it from the Hugging Face hub: "
-            "pip install huggingface_hub"
-        ) from None
+        hint = "to download it from the Hugging Face hub: pip install huggingface_hub"
+        raise CheckpointError(f"{repo_id} is neither a file nor a folder; {hint}") from None
     try:
         return snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.ckpt"])
     except Exception as e:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise CheckpointError(
-            f"{repo_id}: not found locally and not downloadable from the Hugging Face hub "
-            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+            f"{repo_id}: not found locally nor on the Hugging Face hub ({why})"
         ) from None
 
 
@@ -222,9 +216,9 @@ def _read_hub_folder(path):
             config = json.load(f)
         weights = load_file(files[1])
     except Exception as e:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise CheckpointError(
-            f"{path}: unreadable config.json or model.safetensors "
-            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+            f"{path}: unreadable config.json or model.safetensors ({why})"
         ) from None
     hydra = config.get("config") if isinstance(config.get("config"), dict) else config
     return weights, dict(hydra, vocab_size=config.get("vocab_size"), flm=config.get("flm"))
@@ -243,10 +237,10 @@ def _authors_files(path):
     if len(ckpts) == 1:
         return "ckpt", os.path.join(folder, ckpts[0])
     found = f"the .ckpt files {', '.join(ckpts)}: name one" if ckpts else "neither"
-    raise CheckpointError(
-        f"{path} holds {found}; expected config.json + model.safetensors (an authors' Hugging Face "
-        "repo), one Lightning .ckpt, or a checkpoint file"
+    expected = (
+        "config.json + model.safetensors (an authors' Hugging Face repo) or one Lightning .ckpt"
     )
+    raise CheckpointError(f"{path} holds {found}; expected {expected}")
 
 
 def _authors_config(path, weights, model_cfg):
@@ -259,10 +253,8 @@ def _authors_config(path, weights, model_cfg):
     n_head = model_cfg.get("n_heads")
     if n_head is None:
         n_head = max(1, D // 64)
-        print(
-            f"note: {path} names no head count; taking the authors' head size 64: {n_head} heads",
-            file=sys.stderr,
-        )
+        note = f"{path} names no head count; taking the authors' head size 64: {n_head} heads"
+        print(f"note: {note}", file=sys.stderr)
     return DiTConfig(
         vocab_size=V,
         n_layer=int(model_cfg.get("n_blocks", n_layer)),
@@ -340,9 +332,8 @@ def export_hf(ckpt, folder):
                 name = their_prefix + name[len(ours_prefix) :]
                 break
         theirs[name] = tensor.detach().cpu().contiguous()
-    head = (
-        cfg["n_embd"] // cfg["n_head"]
-    )  # the rotary buffer, which the authors' class keeps in its state
+    # the rotary buffer, which the authors' class keeps in its state
+    head = cfg["n_embd"] // cfg["n_head"]
     theirs["rotary_emb.inv_freq"] = 1.0 / 10_000 ** (torch.arange(0, head, 2).float() / head)
     data = ckpt["data"]
     # the hydra config their DIT.__init__ reads (algo.name holding "flm" and algo.double_temb make the second time
@@ -397,9 +388,9 @@ def export_hf(ckpt, folder):
 
 def _ours_from_export(path, ema, meta):
     if meta.get("format_version") != CKPT_VERSION:
+        version = meta.get("format_version")
         raise CheckpointError(
-            f"{path} was exported with checkpoint format version {meta.get('format_version')}; "
-            f"this code reads version {CKPT_VERSION}"
+            f"{path} was exported with format version {version}; this code reads {CKPT_VERSION}"
         )
     cfg = DiTConfig(**meta["model_config"])
     expected = DiT(cfg).state_dict()

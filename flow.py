@@ -31,10 +31,8 @@ def _interp(x, xp, fp):
 
 
 def quadrature(rule):
-    """Nodes z and weights w with sum_i w_i f(z_i) ~ E_{z~N(0,1)} f(z), float64. "exact": the trapezoid rule on
-    [-10, 10] at 801 points; the integrands are smooth with a step of width about 0.2 near z + m = Phi^-1(1 - 1/V),
-    which it resolves to 1e-13. "authors": 100 Gauss-Hermite nodes (z = sqrt(2) node, w = weight / sqrt(pi)), the
-    rule the authors' models were trained under, off by up to 9e-5 in tau at V = 50,257 (METHOD.md 3)."""
+    """Nodes z and weights w with sum w f(z) ~ E_{z~N(0,1)} f(z), float64 (METHOD.md 3): "exact", the
+    trapezoid rule on 801 points of [-10, 10]; "authors", 100 Gauss-Hermite nodes, their models' rule."""
     if rule == "authors":
         nodes, weights = np.polynomial.hermite.hermgauss(100)
         z = torch.from_numpy(nodes * math.sqrt(2))
@@ -119,10 +117,9 @@ def stratified_tau(n, generator):
 
 
 def noise_factor(embed):
-    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). The Gram product and
-    the factorization run in float64, whatever the TF32 setting: E^T E is the noise's covariance, and TF32's 10-bit
-    mantissa would change it. At V = 50,257, D = 768 the product and its backward are 1.8e11 FLOPs, about 3 ms at
-    the 67 TFLOP/s of an H100's float64 tensor cores (its plain fp32 rate too)."""
+    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). In float64
+    whatever the TF32 setting: E^T E is the noise's covariance. At V = 50,257, D = 768 it costs 1.8e11 FLOPs with
+    its backward, about 3 ms on an H100's float64 tensor cores (also its plain fp32 rate)."""
     with torch.autocast(embed.device.type, enabled=False):
         e = embed.double()
         # cholesky_ex: no error check, so no host sync; a non-finite E gives a non-finite factor, which the
@@ -131,12 +128,10 @@ def noise_factor(embed):
 
 
 def joint_noise_factor(embed):
-    """W (D', D') with W^T W = E^T E for an E (V, D') whose columns may be dependent, as in the joint state below,
-    where the student's E starts equal to the teacher's. With E^T E = U diag(lam) U^T, Q = E U diag(lam)^-1/2 is an
-    orthonormal basis of E's columns (its dependent directions dropped) and W = Q^T E, so x_0 @ E = (x_0 @ Q) W with
-    x_0 @ Q ~ N(0, I) exactly. Q is held without gradient: the gradient in E is then the pathwise one of x_0 @ E
-    projected on E's column space, whose complement is independent of the loss, so it is unbiased. In float64,
-    which resolves the nearly dependent directions of a student that has just left its teacher."""
+    """W (D', D') with W^T W = E^T E for an E (V, D') whose columns may be dependent (a student's E that starts
+    as its teacher's): W = Q^T E with Q an orthonormal basis of E's columns, so x_0 @ E = (x_0 @ Q) W with
+    x_0 @ Q ~ N(0, I). Q is held without gradient, which keeps E's gradient unbiased (METHOD.md 14); float64
+    resolves the nearly dependent directions."""
     with torch.no_grad():
         e = embed.double()
         lam, U = torch.linalg.eigh(e.T @ e)
@@ -160,10 +155,8 @@ def state_factor(model):
 
 
 class JointView(nn.Module):
-    """Two DiTs with input matrices of their own read one x: the state is h = x @ [E_a, E_b] (B, L, D_a + D_b) and
-    each network reads its own columns. Distillation with a trained student E reads the teacher and the student
-    this way, and autoguidance the model and its weaker checkpoint. The noise x_0 @ [E_a, E_b] is one Gaussian of
-    dimension D_a + D_b (joint_noise_factor), and the flow-map arithmetic is linear, so it runs on h unchanged."""
+    """Two DiTs with input matrices of their own read one state h = x @ [E_a, E_b], each its own columns: a
+    teacher and a student that trains its E, or a model and its weaker guide (METHOD.md 14)."""
 
     def __init__(self, net, embed, cols):
         super().__init__()
@@ -321,11 +314,9 @@ def semigroup_target(model, h_s, tau_s, tau_u, tau_t, keys=None, given=None, cle
 
 
 def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32, block=None):
-    """tau_s, tau_t (n,) and n_diag for a distillation batch of n rows in micro-batches of `block` rows (METHOD.md
-    6). The first n_diag = round(diag_frac block) rows of each micro-batch are diagonal, tau_s = tau_t ~ U(0, 1): a
-    fixed count, so every micro-step has the same shapes. Of the other rows of the batch, round(boundary_frac their
-    number), chosen at random, are at (tau_s, tau_t) = (0, 1), and the rest off-diagonal with d ~ U(0, 1),
-    tau_s = U' (1 - d), tau_t = tau_s + d."""
+    """tau_s, tau_t (n,) and n_diag of a distillation batch of n rows in micro-batches of `block` rows
+    (METHOD.md 6): the first n_diag = round(diag_frac block) rows of each micro-batch diagonal (fixed shapes every
+    step), round(boundary_frac x the others) of the other rows at (0, 1), the rest off-diagonal."""
     block = block or n
     n_diag = round(block * diag_frac)
     diag = torch.arange(n) % block < n_diag
@@ -456,11 +447,9 @@ def reading(student, teacher):
 def distill_loss(
     student, teacher, tokens, times, keys, objective="semigroup", given=None, factor=None
 ):
-    """Flow-map distillation loss (METHOD.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against the
-    targets of distill_targets; times = (tau_s, tau_t, n_diag), the first n_diag rows diagonal. teacher None:
-    self-distillation. The two read the state as `reading` says; keys (B,) give each row its noise and dropout;
-    given (B, L): positions kept clean and left out of the loss (conditioning); factor: the step's state_factor of
-    the student's reading."""
+    """Flow-map distillation loss (METHOD.md 6): soft cross-entropy of the student's delta_{s,t}(x_s) against
+    distill_targets; times = (tau_s, tau_t, n_diag); teacher None: self-distillation; given (B, L): positions kept
+    clean and out of the loss; factor: the step's state_factor of the student's reading."""
     keys, (tau_s, tau_t) = keys.to(tokens.device), times[:2]
     teacher, net = reading(student, teacher)
     cols = net.cols if isinstance(net, JointView) else slice(None)
@@ -486,9 +475,8 @@ def guided_denoiser(model, x, tau_s, tau_t, guide=None):
 
 
 class RewardGuide(NamedTuple):
-    """Reward guidance (METHOD.md 16): reward maps soft sequences (B, L, V) to (B,); scale is lambda; form is
-    "endpoint" (ascend the clean prediction's logits) or "lookahead" (move the state along the reward's gradient
-    through the network); iters gradient steps of scale / iters each, at every sampler step."""
+    """Reward guidance (METHOD.md 16): reward maps soft sequences (B, L, V) to (B,); scale is lambda; form
+    "endpoint" or "lookahead"; iters gradient steps of scale / iters each, at every sampler step."""
 
     reward: Callable
     scale: float
@@ -516,10 +504,8 @@ def lookahead_grad(model, h, tau_s, reward):
 
 
 def lookahead_step(model, x, s, tau_s, guide, gram):
-    """One look-ahead step: x moves along the x-space gradient g_x of r(delta_{s,1}(x)) by a fixed length,
-    scale / iters * (1 - s) sqrt(L D) (the noise x_0 @ E has that length in its own metric at s = 0: a trust-region
-    step). In the projected state h = x @ E the x-space step is g_h E^T E, and |g_x|^2 = g_h . g_h E^T E; gram:
-    E^T E, computed once per sampling run."""
+    """One look-ahead step (METHOD.md 16): x moves along the x-space gradient of r(delta_{s,1}(x)) by the
+    trust-region length scale / iters * (1 - s) sqrt(L D); in the projected state that step is g_h E^T E (gram)."""
     net = unwrap(model)
     g = lookahead_grad(model, x, tau_s, guide.reward).float()
     with torch.autocast(x.device.type, enabled=False):
@@ -542,9 +528,8 @@ def stochastic_step(x, lifted_d, s, t, gamma, noise):
 
 
 def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
-    """The tokens (B, L) of the last denoiser d (B, L, V): its argmax at temperature 0; else a draw from
-    d^(1/T), renormalized on the nucleus (the fewest most probable tokens whose mass reaches top_p), in float64 by
-    the inverse CDF of a uniform keyed by row (METHOD.md 11), so a sample does not depend on its batch."""
+    """The tokens (B, L) of the last denoiser d (B, L, V): its argmax at temperature 0, else a draw from
+    d^(1/T) on the nucleus top_p, in float64 by the inverse CDF of a uniform keyed by row (METHOD.md 11)."""
     if temperature == 0:
         return d.argmax(dim=-1)
     if keys is None:
@@ -578,14 +563,10 @@ def sample(
     progress=None,
     **decode,
 ):
-    """Generate tokens (B, L) from the projected noise x = x_0 @ E (B, L, D) of draw_noise: the Euler ODE for a
-    denoiser, the flow map for a two-time model (METHOD.md 4, 7).
-
-    cond = (given, tokens), (B, L) each: conditioning, given positions clamped to their tokens at every step.
-    gamma > 0: the stochastic flow-map sampler (METHOD.md 7), its noise from the rows' keys (B,).
-    guide = (weak_model, eta): autoguidance (METHOD.md 8). reward: a RewardGuide (METHOD.md 16).
-    decode: temperature and top_p of the final decode (decode_tokens).
-    """
+    """Tokens (B, L) from the projected noise x = x_0 @ E of draw_noise: the Euler ODE for a denoiser, the flow
+    map for a two-time model (METHOD.md 4, 7). cond = (given, tokens) (B, L): conditioning; gamma > 0: the
+    stochastic sampler, its noise from the rows' keys; guide = (weak_model, eta): autoguidance; reward: a
+    RewardGuide; decode: temperature and top_p of decode_tokens."""
     net = unwrap(model)
     two_time, warp = net.config.two_time, time_warp(net)
     if gamma > 0 and (not two_time or keys is None):
@@ -623,10 +604,9 @@ def sample(
 
 
 def generate(model, num_samples, L, steps, batch_size=64, seed=0, cond=None, **options):
-    """num_samples sequences (num_samples, L) in batches; sample i comes from the key (seed, 0, i), so it is the
-    same whatever the batch size. cond = (given, tokens), (num_samples, L) or (L,) each: conditioning. options:
-    those of sample (gamma, guide, progress). A weak model with another E than the model's reads the same x
-    through the joint state (JointView)."""
+    """num_samples sequences (num_samples, L) in batches; sample i comes from the key (seed, 0, i), whatever
+    the batch size. cond = (given, tokens), (num_samples, L) or (L,); options: sample's. A weak model with another
+    E reads the same x through the joint state."""
     guide = options.pop("guide", None)
     if guide is not None and not torch.equal(unwrap(model).embed, unwrap(guide[0]).embed):
         model, weak_model = joint_views(model, guide[0])
