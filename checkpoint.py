@@ -434,51 +434,35 @@ def decode(model, tokens):
 
 
 if __name__ == "__main__":
-    import argparse
+    from trainer import out_path, parser_for
 
-    parser = argparse.ArgumentParser(
-        description="Export a checkpoint of ours in the layout of the authors' Hugging "
-        "Face repos (config.json + model.safetensors, EMA weights), which sample.py "
-        "--ckpt FOLDER_OR_ID reads back."
-    )
+    about = "Export a checkpoint in the authors' Hugging Face layout (EMA weights), for sample.py --ckpt."
+    parser = parser_for(about, "checkpoint.py")
     parser.add_argument("ckpt", help="checkpoint of train_flm.py or distill.py")
-    parser.add_argument("folder", help="output folder")
+    parser.add_argument("folder", type=out_path(folder=True), help="output folder")
     parser.add_argument(
-        "--push-to-hub",
-        metavar="REPO",
-        help="also upload the folder to this Hugging Face repo "
-        "(needs huggingface_hub and a login: huggingface-cli login)",
+        "--push-to-hub", metavar="REPO", help="also upload it (huggingface-cli login)"
     )
     args = parser.parse_args()
     try:
         ckpt = load_checkpoint(args.ckpt)
-    except CheckpointError as e:
-        parser.error(str(e))
-    if os.path.isfile(args.folder):
-        parser.error(
-            f"argument folder: got {args.folder}, which is a file; expected a folder to write"
-        )
-    try:
         export_hf(ckpt, args.folder)
     except ImportError:
         parser.error("the export writes safetensors: pip install safetensors")
-    except DataError as e:
+    except (CheckpointError, DataError) as e:
         parser.error(str(e))
-    print(
-        f"wrote {args.folder}/config.json and {args.folder}/model.safetensors ({ckpt['kind']}, step {ckpt['step']}, "
-        "EMA weights)"
-    )
+    files = f"{args.folder}/config.json and {args.folder}/model.safetensors"
+    print(f"wrote {files} ({ckpt['kind']}, step {ckpt['step']}, EMA weights)")
     if args.push_to_hub:
         try:
             from huggingface_hub import HfApi
-        except ImportError:
-            parser.error("--push-to-hub needs huggingface_hub: pip install huggingface_hub")
-        try:
+
             api = HfApi()
             api.create_repo(args.push_to_hub, exist_ok=True)
             api.upload_folder(folder_path=args.folder, repo_id=args.push_to_hub)
+        except ImportError:
+            parser.error("--push-to-hub needs huggingface_hub: pip install huggingface_hub")
         except Exception as e:
-            parser.error(
-                f"--push-to-hub {args.push_to_hub}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-            )
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            parser.error(f"--push-to-hub {args.push_to_hub}: {why}")
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")

