@@ -184,13 +184,13 @@ class DenseView(nn.Module):
 
     def __init__(self, net):
         super().__init__()
-        self.net, self.config = net, net.config
+        self.net, self.config = net, unwrap(net).config
 
     def project(self, x):
         return x.float()
 
     def forward(self, x, *args, **kwargs):
-        return self.net(self.net.project(x), *args, **kwargs)
+        return self.net(unwrap(self.net).project(x), *args, **kwargs)
 
 
 def clean_state(model, tokens):

@@ -1318,3 +1318,42 @@ def test_a_checkpoint_holds_what_resume_sampling_and_export_read(bad_files):
             and ckpt["model_config"]["time_warp"] == "exact"
         )
         assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["seq_len"] > 0
+
+
+def test_a_distilled_student_keeps_its_teachers_time_warp(bad_files, tmp_path):
+    teacher = torch.load(bad_files / "flm" / "ckpt.pt", weights_only=True)
+    teacher["model_config"]["time_warp"] = "authors"  # as an authors' model loads (METHOD.md 3)
+    torch.save(teacher, tmp_path / "teacher.pt")
+    distill(tmp_path / "teacher.pt", tmp_path / "fmlm", "--max-steps", "1", "--eval-every", "1")
+    student = torch.load(tmp_path / "fmlm" / "ckpt.pt", weights_only=True)
+    assert student["model_config"]["time_warp"] == "authors"
+
+
+def test_bench_measures_both_inputs_and_the_three_samplers():
+    proc = run(
+        "bench.py",
+        "--model",
+        "tiny",
+        "--vocab",
+        "64",
+        "--shapes",
+        "2x16",
+        "--iters",
+        "1",
+        "--sample-batch",
+        "2",
+        "--sample-len",
+        "16",
+        "--flm-steps",
+        "2",
+    )
+    out = proc.stdout
+    assert (
+        "| tiny | 2 x 16 | explicit | projected |" in out
+        and "| tiny | 2 x 16 | explicit | dense |" in out
+    )
+    assert (
+        "projected / dense, tiny" in out
+        and "| FMLM, 1 step | 1 |" in out
+        and "static KV cache" in out
+    )
