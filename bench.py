@@ -284,7 +284,7 @@ for (model_name, B_, L_, attention, variant), r in train.items():
 def flop_ratio(cfg, B, L):
     """The tokens/s ratio if a step's time were its multiply-adds alone: the shared network, plus the dense input's
     x_t @ E and its gradient in E (4 B L V D FLOPs), or the projected state's Gram product E^T E (2 V D^2 forward,
-    4 V D^2 backward, in float64) and its noise z @ F with F's gradient (4 B L D^2)."""
+    4 V D^2 backward) and its noise z @ F with F's gradient (4 B L D^2)."""
     V, D, N = cfg.vocab_size, cfg.n_embd, B * L
     shared = DiT(DiTConfig(**{**cfg.__dict__, "vocab_size": 2})).flops_per_token(L) * N
     shared += 6 * N * V * D

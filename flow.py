@@ -9,6 +9,7 @@ Times: flow maps take (x_s, s, t) with s <= t in physical time; the network is f
 """
 
 import math
+from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DECODE, GIVEN, NOISE, row_normal, row_uniform, slot_keys, unwrap
+from model import DECODE, GIVEN, NOISE, row_key, row_normal, row_uniform, slot_keys, unwrap
 
 # -----------------------------------------------------------------------------
 # the flow math: time warp (METHOD.md 3)
@@ -116,15 +117,30 @@ def stratified_tau(n, generator):
 # the flow math: interpolant, denoiser, flow map, semigroup (METHOD.md 1, 2, 4, 5)
 
 
+@contextmanager
+def ieee_fp32():
+    """fp32 matrix products in full IEEE fp32 inside, whatever the global setting (TF32 on CUDA, which
+    trainer.Run turns on for the transformer; bf16 in the CPU's oneDNN under set_float32_matmul_precision)."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, precision in zip(backends, saved):
+            b.fp32_precision = precision
+
+
 def noise_factor(embed):
-    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). In float64
-    whatever the TF32 setting: E^T E is the noise's covariance. At V = 50,257, D = 768 it costs 1.8e11 FLOPs with
-    its backward, about 3 ms on an H100's float64 tensor cores (also its plain fp32 rate)."""
-    with torch.autocast(embed.device.type, enabled=False):
-        e = embed.double()
-        # cholesky_ex: no error check, so no host sync; a non-finite E gives a non-finite factor, which the
-        # loop's finite check then reports
-        return torch.linalg.cholesky_ex(e.T @ e).L.to(embed.dtype)
+    """C (D, D) with C C^T = E^T E, so that z C^T ~ x_0 @ E for z ~ N(0, I_D) (METHOD.md 14). E^T E is the
+    noise's covariance, so it is a full fp32 product (a 10-bit TF32 mantissa would change it); the D x D
+    factorization is in float64. At V = 50,257, D = 768 the product and its backward are 1.8e11 FLOPs."""
+    with torch.autocast(embed.device.type, enabled=False), ieee_fp32():
+        gram = embed.T @ embed
+    # cholesky_ex: no error check, so no host sync; a non-finite E gives a non-finite factor, which the loop's
+    # finite check then reports
+    return torch.linalg.cholesky_ex(gram.double()).L.to(embed.dtype)
 
 
 def joint_noise_factor(embed):
@@ -138,7 +154,7 @@ def joint_noise_factor(embed):
         kept = lam > lam.max() * 1e-10  # the dependent directions dropped
         inv_sqrt = torch.where(kept, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
         Q = (e @ (U * inv_sqrt)).to(embed.dtype)
-    with torch.autocast(embed.device.type, enabled=False):
+    with torch.autocast(embed.device.type, enabled=False), ieee_fp32():
         return Q.T @ embed
 
 
@@ -189,6 +205,17 @@ class DenseView(nn.Module):
     def project(self, x):
         return x.float()
 
+    def noise(self, keys, L, stream):
+        """x_0 (B, L, V) as the authors draw it, torch.randn, from a generator seeded by each row's key."""
+        V, device = self.config.vocab_size, keys.device
+        seeds = [row_key(int(k), stream, 0) for k in keys.tolist()]
+        return torch.stack(
+            [
+                torch.randn(L, V, device=device, generator=torch.Generator(device).manual_seed(s))
+                for s in seeds
+            ]
+        )
+
     def forward(self, x, *args, **kwargs):
         return self.net(unwrap(self.net).project(x), *args, **kwargs)
 
@@ -206,6 +233,8 @@ def draw_noise(model, keys, L, stream=NOISE, factor=None):
     here if not given) without forming x_0 ~ N(0, I) (B, L, V). Always fp32, also under autocast."""
     model = unwrap(model)
     keys = keys.to(next(model.parameters()).device)
+    if isinstance(model, DenseView):
+        return model.noise(keys, L, stream)
     factor = state_factor(model) if factor is None else factor
     B, V = len(keys), model.config.vocab_size
     if factor is None:  # E^T E is singular (a tiny vocabulary), or the state is x itself: draw x_0

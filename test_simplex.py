@@ -339,24 +339,41 @@ def test_the_once_per_step_noise_factor_gives_the_per_micro_step_gradients(joint
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
-def test_the_noise_covariance_is_computed_in_float64_whatever_the_tf32_setting():
+def test_the_noise_covariance_is_a_full_fp32_product_whatever_the_global_precision():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Matmuls(
         TorchDispatchMode
-    ):  # records the dtype of every matrix product that contracts over V
+    ):  # the precision asked for at every product that contracts over V
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.startswith("mm") and args[0].shape[-1] == 300:
-                seen.append(args[0].dtype)
+            if (
+                func.__name__.startswith("mm")
+                and args[0].shape[-1] == 300
+                and args[0].shape[0] != 300
+            ):
+                backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+                seen.append((args[0].dtype, *(b.fp32_precision for b in backends)))
             return func(*args, **(kwargs or {}))
 
-    seen, E = [], torch.randn(300, 16, requires_grad=True)
-    with Matmuls():
-        noise_factor(E).sum().backward()
-    assert seen and all(dtype == torch.float64 for dtype in seen), (
-        seen
-    )  # E^T E, forward and backward
-    assert E.grad.dtype == torch.float32
+    seen, E = [], torch.randn(300, 16)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # TF32 on CUDA, bf16 in the CPU's oneDNN
+    try:
+        with Matmuls():
+            C = noise_factor(E)
+            W = joint_noise_factor(torch.cat([E, E], 1))
+        # fp32 products in full fp32; float64 ones (the joint factor's basis) are full precision anyway
+        assert seen and all(s[0] == torch.float64 or s[1:] == ("ieee", "ieee") for s in seen), seen
+        assert (
+            torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        )  # the global setting is restored
+    finally:
+        torch.set_float32_matmul_precision(before)
+    gram = E.double().T @ E.double()
+    torch.testing.assert_close((C.double() @ C.double().T), gram, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        W.double().T @ W.double(), torch.cat([gram, gram], 1).repeat(2, 1), rtol=1e-5, atol=1e-3
+    )
 
 
 def test_the_loss_is_the_cross_entropy_of_the_capped_logits_over_free_positions():

@@ -201,7 +201,7 @@ class Run:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         self.autocast, args.dtype = autocast_for(self.device, args.dtype)
-        # TF32 for the transformer's fp32 matmuls; the noise's covariance is float64 (flow.noise_factor)
+        # TF32 for the transformer's fp32 matmuls; the noise's covariance stays full fp32 (flow.ieee_fp32)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if args.batch_size % (args.micro_batch * self.world):
