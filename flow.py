@@ -120,16 +120,23 @@ def stratified_tau(n, generator):
 @contextmanager
 def ieee_fp32():
     """fp32 matrix products in full IEEE fp32 inside, whatever the global setting (TF32 on CUDA, which
-    trainer.Run turns on for the transformer; bf16 in the CPU's oneDNN under set_float32_matmul_precision)."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    saved = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = "ieee"
+    trainer.Run turns on for the transformer; bf16 in the CPU's oneDNN under set_float32_matmul_precision).
+    torch 2.9 and newer name the setting fp32_precision; older ones have only CUDA's allow_tf32."""
+    flags = [
+        (getattr(getattr(torch.backends, name, None), "matmul", None), "fp32_precision", "ieee")
+        for name in ("cuda", "mkldnn")
+    ]
+    flags = [f for f in flags if hasattr(f[0], f[1])] or [
+        (torch.backends.cuda.matmul, "allow_tf32", False)
+    ]
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        for b, precision in zip(backends, saved):
-            b.fp32_precision = precision
+        for (obj, name, _), value in zip(flags, saved):
+            setattr(obj, name, value)
 
 
 def noise_factor(embed):
