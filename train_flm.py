@@ -138,12 +138,8 @@ for step in range(start_step, args.max_steps + 1):
     # --ckpt-every step between
     if step % args.eval_every == 0 or step == args.max_steps:
         val, val_ema = val_loss(raw_model), val_loss(ema_model)
-        run.log(
-            f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}",
-            step=step,
-            val_loss=val,
-            ema_val_loss=val_ema,
-        )
+        line = f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}"
+        run.log(line, step=step, val_loss=val, ema_val_loss=val_ema)
         if step > start_step:
             save(step, val_ema)
         t0 = time.time()
@@ -168,9 +164,8 @@ for step in range(start_step, args.max_steps + 1):
         keys = slot_keys(args.seed, step, slots)
         tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
         tau = run.to_device(taus[slots])
-        sync = (
-            model.no_sync() if run.ddp and micro < run.accum - 1 else nullcontext()
-        )  # all-reduce on the last
+        last = micro == run.accum - 1
+        sync = model.no_sync() if run.ddp and not last else nullcontext()  # all-reduce on the last
         with sync, run.autocast:
             loss = flm_loss(model, tokens, tau, keys, given(keys), leaf)
         (loss / run.accum).backward()
