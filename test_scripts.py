@@ -1230,7 +1230,9 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(data_dir, t
     )  # two presses; if the run's step ends between them, the first alone stops it, as it should
     job.send_signal(signal.SIGINT)
     stdout, err = job.communicate(timeout=600)
-    assert job.returncode == 130 and "Traceback" not in err, err
+    # 130, or killed by the second SIGINT (a shell reports both as 130) when the first had already stopped the run
+    # and Python was shutting down, its handlers gone
+    assert job.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
     assert "stopped at once by a second Ctrl-C" in err or "stopped by SIGINT" in stdout, (
         stdout,
         err,
