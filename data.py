@@ -648,6 +648,13 @@ def prepare(
 # reading: random windows for training, fixed windows for evaluation
 
 
+def to_device(x, device):
+    """A host tensor on the device; from pinned memory without blocking the host on CUDA."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 class Data:
     """A prepared data folder: memory-mapped shards per split, the vocabulary, and batch sampling."""
 
@@ -710,10 +717,7 @@ class Data:
             raise DataError(
                 f"{where} of {self.vocab_size} in meta.json: the shards and meta.json do not match"
             )
-        x = torch.from_numpy(x)
-        if torch.device(device).type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True)
-        return x.to(device)
+        return to_device(torch.from_numpy(x), device)
 
     def eval_batches(
         self, split, seq_len, num_windows, batch_size, device="cpu", first=0, last=None

@@ -420,8 +420,7 @@ def main():
             with tqdm(
                 desc=f"{label} {steps} steps T {T:g}", total=total, file=sys.stderr, leave=False
             ) as bar:
-                progress = lambda steps_range: (i for i in steps_range if bar.update() or True)
-                options = dict(progress=progress, temperature=T, top_p=args.top_p, **kwargs)
+                options = dict(progress=bar, temperature=T, top_p=args.top_p, **kwargs)
                 with autocast:
                     tokens = generate(
                         model, args.num_samples, L, steps, args.sample_batch, args.seed, **options

@@ -602,7 +602,7 @@ def sample(
     """Tokens (B, L) from the projected noise x = x_0 @ E of draw_noise: the Euler ODE for a denoiser, the flow
     map for a two-time model (METHOD.md 4, 7). cond = (given, tokens) (B, L): conditioning; gamma > 0: the
     stochastic sampler, its noise from the rows' keys; guide = (weak_model, eta): autoguidance; reward: a
-    RewardGuide; decode: temperature and top_p of decode_tokens."""
+    RewardGuide; progress: a tqdm bar, updated once a step; decode: temperature and top_p of decode_tokens."""
     net = unwrap(model)
     two_time, warp = net.config.two_time, time_warp(net)
     if gamma > 0 and (not two_time or keys is None):
@@ -618,7 +618,7 @@ def sample(
         gram = net.embed.T.float() @ net.embed.float()
     taus = torch.linspace(0, 1, steps + 1, device=x.device)
     ts = warp.t(taus)
-    for i in (progress or (lambda r: r))(range(steps)):
+    for i in range(steps):
         s, t = ts[i], ts[i + 1]
         t_jump = stochastic_jump(t, gamma) if gamma > 0 else t
         tau_s = taus[i].expand(x.size(0))
@@ -635,6 +635,8 @@ def sample(
         else:
             x = flow_map(x, net.project(d), s, t)
         x = clamp_given(x, given, clean)
+        if progress is not None:
+            progress.update()
     out = decode_tokens(d, keys=keys, **decode)  # the last step lands on t = 1, where x = d
     return out if given is None else torch.where(given, tokens, out)
 

@@ -148,7 +148,6 @@ if args.reward is not None:
 
 total = steps * -(-args.num_samples // args.batch_size)
 bar = tqdm(total=total, desc=f"{ckpt['kind']} {steps} steps", file=sys.stderr, disable=args.quiet)
-progress = lambda steps_range: (i for i in steps_range if bar.update() or True)
 options = dict(
     gamma=args.gamma, reward=guide_reward, temperature=args.temperature, top_p=args.top_p
 )
@@ -158,7 +157,7 @@ autocast, _ = autocast_for(device, args.dtype)
 with autocast:
     B = args.batch_size
     tokens = generate(
-        model, args.num_samples, seq_len, steps, B, args.seed, cond, progress=progress, **options
+        model, args.num_samples, seq_len, steps, B, args.seed, cond, progress=bar, **options
     )
     tokens = tokens.cpu()
 bar.close()

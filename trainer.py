@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from data import DataError, atomic_write, writable
+from data import DataError, atomic_write, to_device, writable
 from model import DiTConfig, autocast_for
 
 # -----------------------------------------------------------------------------
@@ -288,10 +288,7 @@ class Run:
         return torch.arange(first, first + self.args.micro_batch)
 
     def to_device(self, x):
-        """A host tensor on the device; from pinned memory without blocking the host on CUDA."""
-        if self.device.startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
+        return to_device(x, self.device)
 
     @torch.no_grad()
     def evaluate(self, net, data, loss_of):
