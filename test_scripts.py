@@ -959,60 +959,50 @@ def test_a_two_rank_run_resumed_on_one_rank_continues_the_same_trajectory(data_d
         assert diff < 1e-5
 
 
+def signal_run(data_dir, out):
+    flags = [*TINY, *MOVING, "--eval-every", "100", "--max-steps", "60"]
+    return ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *flags]
+
+
+@pytest.fixture(scope="module")
+def whole_run(data_dir, tmp_path_factory):
+    """The uninterrupted 2-process run that the signalled ones resume to; run alone, not beside them."""
+    out = tmp_path_factory.mktemp("whole")
+    torchrun(*signal_run(data_dir, out))
+    return out / "ckpt.pt"
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
-    data_dir, tmp_path, sig
+    data_dir, whole_run, tmp_path, sig
 ):
-    cmd = lambda out: [
-        "train_flm.py",
-        "--data",
-        data_dir,
-        "--out-dir",
-        str(out),
-        *TINY,
-        *MOVING,
-        "--eval-every",
-        "100",
-        "--max-steps",
-        "60",
-    ]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    whole = subprocess.Popen(
-        [*launcher, *cmd(tmp_path / "whole")],
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    # SIGTERM goes to torchrun, which forwards it to its workers (as a scheduler's does); SIGUSR1, which torchrun
-    # does not forward, goes to the workers themselves (as SLURM's --signal sends it to every task)
+    # SIGTERM goes to torchrun, which forwards it to its workers (as a scheduler's does); SIGUSR1, which
+    # torchrun does not forward, goes to the workers themselves (as SLURM's --signal sends it to every task)
     job = subprocess.Popen(
-        [*launcher, *cmd(tmp_path / "cut")],
+        [*launcher, *signal_run(data_dir, tmp_path)],
         cwd=HERE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    log, deadline = tmp_path / "cut" / "log.txt", time.time() + 600
+    log, deadline = tmp_path / "log.txt", time.time() + 600
     while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
         time.sleep(0.05)
     if sig == "SIGTERM":
         job.send_signal(signal.SIGTERM)
     else:
-        for pid in subprocess.run(
-            ["pgrep", "-P", str(job.pid)], capture_output=True, text=True
-        ).stdout.split():
+        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+        for pid in workers.stdout.split():
             os.kill(int(pid), signal.SIGUSR1)
     out = job.communicate(timeout=600)[0]
     assert f"stopped by {sig}" in out, out
-    stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
+    stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
     assert 5 <= stopped_at < 60, stopped_at
-    assert whole.wait(timeout=900) == 0
-    torchrun(*cmd(tmp_path / "cut"), "--resume")
+    torchrun(*signal_run(data_dir, tmp_path), "--resume")
     for key in ("model", "ema"):
-        diff = max_diff(
-            weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "cut" / "ckpt.pt", key)
-        )
+        diff = max_diff(weights(whole_run, key), weights(tmp_path / "ckpt.pt", key))
         print(f"{sig} at step {stopped_at}, resumed: {key} max diff {diff:.3g}")
         assert diff == 0.0
 
