@@ -1,13 +1,12 @@
 """
-Speed and memory, measured side by side on this machine and printed as tables with the command and the device:
-- training step: the projected state (h = x @ E, its noise from N(0, E^T E) with the noise factor computed once
-  per optimizer step, METHOD.md 14) against the dense V-space input of the authors' formulation (x_t of shape
-  (B, L, V)), same model and batch, for each model width and B x L given; tokens/s, peak memory, MFU on CUDA;
+Speed and memory, measured side by side on this machine, printed as tables with the command and the device:
+- a training step: the projected state (h = x @ E, its noise factor once per step, METHOD.md 14) against the
+  authors' dense input x_t (B, L, V), same model and batch; tokens/s, peak memory, MFU on CUDA;
 - sampling: FMLM one step, FLM N Euler steps, and an autoregressive transformer of the same width and depth
-  decoding L tokens with a static KV cache (compiled with --compile).
+  decoding L tokens with a static KV cache.
 
-    python bench.py                                                          # D = 128 and the paper's D = 768
-    python bench.py --model small --shapes 16x1024 --sample-len 1024 --sample-batch 32 --compile      # one GPU
+    python bench.py  # D = 128 and the paper's D = 768
+    python bench.py --model small --shapes 16x1024 --sample-len 1024 --sample-batch 32 --compile  # a GPU
 """
 
 import gc
@@ -34,45 +33,21 @@ def shape(text):
 
 
 parser = parser_for("Training and sampling speed and memory of FLM / FMLM.", "bench.py")
-parser.add_argument(
-    "--model",
-    nargs="+",
-    default=["ptb", "small"],
-    choices=list(MODEL_PRESETS),
-    help="model shape presets of the training table",
-)
-parser.add_argument(
-    "--vocab",
-    type=checked(int, lambda v: v >= 2, "an integer >= 2"),
-    default=50258,
-    help="one-hot size V (50,258: the authors' GPT-2 with a pad token)",
-)
-parser.add_argument(
-    "--shapes",
-    nargs="+",
-    type=checked(shape, lambda v: True, "BxL, e.g. 8x256"),
-    default=[(4, 128), (8, 256)],
-    help="training batches B x L",
-)
-parser.add_argument(
-    "--iters", type=COUNT, default=2, help="timed training steps (after one warmup step)"
-)
-parser.add_argument("--sample-batch", type=COUNT, default=8, help="sampling batch B")
-parser.add_argument("--sample-len", type=COUNT, default=128, help="sampling length L")
-parser.add_argument("--flm-steps", type=COUNT, default=64, help="Euler steps of the FLM sampler")
-parser.add_argument("--device", type=device_flag, help="cpu, cuda (None: cuda if available)")
-parser.add_argument(
-    "--compile", action="store_true", help="torch.compile the models (training and sampling)"
-)
-parser.add_argument(
-    "--dtype", choices=["fp32", "bf16"], help="autocast precision (None: bf16 on CUDA, fp32 on CPU)"
-)
-parser.add_argument(
-    "--attention",
-    nargs="+",
-    choices=["explicit", "flex", "flash"],
-    help="attention paths to compare in training (None: explicit, and flex on CUDA)",
-)
+a = parser.add_argument
+a("--model", nargs="+", default=["ptb", "small"], choices=list(MODEL_PRESETS), help="model shapes")
+V_OK = checked(int, lambda v: v >= 2, "an integer >= 2")
+a("--vocab", type=V_OK, default=50258, help="V (50,258: the authors' GPT-2 with a pad token)")
+SHAPE = checked(shape, lambda v: True, "BxL, e.g. 8x256")
+a("--shapes", nargs="+", type=SHAPE, default=[(4, 128), (8, 256)], help="training batches B x L")
+a("--iters", type=COUNT, default=2, help="timed training steps (after one warmup step)")
+a("--sample-batch", type=COUNT, default=8, help="sampling batch B")
+a("--sample-len", type=COUNT, default=128, help="sampling length L")
+a("--flm-steps", type=COUNT, default=64, help="Euler steps of the FLM sampler")
+a("--device", type=device_flag, help="cpu, cuda (None: cuda if available)")
+a("--compile", action="store_true", help="torch.compile the models (training and sampling)")
+a("--dtype", choices=["fp32", "bf16"], help="autocast (None: bf16 on CUDA, fp32 on CPU)")
+PATHS = ["explicit", "flex", "flash"]
+a("--attention", nargs="+", choices=PATHS, help="attention paths (None: explicit, flex on CUDA)")
 args = parser.parse_args()
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 cuda = device.startswith("cuda")
@@ -119,8 +94,8 @@ class WithAttention(nn.Module):
 
 
 def train_variant(cfg, B, L, dense, attention):
-    """ms per step, tokens/s, peak memory and MFU of FLM training steps; the projected variant as train_flm.py
-    runs it (the noise factor once per step, its gradient carried back once)."""
+    """ms per step, tokens/s, peak memory and MFU of FLM training steps, the projected one as train_flm.py
+    runs it."""
     torch.manual_seed(0)
     raw = DiT(cfg).to(device)
     model = WithAttention(torch.compile(raw) if args.compile else raw, attention)
@@ -129,9 +104,7 @@ def train_variant(cfg, B, L, dense, attention):
     tokens = torch.randint(cfg.vocab_size, (B, L), device=device)
     tau = stratified_tau(B, torch.Generator().manual_seed(0)).to(device)
     for i in range(args.iters + 1):
-        if (
-            i == 1
-        ):  # after the warmup step (and its one-time costs: compilation, the time warp's table)
+        if i == 1:  # after the warmup step and its one-time costs (compilation, the time warp)
             sync()
             reset_peak()
             t0 = time.time()
@@ -158,17 +131,13 @@ for name in args.model:
     for B, L in args.shapes:
         for attention in args.attention or (["explicit", "flex"] if cuda else ["explicit"]):
             for variant in ("projected", "dense"):
-                print(
-                    f"training {name} B x L = {B} x {L}, {variant}, {attention} ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                what = f"{name} B x L = {B} x {L}, {variant}, {attention}"
+                print(f"training {what} ...", file=sys.stderr, flush=True)
                 try:
-                    train[name, B, L, attention, variant] = train_variant(
-                        cfg, B, L, variant == "dense", attention
-                    )
+                    r = train_variant(cfg, B, L, variant == "dense", attention)
                 except torch.OutOfMemoryError:
-                    train[name, B, L, attention, variant] = dict(error="out of memory")
+                    r = dict(error="out of memory")
+                train[name, B, L, attention, variant] = r
 
 # -----------------------------------------------------------------------------
 # sampling: FMLM 1 step, FLM N steps, autoregressive with a static KV cache
@@ -179,22 +148,15 @@ class CausalBlock(nn.Module):
         super().__init__()
         self.H, self.ln1, self.ln2 = H, nn.LayerNorm(D), nn.LayerNorm(D)
         self.qkv, self.proj = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D, bias=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D)
-        )
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU("tanh"), nn.Linear(4 * D, D))
 
-    def forward(
-        self, x, cache, pos
-    ):  # x (B, 1, D); cache (2, B, H, L, d), written at pos; fixed shapes
+    def forward(self, x, cache, pos):  # x (B, 1, D); cache (2, B, H, L, d), written at pos
         B, T, D = x.shape
-        q, k, v = (
-            self.qkv(self.ln1(x)).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
-        )  # (B, H, 1, d)
+        qkv = self.qkv(self.ln1(x)).view(B, T, 3, self.H, D // self.H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, 1, d)
         cache[0].index_copy_(2, pos, k)
         cache[1].index_copy_(2, pos, v)
-        mask = (torch.arange(cache.size(3), device=x.device) <= pos)[
-            None
-        ]  # (1, L): the positions written
+        mask = (torch.arange(cache.size(3), device=x.device) <= pos)[None]  # (1, L): written
         y = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
         return x + self.mlp(self.ln2(x))
@@ -205,14 +167,10 @@ class CausalLM(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.H, self.wte = cfg.n_head, nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(
-            [CausalBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)]
-        )
-        self.ln_f, self.head = (
-            nn.LayerNorm(cfg.n_embd),
-            nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False),
-        )
+        V, D, self.H = cfg.vocab_size, cfg.n_embd, cfg.n_head
+        self.wte = nn.Embedding(V, D)
+        self.blocks = nn.ModuleList([CausalBlock(D, cfg.n_head) for _ in range(cfg.n_layer)])
+        self.ln_f, self.head = nn.LayerNorm(D), nn.Linear(D, V, bias=False)
 
     def step(self, tok, caches, pos):  # tok (B, 1) -> next token (B, 1)
         x = self.wte(tok)
@@ -260,31 +218,24 @@ with autocast:
 name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
 print(f"command: python {' '.join(sys.argv)}")
 peak = "max allocated" if cuda else "max RSS of the process, weights and runtime included"
-print(
-    f"device: {name}; torch {torch.__version__}; V = {args.vocab:,}, {args.dtype}"
-    f"{', compiled' if args.compile else ''}; peak memory: {peak}\n"
-)
-print(
-    "training step:\n| model | B x L | attention | input | ms / step | tokens/s | peak memory (GiB) | MFU |"
-)
+how = f"V = {args.vocab:,}, {args.dtype}{', compiled' if args.compile else ''}"
+print(f"device: {name}; torch {torch.__version__}; {how}; peak memory: {peak}\n")
+head = "| model | B x L | attention | input | ms / step | tokens/s | peak memory (GiB) | MFU |"
+print(f"training step:\n{head}")
 print("|---|---|---|---|---|---|---|---|")
 for (model_name, B_, L_, attention, variant), r in train.items():
+    row = f"| {model_name} | {B_} x {L_} | {attention} | {variant} |"
     if "error" in r:
-        print(
-            f"| {model_name} | {B_} x {L_} | {attention} | {variant} | failed: {r['error']} | | | |"
-        )
+        print(f"{row} failed: {r['error']} | | | |")
         continue
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-    print(
-        f"| {model_name} | {B_} x {L_} | {attention} | {variant} | {r['ms']:,.0f} | {r['tok_s']:,.0f} | "
-        f"{r['peak_gib']:.2f} | {mfu} |"
-    )
+    print(f"{row} {r['ms']:,.0f} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {mfu} |")
 
 
 def flop_ratio(cfg, B, L):
-    """The tokens/s ratio if a step's time were its multiply-adds alone: the shared network, plus the dense input's
-    x_t @ E and its gradient in E (4 B L V D FLOPs), or the projected state's Gram product E^T E (2 V D^2 forward,
-    4 V D^2 backward) and its noise z @ F with F's gradient (4 B L D^2)."""
+    """The tokens/s ratio if a step's time were its multiply-adds: the shared network plus the dense input's
+    x_t @ E and its gradient in E (4 B L V D FLOPs), or the projected state's E^T E (2 V D^2 forward, 4 V D^2
+    backward) and its noise z @ F with F's gradient (4 B L D^2)."""
     V, D, N = cfg.vocab_size, cfg.n_embd, B * L
     shared = DiT(DiTConfig(**{**cfg.__dict__, "vocab_size": 2})).flops_per_token(L) * N
     shared += 6 * N * V * D
@@ -295,16 +246,13 @@ for (model_name, B_, L_, attention, variant), r in train.items():
     d = train[model_name, B_, L_, attention, "dense"]
     if variant == "projected" and "error" not in r and "error" not in d:
         bound = flop_ratio(DiTConfig(vocab_size=args.vocab, **MODEL_PRESETS[model_name]), B_, L_)
-        print(
-            f"projected / dense, {model_name}, {B_} x {L_} = {B_ * L_:,} tokens, {attention}: "
-            f"{r['tok_s'] / d['tok_s']:.2f}x tokens/s ({bound:.2f}x if only multiply-adds took time), "
-            f"peak memory {r['peak_gib'] / d['peak_gib']:.2f}x"
-        )
+        what = f"{model_name}, {B_} x {L_} = {B_ * L_:,} tokens, {attention}"
+        speed = f"{r['tok_s'] / d['tok_s']:.2f}x tokens/s ({bound:.2f}x if only multiply-adds took time)"
+        memory = f"peak memory {r['peak_gib'] / d['peak_gib']:.2f}x"
+        print(f"projected / dense, {what}: {speed}, {memory}")
 print(f"\nsampling, model {args.model[-1]}, B = {B}, L = {L}:")
 print("| sampler | forward passes | seconds | vs autoregressive |\n|---|---|---|---|")
-for label, passes, t in (
-    ("FMLM, 1 step", 1, t_fmlm),
-    (f"FLM, {args.flm_steps} Euler steps", args.flm_steps, t_flm),
-    ("autoregressive, static KV cache", L, t_ar),
-):
+n = args.flm_steps
+samplers = [("FMLM, 1 step", 1, t_fmlm), (f"FLM, {n} Euler steps", n, t_flm)]
+for label, passes, t in samplers + [("autoregressive, static KV cache", L, t_ar)]:
     print(f"| {label} | {passes} | {t:.3f} | {t / t_ar:.4f} |")

@@ -1,5 +1,5 @@
 """
-Checkpoints: ours (one flat dict of plain types, read with torch.load(weights_only=True)), and the authors' released
+Checkpoints: ours, one flat dict of plain types read with torch.load(weights_only=True); and the authors' released
 models (a Hugging Face repo id or folder with config.json + model.safetensors, or a Lightning .ckpt), converted to
 ours through one key map, like nanoGPT's from_pretrained. Reading a pickled .ckpt never runs code from it: a
 restricted unpickler admits tensors and plain containers and turns every other class into inert data.
@@ -18,14 +18,15 @@ import torch
 from data import DataError, atomic_write, write_text
 from model import DiT, DiTConfig
 
-# -----------------------------------------------------------------------------
-# our checkpoints: one flat dict of plain types, written under a temporary name and renamed
-
 CKPT_VERSION = 1
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt, of another format version, or of the wrong kind."""
+
+
+def first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def save_checkpoint(path, ckpt):
@@ -34,24 +35,19 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path, kind=None, logit_cap=None):
-    """Load and validate a checkpoint: ours (train_flm.py, distill.py), or the authors' released models (a Hugging
-    Face repo id, a folder with config.json + model.safetensors, or a Lightning .ckpt), converted to ours.
-    kind ('flm' or 'fmlm') is checked if given; logit_cap, if given, overrides the model's output logit cap."""
-    if (
-        os.path.isdir(path)
-        or path.endswith(".ckpt")
-        or (not os.path.exists(path) and _is_hub_id(path))
-    ):
+    """Ours (train_flm.py, distill.py) or the authors' (a Hugging Face repo id, a folder, a Lightning .ckpt),
+    validated; kind ('flm' or 'fmlm') is checked if given; logit_cap overrides the model's output cap."""
+    exists = os.path.exists(path)
+    if os.path.isdir(path) or path.endswith(".ckpt") or (not exists and _is_hub_id(path)):
         ckpt = load_authors_checkpoint(path)
-    elif not os.path.exists(path):
+    elif not exists:
         raise CheckpointError(f"checkpoint {path} does not exist")
     else:
         ckpt = _torch_load(path, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CKPT_VERSION:
-        version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
-        raise CheckpointError(
-            f"{path} has checkpoint format version {version}; this code reads {CKPT_VERSION}"
-        )
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version != CKPT_VERSION:
+        msg = f"{path} has checkpoint format version {version}; this code reads {CKPT_VERSION}"
+        raise CheckpointError(msg)
     if kind is not None and ckpt["kind"] != kind:
         what = {"flm": "an FLM denoiser (train_flm.py)", "fmlm": "a flow-map model (distill.py)"}
         raise CheckpointError(f"{path} holds {what[ckpt['kind']]}, but {what[kind]} is needed here")
@@ -65,18 +61,22 @@ def _torch_load(path, **kwargs):
         return torch.load(path, map_location="cpu", **kwargs)
     except Exception as e:
         why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt or not a torch file): {why}"
-        ) from None
+        msg = f"{path} is not a readable checkpoint (corrupt or not a torch file): {why}"
+        raise CheckpointError(msg) from None
+
+
+def model_from_checkpoint(ckpt, ema=True):
+    """The DiT of a checkpoint, with its EMA weights unless ema=False."""
+    model = DiT(DiTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
+    return model
 
 
 # -----------------------------------------------------------------------------
-# the authors' released checkpoints (METHOD.md 9): one key map, like nanoGPT's from_pretrained
-#
-# Hugging Face david3684/{FLM,FMLM}-B-{OWT,LM1B} (config.json + model.safetensors, EMA weights) and the same
-# models as Lightning .ckpt files (raw weights in state_dict, EMA weights in ema["shadow_params"]).
+# the authors' released models (METHOD.md 9): Hugging Face david3684/{FLM,FMLM}-B-{OWT,LM1B} (config.json +
+# model.safetensors, EMA weights), and Lightning .ckpt files (raw weights in state_dict, EMA in ema.shadow_params)
 
-AUTHORS_LOGIT_CAP = 30.0  # the authors' code caps output logits at 30 (METHOD.md 9)
+AUTHORS_LOGIT_CAP = 30.0  # their code caps output logits at 30
 AUTHORS_KEYS = [
     ("vocab_embed.embedding", "embed"),
     ("sigma_map_prime.", "t2_embedder."),
@@ -103,8 +103,8 @@ def authors_key(name):
 
 
 class _Inert:
-    """Stands in for any class a pickle names that is not a tensor or a plain container: it keeps the call's
-    arguments and state as data and runs nothing (an OmegaConf config, a tokenizer, os.system alike)."""
+    """Any class a pickle names that is not a tensor or a plain container (an OmegaConf config, a tokenizer,
+    os.system alike): it keeps the call's arguments and state as data and runs nothing."""
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
@@ -154,28 +154,19 @@ def _plain(obj):
         return None
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+    return [_plain(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
 def _read_lightning(path):
-    """(raw, ema, hydra config, step) of a Lightning .ckpt, read with the restricted unpickler (never runs code)."""
+    """(raw, ema, hydra config, step) of a Lightning .ckpt, read with the restricted unpickler."""
     restricted = types.SimpleNamespace(Unpickler=_SafeUnpickler, __name__="flm_safe_pickle")
     # torch.load hands storages to its own loader and every class lookup to _SafeUnpickler.find_class
     ckpt = _torch_load(path, pickle_module=restricted, weights_only=False)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(
-            f"{path} is not a Lightning checkpoint of the authors' code (no state_dict)"
-        )
-    raw = {
-        k.removeprefix("backbone."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("backbone.")
-    }
-    names = [
-        k for k in raw if not k.endswith("rotary_emb.inv_freq")
-    ]  # the backbone's parameters, in order
+        msg = f"{path} is not a Lightning checkpoint of the authors' code (no state_dict)"
+        raise CheckpointError(msg)
+    raw = {k[9:]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    names = [k for k in raw if not k.endswith("rotary_emb.inv_freq")]  # the parameters, in order
     shadow = (ckpt.get("ema") or {}).get("shadow_params")
     if not isinstance(shadow, list) or len(shadow) != len(names):
         found = len(shadow) if isinstance(shadow, list) else "none"
@@ -186,8 +177,7 @@ def _read_lightning(path):
 
 
 def _download(repo_id):
-    """The local folder of a Hugging Face repo id: its config.json + model.safetensors, or its Lightning .ckpt
-    files (huggingface_hub, optional; HF_HUB_OFFLINE=1 reads the local cache only)."""
+    """The local folder of a Hugging Face repo id (huggingface_hub, optional; HF_HUB_OFFLINE=1: the cache)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -196,30 +186,26 @@ def _download(repo_id):
     try:
         return snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.ckpt"])
     except Exception as e:
-        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        raise CheckpointError(
-            f"{repo_id}: not found locally nor on the Hugging Face hub ({why})"
-        ) from None
+        msg = f"{repo_id}: not found locally nor on the Hugging Face hub ({first_line(e)})"
+        raise CheckpointError(msg) from None
 
 
 def _read_hub_folder(path):
-    """(weights, hydra config) of a folder in the layout of the authors' Hugging Face repos. config.json is either
-    {"config": hydra config, "vocab_size": V} or, as huggingface_hub's save_pretrained writes it, the hydra config
-    itself with vocab_size beside it; ours carry their metadata under "flm"."""
-    files = [os.path.join(path, f) for f in ("config.json", "model.safetensors")]
+    """(weights, hydra config) of a folder in the authors' Hugging Face layout. config.json is
+    {"config": hydra config, "vocab_size": V} or, as huggingface_hub's save_pretrained writes it, the hydra
+    config itself with vocab_size beside it; our exports carry their metadata under "flm"."""
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise CheckpointError(f"{files[1]} needs safetensors: pip install safetensors") from None
+        msg = f"{path}/model.safetensors needs safetensors: pip install safetensors"
+        raise CheckpointError(msg) from None
     try:
-        with open(files[0]) as f:
+        with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        weights = load_file(files[1])
+        weights = load_file(os.path.join(path, "model.safetensors"))
     except Exception as e:
-        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        raise CheckpointError(
-            f"{path}: unreadable config.json or model.safetensors ({why})"
-        ) from None
+        msg = f"{path}: unreadable config.json or model.safetensors ({first_line(e)})"
+        raise CheckpointError(msg) from None
     hydra = config.get("config") if isinstance(config.get("config"), dict) else config
     return weights, dict(hydra, vocab_size=config.get("vocab_size"), flm=config.get("flm"))
 
@@ -237,45 +223,38 @@ def _authors_files(path):
     if len(ckpts) == 1:
         return "ckpt", os.path.join(folder, ckpts[0])
     found = f"the .ckpt files {', '.join(ckpts)}: name one" if ckpts else "neither"
-    expected = (
-        "config.json + model.safetensors (an authors' Hugging Face repo) or one Lightning .ckpt"
-    )
+    expected = "config.json + model.safetensors (an authors' Hugging Face repo) or one .ckpt"
     raise CheckpointError(f"{path} holds {found}; expected {expected}")
 
 
 def _authors_config(path, weights, model_cfg):
-    """Our DiTConfig of an authors' model: the sizes from config.model where it has them, else from the weight
-    shapes; the head count cannot be read off the weights, so without it the authors' head size 64 is taken."""
+    """Our DiTConfig of an authors' model: the sizes from config.model, else from the weight shapes; the head
+    count cannot be read off the weights, so without it the authors' head size 64 is taken."""
     if "embed" not in weights or "t_embedder.mlp.0.weight" not in weights:
         raise CheckpointError(f"{path}: its weights lack vocab_embed.embedding or sigma_map")
     V, D = weights["embed"].shape
-    n_layer = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
     n_head = model_cfg.get("n_heads")
     if n_head is None:
         n_head = max(1, D // 64)
         note = f"{path} names no head count; taking the authors' head size 64: {n_head} heads"
         print(f"note: {note}", file=sys.stderr)
-    return DiTConfig(
-        vocab_size=V,
-        n_layer=int(model_cfg.get("n_blocks", n_layer)),
-        n_head=int(n_head),
-        n_embd=D,
-        cond_dim=int(model_cfg.get("cond_dim", weights["t_embedder.mlp.0.weight"].shape[0])),
-        dropout=float(model_cfg.get("dropout", 0.1)),
-        logit_cap=AUTHORS_LOGIT_CAP,
-        two_time="t2_embedder.mlp.0.weight" in weights,
-        time_warp="authors",
-    )
+    n_layer = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
+    n_layer = model_cfg.get("n_blocks", n_layer)
+    cond_dim = model_cfg.get("cond_dim", weights["t_embedder.mlp.0.weight"].shape[0])
+    cfg = DiTConfig(V, int(n_layer), int(n_head), D, int(cond_dim), time_warp="authors")
+    cfg.dropout, cfg.logit_cap = float(model_cfg.get("dropout", 0.1)), AUTHORS_LOGIT_CAP
+    cfg.two_time = "t2_embedder.mlp.0.weight" in weights
+    return cfg
 
 
 def load_authors_checkpoint(path):
-    """One of the authors' models as a checkpoint dict of ours (kind, model_config, model, ema, tokenizer)."""
+    """One of the authors' models as a checkpoint of ours (kind, model_config, model, ema, tokenizer)."""
     layout, where = _authors_files(path)
     if layout == "ckpt":
         raw, ema, config, step = _read_lightning(where)
     else:
-        ema, config = _read_hub_folder(where)
-        raw, step = ema, 0
+        (ema, config), step = _read_hub_folder(where), 0
+        raw = ema
     raw, ema = ({authors_key(k): v for k, v in d.items() if authors_key(k)} for d in (raw, ema))
     if isinstance(config.get("flm"), dict):  # one of ours, exported by export_hf
         return _ours_from_export(path, ema, config["flm"])
@@ -284,132 +263,77 @@ def load_authors_checkpoint(path):
     expected = DiT(cfg).state_dict()
     for weights in (raw, ema):
         for key in sorted(set(expected) | set(weights)):
-            if (
-                key not in weights
-                or key not in expected
-                or weights[key].shape != expected[key].shape
-            ):
+            if key not in weights or weights[key].shape != getattr(expected.get(key), "shape", 0):
                 got = tuple(weights[key].shape) if key in weights else "missing"
                 want = tuple(expected[key].shape) if key in expected else "no such parameter"
-                raise CheckpointError(
-                    f"{path}: weight {key} is {got}, the config {model_cfg} needs {want}"
-                )
+                msg = f"{path}: weight {key} is {got}, the config {model_cfg} needs {want}"
+                raise CheckpointError(msg)
     tokenizer = (config.get("data") or {}).get("tokenizer_name_or_path") or "gpt2"
     seq_len = int(model_cfg.get("length") or (128 if "bert" in tokenizer else 1024))
-    return dict(
-        kind="fmlm" if cfg.two_time else "flm",
-        model=raw,
-        ema=ema,
-        model_config=asdict(cfg),
-        step=step,
-        args=dict(seq_len=seq_len),
-        format_version=CKPT_VERSION,
-        source=path,
-        data=dict(dir=None, vocab_size=cfg.vocab_size, vocab=None, tokenizer=tokenizer),
-    )
+    data = dict(dir=None, vocab_size=cfg.vocab_size, vocab=None, tokenizer=tokenizer)
+    kind = "fmlm" if cfg.two_time else "flm"
+    ckpt = dict(kind=kind, model=raw, ema=ema, model_config=asdict(cfg), step=step)
+    ckpt.update(args=dict(seq_len=seq_len), format_version=CKPT_VERSION)
+    return dict(ckpt, source=path, data=data)
 
 
-def model_from_checkpoint(ckpt, ema=True):
-    """The DiT of a checkpoint, with its EMA weights unless ema=False."""
-    model = DiT(DiTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
-    return model
+def _ours_from_export(path, ema, meta):
+    if meta.get("format_version") != CKPT_VERSION:
+        version = meta.get("format_version")
+        msg = f"{path} was exported with format version {version}; this code reads {CKPT_VERSION}"
+        raise CheckpointError(msg)
+    cfg = DiTConfig(**meta["model_config"])
+    expected = DiT(cfg).state_dict()
+    if set(ema) != set(expected) or any(ema[k].shape != expected[k].shape for k in expected):
+        msg = f"{path}: its weights do not match its config.json['flm']['model_config']"
+        raise CheckpointError(msg)
+    step = meta.get("step", 0)
+    ckpt = dict(kind=meta["kind"], model=ema, ema=ema, model_config=asdict(cfg), step=step)
+    ckpt.update(objective=meta.get("objective"), args=meta["args"], format_version=CKPT_VERSION)
+    return dict(ckpt, source=path, data=dict(meta["data"], dir=None))
 
 
 # -----------------------------------------------------------------------------
-# export: a checkpoint of ours in the layout of the authors' Hugging Face repos (config.json + model.safetensors,
-# their key names and config schema, the EMA weights), with our metadata under config.json["flm"]
+# export: ours in the authors' Hugging Face layout (config.json + model.safetensors, their key names, the EMA
+# weights), which their class reads with strict=True; our metadata under config.json["flm"]
 
 
 def export_hf(ckpt, folder):
-    """Write folder/config.json and folder/model.safetensors; each file under a temporary name, then renamed."""
+    """Write folder/config.json and folder/model.safetensors, each under a temporary name, then renamed."""
     from safetensors.torch import save_file
 
-    cfg, theirs = ckpt["model_config"], {}
+    cfg, data, theirs = ckpt["model_config"], ckpt["data"], {}
     for name, tensor in ckpt["ema"].items():
-        for ours_prefix, their_prefix in ((o, t) for t, o in AUTHORS_KEYS):
+        for their_prefix, ours_prefix in AUTHORS_KEYS:
             if name.startswith(ours_prefix):
                 name = their_prefix + name[len(ours_prefix) :]
                 break
         theirs[name] = tensor.detach().cpu().contiguous()
-    # the rotary buffer, which the authors' class keeps in its state
-    head = cfg["n_embd"] // cfg["n_head"]
+    head = cfg["n_embd"] // cfg["n_head"]  # the rotary buffer, which their class keeps in its state
     theirs["rotary_emb.inv_freq"] = 1.0 / 10_000 ** (torch.arange(0, head, 2).float() / head)
-    data = ckpt["data"]
-    # the hydra config their DIT.__init__ reads (algo.name holding "flm" and algo.double_temb make the second time
-    # embedder), with vocab_size beside it, as huggingface_hub's save_pretrained writes it
-    config = dict(
-        algo=dict(
-            name="fmlm" if cfg["two_time"] else "flm",
-            double_temb=bool(cfg["two_time"]),
-            causal_attention=False,
-            learnable_loss_weighting=False,
-            backbone="dit",
-            parameterization="mean",
-            time_conditioning=True,
-        ),
-        model=dict(
-            hidden_size=cfg["n_embd"],
-            n_blocks=cfg["n_layer"],
-            n_heads=cfg["n_head"],
-            cond_dim=cfg["cond_dim"],
-            dropout=cfg["dropout"],
-            length=ckpt["args"]["seq_len"],
-            name="small",
-            type="ddit",
-            scale_by_sigma=False,
-            tie_word_embeddings=False,
-        ),
-        data=dict(tokenizer_name_or_path=data.get("tokenizer", "gpt2")),
-        vocab_size=cfg["vocab_size"],
-        flm=dict(
-            format_version=CKPT_VERSION,
-            kind=ckpt["kind"],
-            model_config=cfg,
-            step=ckpt["step"],
-            objective=ckpt.get("objective"),
-            args=ckpt["args"],
-            data=dict(
-                vocab=data.get("vocab"),
-                tokenizer=data.get("tokenizer", "gpt2"),
-                vocab_size=data.get("vocab_size"),
-            ),
-        ),
-    )
+    # what their DIT.__init__ reads: algo.name holding "flm" or "fmlm", and algo.double_temb, make the second
+    # time embedder; vocab_size beside the hydra config, as huggingface_hub's save_pretrained writes it
+    two, tokenizer = bool(cfg["two_time"]), data.get("tokenizer", "gpt2")
+    algo = dict(name="fmlm" if two else "flm", double_temb=two, causal_attention=False)
+    algo.update(learnable_loss_weighting=False, backbone="dit", parameterization="mean")
+    sizes = dict(n_blocks=cfg["n_layer"], n_heads=cfg["n_head"], cond_dim=cfg["cond_dim"])
+    model = dict(hidden_size=cfg["n_embd"], **sizes, dropout=cfg["dropout"])
+    model.update(length=ckpt["args"]["seq_len"], name="small", type="ddit", scale_by_sigma=False)
+    ours = dict(format_version=CKPT_VERSION, kind=ckpt["kind"], model_config=cfg, step=ckpt["step"])
+    ours.update(objective=ckpt.get("objective"), args=ckpt["args"])
+    ours["data"] = dict(vocab=data.get("vocab"), tokenizer=tokenizer)
+    ours["data"]["vocab_size"] = data.get("vocab_size")
+    config = dict(algo=dict(algo, time_conditioning=True))
+    config.update(model=dict(model, tie_word_embeddings=False))
+    config.update(data=dict(tokenizer_name_or_path=tokenizer), vocab_size=cfg["vocab_size"])
+    config["flm"] = ours
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create {folder}: {e.strerror}") from None
     weights = os.path.join(folder, "model.safetensors")
     atomic_write(weights, lambda tmp: save_file(theirs, tmp, metadata=dict(format="pt")))
-    config_json = os.path.join(folder, "config.json")
-    write_text(config_json, json.dumps(config, indent=2))
-
-
-def _ours_from_export(path, ema, meta):
-    if meta.get("format_version") != CKPT_VERSION:
-        version = meta.get("format_version")
-        raise CheckpointError(
-            f"{path} was exported with format version {version}; this code reads {CKPT_VERSION}"
-        )
-    cfg = DiTConfig(**meta["model_config"])
-    expected = DiT(cfg).state_dict()
-    if set(ema) != set(expected) or any(ema[k].shape != expected[k].shape for k in expected):
-        raise CheckpointError(
-            f"{path}: its weights do not match its config.json['flm']['model_config']"
-        )
-    return dict(
-        kind=meta["kind"],
-        model=ema,
-        ema=ema,
-        model_config=asdict(cfg),
-        step=meta.get("step", 0),
-        objective=meta.get("objective"),
-        args=meta["args"],
-        format_version=CKPT_VERSION,
-        source=path,
-        data=dict(meta["data"], dir=None),
-    )
+    write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
 
 
 # -----------------------------------------------------------------------------
@@ -440,9 +364,7 @@ if __name__ == "__main__":
     parser = parser_for(about, "checkpoint.py")
     parser.add_argument("ckpt", help="checkpoint of train_flm.py or distill.py")
     parser.add_argument("folder", type=out_path(folder=True), help="output folder")
-    parser.add_argument(
-        "--push-to-hub", metavar="REPO", help="also upload it (huggingface-cli login)"
-    )
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload it (hf auth login)")
     args = parser.parse_args()
     try:
         ckpt = load_checkpoint(args.ckpt)
@@ -463,6 +385,5 @@ if __name__ == "__main__":
         except ImportError:
             parser.error("--push-to-hub needs huggingface_hub: pip install huggingface_hub")
         except Exception as e:
-            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-            parser.error(f"--push-to-hub {args.push_to_hub}: {why}")
+            parser.error(f"--push-to-hub {args.push_to_hub}: {first_line(e)}")
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")

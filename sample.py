@@ -1,14 +1,14 @@
 """
-Generate text: the Euler ODE for an FLM checkpoint (METHOD.md 4), the flow map for an FMLM checkpoint (METHOD.md 7).
+Generate text: the Euler ODE of an FLM checkpoint (METHOD.md 4), the flow map of an FMLM checkpoint (METHOD.md 7).
 
-    python sample.py --steps 1                                   # one forward pass of the distilled model
-    python sample.py --ckpt out/flm-ptb/ckpt.pt --steps 256      # the FLM's ODE with 256 Euler steps
-    python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --prompt "the company said"          # continue a prompt
-    python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --infill "the [MASK*3] said [MASK] stock"   # fill gaps
-    python sample.py --reward lexical:market,stock,shares --reward-scale 4   # reward guidance (METHOD.md 16)
+    python sample.py --steps 1  # one forward pass of the distilled model
+    python sample.py --ckpt out/flm-ptb/ckpt.pt --steps 256  # the FLM's ODE, 256 Euler steps
+    python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --prompt "the company said"  # continue a prompt
+    python sample.py --ckpt out/fmlm-ptb-cond/ckpt.pt --infill "the [MASK*3] said [MASK] stock"  # fill gaps
+    python sample.py --reward lexical:market,stock,shares --reward-scale 4  # reward guidance (METHOD.md 16)
 
-Conditioning clamps the given tokens to their clean one-hot state at every step, so they come back unchanged;
-a model trained with --cond-frac (train_flm.py, distill.py) has learned to read them.
+Given tokens stay clamped to their clean state at every step, so they come back unchanged; a model trained with
+--cond-frac (train_flm.py, distill.py) has learned to read them.
 """
 
 import json
@@ -27,11 +27,7 @@ from trainer import COUNT, FINITE, FRACTION, NONNEG, TOP_P, device_flag, out_pat
 
 parser = parser_for("Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.", "sample.py")
 a = parser.add_argument
-a(
-    "--ckpt",
-    default="out/fmlm-ptb/ckpt.pt",
-    help="ours, or an authors' model: repo id, folder or .ckpt",
-)
+a("--ckpt", default="out/fmlm-ptb/ckpt.pt", help="ours, or the authors': repo id, folder, .ckpt")
 a("--logit-cap", type=NONNEG, help="output logit cap (0: none; None: the checkpoint's)")
 a("--steps", type=COUNT, help="sampler steps (None: 1 for FMLM, 256 for FLM)")
 a("--num-samples", type=COUNT, default=8, help="sequences to generate")
@@ -69,27 +65,20 @@ try:
     if args.guide_ckpt:
         weak = load_checkpoint(args.guide_ckpt, kind=ckpt["kind"], logit_cap=args.logit_cap)
 except CheckpointError as e:
-    hint = (
-        "; train one with train_flm.py then distill.py (README)"
-        if "does not exist" in str(e)
-        else ""
-    )
+    missing = "does not exist" in str(e)
+    hint = "; train one with train_flm.py then distill.py (README)" if missing else ""
     parser.error(f"{e}{hint}")
 steps = args.steps if args.steps is not None else (1 if ckpt["kind"] == "fmlm" else 256)
 if args.gamma > 0 and ckpt["kind"] != "fmlm":
-    parser.error(
-        f"argument --gamma: got {args.gamma}, but {args.ckpt} is an FLM; the stochastic "
-        "sampler needs an FMLM checkpoint (distill.py)"
-    )
+    needs = "the stochastic sampler needs an FMLM checkpoint (distill.py)"
+    parser.error(f"argument --gamma: got {args.gamma}, but {args.ckpt} is an FLM; {needs}")
 train_len, cfg = ckpt["args"]["seq_len"], ckpt["model_config"]
 if args.seq_len and args.seq_len > train_len and not args.allow_long:
     B, L = min(args.batch_size, args.num_samples), args.seq_len
     gib = (B * cfg["n_head"] * L * L + 3 * B * L * cfg["vocab_size"]) * 4 / 2**30  # scores, logits
-    parser.error(
-        f"argument --seq-len: got {L}, expected at most the training length {train_len} "
-        f"(at batch {B} it would need about {gib:,.1f} GiB for attention scores and logits; "
-        "--allow-long to try anyway)"
-    )
+    need = f"at batch {B} it would need about {gib:,.1f} GiB for attention scores and logits"
+    expected = f"expected at most the training length {train_len}"
+    parser.error(f"argument --seq-len: got {L}, {expected} ({need}; --allow-long to try anyway)")
 model = model_from_checkpoint(ckpt, ema=not args.no_ema).to(device).eval()
 weak_model = model_from_checkpoint(weak, ema=not args.no_ema).to(device).eval() if weak else None
 seq_len = args.seq_len or ckpt["args"]["seq_len"]
@@ -117,23 +106,17 @@ if text is not None:
     if not any(given):
         parser.error(f"argument {flag}: got {text!r}, which has no tokens to condition on")
     if len(ids) > seq_len:
-        parser.error(
-            f"argument {flag}: got {len(ids)} tokens, expected at most --seq-len {seq_len} "
-            f"(and fewer, to leave positions to generate)"
-        )
+        more = f"expected at most --seq-len {seq_len} (and fewer, to leave positions to generate)"
+        parser.error(f"argument {flag}: got {len(ids)} tokens, {more}")
     if len(ids) == seq_len and all(given):
-        parser.error(
-            f"argument {flag}: its {len(ids)} tokens fill the whole sequence of {seq_len}; "
-            "nothing is left to generate"
-        )
+        full = f"its {len(ids)} tokens fill the whole sequence of {seq_len}"
+        parser.error(f"argument {flag}: {full}; nothing is left to generate")
     pad = seq_len - len(ids)
     cond = (torch.tensor(given + [False] * pad), torch.tensor(ids + [0] * pad))
     cond = tuple(c.to(device) for c in cond)
     if not ckpt["args"].get("cond_frac"):
-        note = (
-            f"{args.ckpt} was trained without --cond-frac; it has not learned to read given tokens"
-        )
-        print(f"sample.py: note: {note}, so expect weak conditioning", file=sys.stderr)
+        note = f"{args.ckpt} was trained without --cond-frac; it has not learned to read given"
+        print(f"sample.py: note: {note} tokens, so expect weak conditioning", file=sys.stderr)
 
 guide_reward, reward = None, None
 if args.reward is not None:
@@ -148,26 +131,18 @@ if args.reward is not None:
 
 total = steps * -(-args.num_samples // args.batch_size)
 bar = tqdm(total=total, desc=f"{ckpt['kind']} {steps} steps", file=sys.stderr, disable=args.quiet)
-options = dict(
-    gamma=args.gamma, reward=guide_reward, temperature=args.temperature, top_p=args.top_p
-)
-if weak_model:
-    options.update(guide=(weak_model, args.eta))
-autocast, _ = autocast_for(device, args.dtype)
-with autocast:
-    B = args.batch_size
-    tokens = generate(
-        model, args.num_samples, seq_len, steps, B, args.seed, cond, progress=bar, **options
-    )
-    tokens = tokens.cpu()
+options = dict(gamma=args.gamma, reward=guide_reward, temperature=args.temperature)
+options.update(top_p=args.top_p)
+options.update(guide=(weak_model, args.eta) if weak_model else None, progress=bar)
+with autocast_for(device, args.dtype)[0]:
+    n, B = args.num_samples, args.batch_size
+    tokens = generate(model, n, seq_len, steps, B, args.seed, cond, **options).cpu()
 bar.close()
 if reward is not None:
     r = reward_of_tokens(reward, tokens, cfg["vocab_size"], device, args.batch_size)
     scale = f"--reward-scale {args.reward_scale:g}, {args.reward_form}"
-    print(
-        f"reward {args.reward}: mean {r.mean():.4f} over {len(r)} samples ({scale})",
-        file=sys.stderr,
-    )
+    mean = f"mean {r.mean():.4f} over {len(r)} samples"
+    print(f"reward {args.reward}: {mean} ({scale})", file=sys.stderr)
 try:
     texts = [decode(row, vocab, tokenizer) for row in tokens.tolist()]
 except DataError as e:
@@ -177,9 +152,8 @@ if not args.quiet:
         print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")
 if args.out:
     run = dict(kind=ckpt["kind"], steps=steps, ckpt=args.ckpt, seed=args.seed, gamma=args.gamma)
-    run.update(
-        prompt=args.prompt, infill=args.infill, temperature=args.temperature, top_p=args.top_p
-    )
+    run.update(prompt=args.prompt, infill=args.infill, temperature=args.temperature)
+    run.update(top_p=args.top_p)
     if reward is not None:
         run.update(reward=args.reward, reward_scale=args.reward_scale, reward_form=args.reward_form)
     lines = []

@@ -30,18 +30,9 @@ PAPER = dict(model="small", batch_size=512, lr=3e-4, warmup=2500, decay=0.0, max
 PAPER.update(ema=0.9999, eval_every=10_000, keep_every=0, cond_frac=0.0)
 # the embedded corpus on a laptop CPU, about 7 minutes on 2 cores: the lr falls to 0 over the last 30% of the
 # steps, and a short EMA follows it (a long one averages in the weights of before the decay)
-PTB = dict(
-    data="data/ptb", model="ptb", batch_size=32, micro_batch=32, seq_len=32, lr=2e-3, warmup=100
-)
-PTB.update(
-    decay=0.3,
-    max_steps=1300,
-    ema=0.99,
-    eval_every=100,
-    eval_windows=128,
-    keep_every=500,
-    cond_frac=0.2,
-)
+PTB = dict(data="data/ptb", model="ptb", batch_size=32, micro_batch=32, seq_len=32, lr=2e-3)
+PTB.update(warmup=100, decay=0.3, max_steps=1300, ema=0.99, eval_every=100, eval_windows=128)
+PTB.update(keep_every=500, cond_frac=0.2)
 RUN_PRESETS = {
     "ptb": PTB,
     # the longer CPU recipe (with distill.py --preset ptb-long, about 40 minutes on 2 cores): 64 tokens, and the
@@ -73,10 +64,8 @@ try:
 except DataError as e:
     run.fail(e)
 if args.seq_len > data.max_seq_len():
-    run.fail(
-        f"argument --seq-len: got {args.seq_len}, expected at most {data.max_seq_len()}, "
-        f"the longest window that both splits of {args.data} hold"
-    )
+    longest = f"{data.max_seq_len()}, the longest window that both splits of {args.data} hold"
+    run.fail(f"argument --seq-len: got {args.seq_len}, expected at most {longest}")
 cfg = DiTConfig(vocab_size=data.vocab_size, **MODEL_PRESETS[args.model])
 if args.dropout is not None:
     cfg.dropout = args.dropout
@@ -94,10 +83,8 @@ if args.resume:
     start_step = ckpt["step"]
     del ckpt
 model = run.wrap(raw_model)
-run.setup(
-    f"model {args.model}: {raw_model.num_params():,} parameters, V = {cfg.vocab_size:,}, "
-    f"ln V = {math.log(cfg.vocab_size):.4f}"
-)
+V, n = cfg.vocab_size, raw_model.num_params()
+run.setup(f"model {args.model}: {n:,} parameters, V = {V:,}, ln V = {math.log(V):.4f}")
 
 
 def given(keys):
@@ -134,8 +121,8 @@ for step in range(start_step, args.max_steps + 1):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    # validation of the raw and EMA weights; a checkpoint of every validated step after the start, and of every
-    # --ckpt-every step between
+    # validation of the raw and EMA weights; a checkpoint of each validated step after the start, and of
+    # every --ckpt-every step between
     if step % args.eval_every == 0 or step == args.max_steps:
         val, val_ema = val_loss(raw_model), val_loss(ema_model)
         line = f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}"
@@ -148,15 +135,15 @@ for step in range(start_step, args.max_steps + 1):
     if step == args.max_steps:
         break
 
-    # the noise factor of E (METHOD.md 14), once per step: every micro-step reads its detached leaf, and the
-    # gradient gathered there goes back through the Gram product once, after the micro-steps. The product and
-    # its backward are 1.8e11 FLOPs at the paper's shape, some 7% of a 16 x 1,024-token micro-step in full fp32
-    # on an H100; at accumulation 4 (the paper's OWT preset) this saves 3 of the 4.
+    # the noise factor of E (METHOD.md 14), once per step: the micro-steps read its detached leaf, whose
+    # gradient goes back through the Gram product once. The product and its backward are 1.8e11 FLOPs at the
+    # paper's shape, some 7% of a 16 x 1,024-token micro-step in full fp32 on an H100: at accumulation 4 (the
+    # paper's OWT preset) this saves 3 of the 4.
     factor = state_factor(raw_model)
     leaf = None if factor is None else factor.detach().requires_grad_()
 
-    # micro-steps: cross-entropy of the denoiser at stratified tau (METHOD.md 2); slot i's window, noise and
-    # dropout come from its key (seed, step, i) and its tau from the step's one stratified draw of the global batch
+    # micro-steps: the denoiser's cross-entropy at stratified tau (METHOD.md 2); slot i's window, noise and
+    # dropout come from its key (seed, step, i), its tau from the step's one stratified draw
     taus = stratified_tau(args.batch_size, step_generator(args.seed, step))
     loss_sum = torch.zeros((), device=device)
     for micro in range(run.accum):

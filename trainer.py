@@ -1,14 +1,14 @@
 """
-What every script shares: flags that check their values and one way to report a bad flag or file; and what the two
-training loops share around their loops, in `Run`: the process group, the log, evaluation sharded over ranks, the
-finite check, checkpoint writing and preemption. The loops themselves are written out in train_flm.py and
-distill.py, as nanoGPT writes its loop in train.py: a reader sees each stage's phases in its own file, and the tests
-(torchrun, world-size invariance, exact resume, for both scripts) keep the two from drifting.
+What the scripts share: flags that check their values and one way to report a bad flag or file; and what the two
+training loops share around their loops, in `Run`: the process group, the log, evaluation over ranks, the finite
+check, checkpoints and preemption. The loops themselves are written out in train_flm.py and distill.py, as
+nanoGPT writes its loop in train.py, so that a reader sees each stage's phases in its own file; the tests
+(torchrun, world-size invariance, exact resume, for both) keep the two from drifting.
 
-The same run at any world size: slot i of the global batch at step k gets its data window, noise, time and
-dropout masks from the key (seed, k, i) (model.row_key), and rank r's micro-step m holds the slots
-(m * world + r) * micro_batch ... + micro_batch - 1 (`Run.slots`). So 2 ranks x 1 micro-step and 1 rank x 2
-micro-steps train on the same global batch, and a run resumes on any number of ranks.
+The same run at any world size: slot i of the global batch at step k draws its window, noise, time and dropout
+from the key (seed, k, i) (model.row_key), and rank r's micro-step m holds the slots from (m * world + r) *
+micro_batch (`Run.slots`): 2 ranks x 1 micro-step train on the batch of 1 rank x 2, and a run resumes on any
+number of ranks.
 """
 
 import argparse
@@ -63,15 +63,14 @@ def device_flag(text):
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"got {text}, expected cpu, cuda or cuda:N")
     if text != "cpu" and int(text[5:] or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(
-            f"got {text}, but this machine has {torch.cuda.device_count()} CUDA devices"
-        )
+        count = torch.cuda.device_count()
+        raise argparse.ArgumentTypeError(f"got {text}, but this machine has {count} CUDA devices")
     return text
 
 
 def out_path(folder):
-    """An argparse type for an output file (folder=False) or folder that can be written where it is (data.writable),
-    checked when the flags are read, before a model loads or a step runs."""
+    """An argparse type: an output file (folder=False) or folder that can be written (data.writable), checked
+    when the flags are read, before a model loads or a step runs."""
 
     def parse(text):
         why = writable(text, folder)
@@ -83,8 +82,7 @@ def out_path(folder):
 
 
 def fail(script, message):
-    """The one way a script stops at a bad flag or file: one line on stderr, printed by one rank only under
-    torchrun, and exit code 2, as argparse does."""
+    """The one way a script stops at a bad flag or file: one line on stderr (from rank 0) and exit code 2."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{script}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
@@ -125,7 +123,7 @@ def add_run_args(parser):
 
 
 def parse_with_preset(parser, presets, stage):
-    """Read --preset first, make its settings the defaults (so that --help prints them), then parse the rest."""
+    """Read --preset first, make its settings the defaults (--help prints them), then parse the rest."""
     known = parser.parse_known_args([a for a in sys.argv[1:] if a not in ("-h", "--help")])[0]
     parser.set_defaults(**presets[known.preset], out_dir=f"out/{stage}-{known.preset}")
     return parser.parse_args()
@@ -150,8 +148,8 @@ def ema_update(ema_model, model, step, decay):
 
 
 def carry_factor_grad(factor, leaf):
-    """The noise factor's gradient, gathered on its detached leaf over a step's micro-steps, carried back to E once;
-    averaged over ranks first, as DDP averages every other gradient."""
+    """The noise factor's gradient, gathered on its detached leaf over a step's micro-steps, carried back to E
+    once, averaged over ranks first as DDP averages every other gradient."""
     if leaf is not None and leaf.grad is not None:
         if dist.is_initialized():
             dist.all_reduce(leaf.grad, op=dist.ReduceOp.AVG)
@@ -170,7 +168,7 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device, dtype):
-    """The dense peak FLOP/s of a CUDA device at bf16 or fp32 (tf32), by its name; None when unknown (no MFU)."""
+    """The dense peak FLOP/s of a CUDA device by its name; None when unknown (no MFU)."""
     if not str(device).startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
@@ -205,10 +203,8 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if args.batch_size % (args.micro_batch * self.world):
-            self.fail(
-                f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch} "
-                f"x world {self.world}"
-            )
+            per = f"--micro-batch {args.micro_batch} x world {self.world}"
+            self.fail(f"--batch-size {args.batch_size} must be a multiple of {per}")
         self.accum = args.batch_size // (args.micro_batch * self.world)
         # the first step with a non-finite loss or gradient, read only when logging (no host sync a step)
         self.first_bad = torch.tensor(-1, device=self.device)
@@ -218,14 +214,13 @@ class Run:
                 import wandb
             except ImportError:
                 self.fail("--wandb needs the wandb package: pip install wandb")
-            name = os.path.basename(os.path.abspath(args.out_dir))
-            self.wandb = wandb.init(
-                project=args.wandb, name=name, config=vars(args), dir=args.out_dir, resume="allow"
-            )
+            name, out = os.path.basename(os.path.abspath(args.out_dir)), args.out_dir
+            config = dict(project=args.wandb, name=name, config=vars(args), dir=out)
+            self.wandb = wandb.init(**config, resume="allow")
 
     def on_signal(self, signum, frame):
-        """A stop request (SIGTERM, SIGUSR1, Ctrl-C), honoured after the step (preempted); a second Ctrl-C stops
-        at once, leaving the last checkpoint whole and no temporary file."""
+        """A stop request (SIGTERM, SIGUSR1, Ctrl-C), honoured after the step (preempted); a second Ctrl-C
+        stops at once, leaving the last checkpoint whole and no temporary file."""
         name = signal.Signals(signum).name
         if name == "SIGINT" and "SIGINT" in self.signals:
             for tmp in glob.glob(os.path.join(self.args.out_dir, "*.tmp")) if self.master else []:
@@ -251,15 +246,14 @@ class Run:
             except OSError as e:
                 self.fail(f"cannot create --out-dir {args.out_dir}: {e.strerror}")
             print(model_line)
-            print(
-                f"global batch {args.batch_size} = micro {args.micro_batch} x world {self.world} x accumulation "
-                f"{self.accum}; {args.batch_size * args.seq_len:,} tokens per step, {args.max_steps:,} steps, "
-                f"{args.dtype}{', compiled' if args.compile else ''}, on {self.device}"
-            )
+            batch = f"micro {args.micro_batch} x world {self.world} x accumulation {self.accum}"
+            tokens = f"{args.batch_size * args.seq_len:,} tokens per step, {args.max_steps:,} steps"
+            how = f"{args.dtype}{', compiled' if args.compile else ''}, on {self.device}"
+            print(f"global batch {args.batch_size} = {batch}; {tokens}, {how}")
 
     def wrap(self, raw_model):
-        """The module the loop trains: DDP under torchrun, then compiled if asked (compiling the DDP module lets
-        dynamo split the graph at DDP's buckets, so the gradient all-reduce overlaps the backward)."""
+        """The module the loop trains: DDP under torchrun, then compiled if asked (dynamo then splits the graph at
+        DDP's buckets, so the gradient all-reduce overlaps the backward)."""
         model = raw_model
         if self.ddp:
             cuda = self.device.startswith("cuda")
@@ -272,11 +266,9 @@ class Run:
             ckpt = load_checkpoint(self.ckpt_path, kind=kind)
         except CheckpointError as e:
             self.fail(e)
-        if asdict(DiTConfig(**ckpt["model_config"])) != asdict(raw_model.config):
-            self.fail(
-                f"{self.ckpt_path} has model {ckpt['model_config']}, these flags give "
-                f"{asdict(raw_model.config)}"
-            )
+        ours = asdict(raw_model.config)
+        if asdict(DiTConfig(**ckpt["model_config"])) != ours:
+            self.fail(f"{self.ckpt_path} has model {ckpt['model_config']}, these flags give {ours}")
         raw_model.load_state_dict(ckpt["model"])
         ema_model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -298,9 +290,8 @@ class Run:
         share = -(-args.eval_windows // self.world)
         first, last = self.rank * share, min((self.rank + 1) * share, args.eval_windows)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        batches = data.eval_batches(
-            "val", args.seq_len, args.eval_windows, args.micro_batch, self.device, first, last
-        )
+        n, L = args.eval_windows, args.seq_len
+        batches = data.eval_batches("val", L, n, args.micro_batch, self.device, first, last)
         for slots, tokens in batches:
             with self.autocast:
                 total += loss_of(net, tokens, slots).double() * len(slots)
@@ -310,22 +301,20 @@ class Run:
         return total.item() / args.eval_windows
 
     def check_finite(self, *models):
-        """Stop every rank at a non-finite loss, gradient or weight seen on any rank (reduced over ranks first, so
-        that no rank waits for the others at a collective); the last good checkpoint stays."""
+        """Stop every rank at a non-finite loss, gradient or weight seen on any rank (reduced over ranks first,
+        so that no rank waits at a collective); the last good checkpoint stays."""
         first_bad = self.first_bad.clone()
         if self.ddp:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
         if int(first_bad) >= 0:
-            self.fail(
-                f"non-finite loss or gradient at step {int(first_bad)}; {self.ckpt_path} keeps the last good "
-                "checkpoint (try a lower --lr)"
-            )
+            kept = f"{self.ckpt_path} keeps the last good checkpoint (try a lower --lr)"
+            self.fail(f"non-finite loss or gradient at step {int(first_bad)}; {kept}")
         if not all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
             self.fail(f"non-finite weights: {self.ckpt_path} keeps the last good checkpoint")
 
     def save(self, ckpt, *models):
-        """Rank 0 writes the checkpoint, atomically, once every rank has found the models finite; with --keep-every
-        also a copy ckpt-STEP.pt (e.g. autoguidance's weak model)."""
+        """Rank 0 writes the checkpoint, atomically, once every rank has found the models finite; with
+        --keep-every also a copy ckpt-STEP.pt (e.g. autoguidance's weak model)."""
         self.check_finite(*models)
         if not self.master:
             return
@@ -348,7 +337,7 @@ class Run:
                 self.wandb.log(metrics, step=metrics.pop("step"))
 
     def log_step(self, step, loss_sum, grad_norm, lr, dt, flops_per_token):
-        """The fixed-format line of a logged step: loss (averaged over ranks), lr, grad norm, time, tokens/s, MFU."""
+        """The line of a logged step: loss (averaged over ranks), lr, grad norm, time, tokens/s, MFU."""
         self.check_finite()
         if self.ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
@@ -364,8 +353,8 @@ class Run:
         self.log(line, step=step, **metrics)
 
     def preempted(self, step, save):
-        """True after a SIGTERM or SIGUSR1 caught by any rank: every rank gets the same answer (reduced over ranks,
-        one host sync a step), so all of them stop after the same step, which save(step) has checkpointed."""
+        """True after a stop signal caught by any rank: reduced over ranks (one host sync a step), so every rank
+        stops after the same step, which save(step) has checkpointed."""
         flag = torch.tensor(1.0 if self.signals else 0.0, device=self.device)
         if self.ddp:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -373,14 +362,13 @@ class Run:
             return False
         save(step)
         by = self.signals[0] if self.signals else "a signal on another rank"
-        self.log(
-            f"step {step} | stopped by {by}: {self.ckpt_path} holds this step; continue with --resume"
-        )
+        where = f"{self.ckpt_path} holds this step; continue with --resume"
+        self.log(f"step {step} | stopped by {by}: {where}")
         return True
 
     def finish(self):
-        """Every rank leaves together, after rank 0 has written its last checkpoint; the wandb run ends. Exit code 130
-        after a Ctrl-C, as a shell reports one (so that `train && distill` stops there), 0 otherwise."""
+        """Every rank leaves together, after rank 0's last checkpoint; exit code 130 after a Ctrl-C, as a shell
+        reports one (so that `train && distill` stops there), 0 otherwise."""
         if self.wandb:
             self.wandb.finish()
         if self.ddp:
