@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from data import DataError, atomic_write, write_text
+from data import DataError, atomic_write, first_line, write_text
 from model import DiT, DiTConfig
 
 CKPT_VERSION = 1
@@ -23,10 +23,6 @@ CKPT_VERSION = 1
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt, of another format version, or of the wrong kind."""
-
-
-def first_line(e):
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def save_checkpoint(path, ckpt):
@@ -239,12 +235,18 @@ def _authors_config(path, weights, model_cfg):
         note = f"{path} names no head count; taking the authors' head size 64: {n_head} heads"
         print(f"note: {note}", file=sys.stderr)
     n_layer = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
-    n_layer = model_cfg.get("n_blocks", n_layer)
-    cond_dim = model_cfg.get("cond_dim", weights["t_embedder.mlp.0.weight"].shape[0])
-    cfg = DiTConfig(V, int(n_layer), int(n_head), D, int(cond_dim), time_warp="authors")
-    cfg.dropout, cfg.logit_cap = float(model_cfg.get("dropout", 0.1)), AUTHORS_LOGIT_CAP
-    cfg.two_time = "t2_embedder.mlp.0.weight" in weights
-    return cfg
+    cond_dim = weights["t_embedder.mlp.0.weight"].shape[0]
+    return DiTConfig(
+        vocab_size=V,
+        n_layer=int(model_cfg.get("n_blocks", n_layer)),
+        n_head=int(n_head),
+        n_embd=D,
+        cond_dim=int(model_cfg.get("cond_dim", cond_dim)),
+        dropout=float(model_cfg.get("dropout", 0.1)),
+        logit_cap=AUTHORS_LOGIT_CAP,
+        two_time="t2_embedder.mlp.0.weight" in weights,
+        time_warp="authors",
+    )
 
 
 def load_authors_checkpoint(path):
@@ -253,8 +255,8 @@ def load_authors_checkpoint(path):
     if layout == "ckpt":
         raw, ema, config, step = _read_lightning(where)
     else:
-        (ema, config), step = _read_hub_folder(where), 0
-        raw = ema
+        ema, config = _read_hub_folder(where)
+        raw, step = ema, 0
     raw, ema = ({authors_key(k): v for k, v in d.items() if authors_key(k)} for d in (raw, ema))
     if isinstance(config.get("flm"), dict):  # one of ours, exported by export_hf
         return _ours_from_export(path, ema, config["flm"])
@@ -263,7 +265,8 @@ def load_authors_checkpoint(path):
     expected = DiT(cfg).state_dict()
     for weights in (raw, ema):
         for key in sorted(set(expected) | set(weights)):
-            if key not in weights or weights[key].shape != getattr(expected.get(key), "shape", 0):
+            missing = key not in weights or key not in expected
+            if missing or weights[key].shape != expected[key].shape:
                 got = tuple(weights[key].shape) if key in weights else "missing"
                 want = tuple(expected[key].shape) if key in expected else "no such parameter"
                 msg = f"{path}: weight {key} is {got}, the config {model_cfg} needs {want}"
@@ -272,9 +275,8 @@ def load_authors_checkpoint(path):
     seq_len = int(model_cfg.get("length") or (128 if "bert" in tokenizer else 1024))
     data = dict(dir=None, vocab_size=cfg.vocab_size, vocab=None, tokenizer=tokenizer)
     kind = "fmlm" if cfg.two_time else "flm"
-    ckpt = dict(kind=kind, model=raw, ema=ema, model_config=asdict(cfg), step=step)
-    ckpt.update(args=dict(seq_len=seq_len), format_version=CKPT_VERSION)
-    return dict(ckpt, source=path, data=data)
+    meta = dict(kind=kind, step=step, args=dict(seq_len=seq_len), source=path, data=data)
+    return dict(meta, model=raw, ema=ema, model_config=asdict(cfg), format_version=CKPT_VERSION)
 
 
 def _ours_from_export(path, ema, meta):
@@ -287,10 +289,9 @@ def _ours_from_export(path, ema, meta):
     if set(ema) != set(expected) or any(ema[k].shape != expected[k].shape for k in expected):
         msg = f"{path}: its weights do not match its config.json['flm']['model_config']"
         raise CheckpointError(msg)
-    step = meta.get("step", 0)
-    ckpt = dict(kind=meta["kind"], model=ema, ema=ema, model_config=asdict(cfg), step=step)
-    ckpt.update(objective=meta.get("objective"), args=meta["args"], format_version=CKPT_VERSION)
-    return dict(ckpt, source=path, data=dict(meta["data"], dir=None))
+    ours = dict(kind=meta["kind"], step=meta.get("step", 0), objective=meta.get("objective"))
+    ours.update(args=meta["args"], source=path, data=dict(meta["data"], dir=None))
+    return dict(ours, model=ema, ema=ema, model_config=asdict(cfg), format_version=CKPT_VERSION)
 
 
 # -----------------------------------------------------------------------------
@@ -314,19 +315,17 @@ def export_hf(ckpt, folder):
     # what their DIT.__init__ reads: algo.name holding "flm" or "fmlm", and algo.double_temb, make the second
     # time embedder; vocab_size beside the hydra config, as huggingface_hub's save_pretrained writes it
     two, tokenizer = bool(cfg["two_time"]), data.get("tokenizer", "gpt2")
-    algo = dict(name="fmlm" if two else "flm", double_temb=two, causal_attention=False)
-    algo.update(learnable_loss_weighting=False, backbone="dit", parameterization="mean")
-    sizes = dict(n_blocks=cfg["n_layer"], n_heads=cfg["n_head"], cond_dim=cfg["cond_dim"])
-    model = dict(hidden_size=cfg["n_embd"], **sizes, dropout=cfg["dropout"])
-    model.update(length=ckpt["args"]["seq_len"], name="small", type="ddit", scale_by_sigma=False)
+    algo_name = "fmlm" if two else "flm"
+    algo = dict(name=algo_name, double_temb=two, backbone="dit", parameterization="mean")
+    algo.update(time_conditioning=True, causal_attention=False, learnable_loss_weighting=False)
+    model = dict(hidden_size=cfg["n_embd"], n_blocks=cfg["n_layer"], n_heads=cfg["n_head"])
+    model.update(cond_dim=cfg["cond_dim"], dropout=cfg["dropout"], length=ckpt["args"]["seq_len"])
+    model.update(name="small", type="ddit", scale_by_sigma=False, tie_word_embeddings=False)
+    vocab = dict(vocab=data.get("vocab"), tokenizer=tokenizer, vocab_size=data.get("vocab_size"))
     ours = dict(format_version=CKPT_VERSION, kind=ckpt["kind"], model_config=cfg, step=ckpt["step"])
-    ours.update(objective=ckpt.get("objective"), args=ckpt["args"])
-    ours["data"] = dict(vocab=data.get("vocab"), tokenizer=tokenizer)
-    ours["data"]["vocab_size"] = data.get("vocab_size")
-    config = dict(algo=dict(algo, time_conditioning=True))
-    config.update(model=dict(model, tie_word_embeddings=False))
-    config.update(data=dict(tokenizer_name_or_path=tokenizer), vocab_size=cfg["vocab_size"])
-    config["flm"] = ours
+    ours.update(objective=ckpt.get("objective"), args=ckpt["args"], data=vocab)
+    their_data = dict(tokenizer_name_or_path=tokenizer)
+    config = dict(algo=algo, model=model, data=their_data, vocab_size=cfg["vocab_size"], flm=ours)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:

@@ -160,8 +160,8 @@ def val_loss(net):
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
     ckpt = dict(kind="fmlm", teacher=args.teacher, objective=args.objective, step=step)
-    ckpt["val_loss"] = val
-    ckpt.update(data=teacher_ckpt["data"] if teacher_ckpt else data.describe(), args=vars(args))
+    ckpt.update(val_loss=val, args=vars(args))
+    ckpt["data"] = teacher_ckpt["data"] if teacher_ckpt else data.describe()
     ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict(), model_config=asdict(cfg))
     ckpt.update(optimizer=optimizer.state_dict())
     run.save(ckpt, raw_model, ema_model)

@@ -345,7 +345,8 @@ def read_samples(path, fail):
     try:
         with open(path) as f:
             samples = [json.loads(line) for line in f if line.strip()]
-        ok = samples and all(type(s) is dict and type(s.get("text")) is str for s in samples)
+        ok = samples and all(isinstance(s, dict) for s in samples)
+        ok = ok and all(isinstance(s.get("text"), str) for s in samples)
         ok = ok and all(isinstance(s.get("tokens"), list) for s in samples)
         ok = ok and len({len(s["tokens"]) for s in samples}) == 1
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -470,9 +471,10 @@ def main():
             values = reward_of_tokens(reward, tokens, reward_V, device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))
         result = dict(model=r["label"], steps=r["steps"], T=r["T"], gen_ppl=ppl, lo=lo, hi=hi)
-        result.update(entropy=nan if tokens is None else unigram_entropy(tokens), reward=hard)
-        result.update(self_bleu=nan if tokens is None else self_bleu(tokens.tolist()))
-        results.append(dict(result, samples=len(r["texts"])))
+        result.update(entropy=nan, self_bleu=nan, reward=hard, samples=len(r["texts"]))
+        if tokens is not None:
+            result.update(entropy=unigram_entropy(tokens), self_bleu=self_bleu(tokens.tolist()))
+        results.append(result)
     lines = markdown_table(results, args.evaluator, reward is not None)
     data_row = next((r for r in results if r["model"] == "data (held out)"), None)
     if len(args.temperature) > 1 and data_row is not None:

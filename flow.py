@@ -566,11 +566,12 @@ def sample(
             x = clamp_given(lookahead_step(model, x, s, tau_s, reward, gram), given, clean)
         d = guided_denoiser(model, x, tau_s, tau_t, guide)
         d = tilt(d, reward) if endpoint else d
-        # to t~ by the flow map, then back to t's noise level with fresh noise (METHOD.md 7); t~ = t if gamma = 0
         lifted = net.project(d)
-        x = flow_map(x, lifted, s, t_jump) + (t - t_jump) * lifted
-        if gamma > 0:
-            x = x + gamma * (1 - t) * draw_noise(net, keys, x.size(1), NOISE + 1 + i)
+        if gamma > 0:  # to t~ by the flow map, back to t's noise level by fresh noise (METHOD.md 7)
+            noise = draw_noise(net, keys, x.size(1), NOISE + 1 + i)
+            x = flow_map(x, lifted, s, t_jump) + (t - t_jump) * lifted + gamma * (1 - t) * noise
+        else:
+            x = flow_map(x, lifted, s, t)
         x = clamp_given(x, given, clean)
         if progress is not None:
             progress.update()

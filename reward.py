@@ -65,8 +65,8 @@ def lexical_reward(words, vocab, tokenizer):
             if len(got) == 1:
                 forms.append(got[0])
         if not forms:
-            ids_ = "" if vocab is None else f", {len(vocab):,} ids"
-            where = f"is not a single token of the model's vocabulary ({tokenizer}{ids_})"
+            size = "" if vocab is None else f", {len(vocab):,} ids"
+            where = f"is not a single token of the model's vocabulary ({tokenizer}{size})"
             raise RewardError(f"--reward lexical: {word.strip()!r} {where}")
         ids.update(forms)
     ids = torch.tensor(sorted(ids))
@@ -120,6 +120,10 @@ class EmbeddingReward(torch.nn.Module):
             raise RewardError(f"the reward model reads at most {self.max_len} positions; {got}")
         return e
 
+    def run(self, e):
+        """The encoder on input embeddings e (B, L', H), every position attended."""
+        return self.net(inputs_embeds=e, attention_mask=e.new_ones(e.shape[:2], dtype=torch.long))
+
 
 def _same_tokenizer(name, tokenizer):
     """Whether the reward model's own tokenizer encodes PROBE as ours does; None when it has none."""
@@ -155,10 +159,7 @@ class ClassifierReward(EmbeddingReward):
         self.label = labels.get(label, int(label) if label.isdigit() else 0)
 
     def forward(self, p):
-        e = self.embed(p)
-        mask = e.new_ones(e.shape[:2], dtype=torch.long)
-        logits = self.net(inputs_embeds=e, attention_mask=mask).logits
-        return logits.float().log_softmax(-1)[:, self.label]
+        return self.run(self.embed(p)).logits.float().log_softmax(-1)[:, self.label]
 
 
 def minilm_folder():
@@ -186,9 +187,7 @@ class SemanticReward(EmbeddingReward):
         self.register_buffer("target", target[0], persistent=False)
 
     def pool(self, e):
-        mask = e.new_ones(e.shape[:2], dtype=torch.long)
-        h = self.net(inputs_embeds=e, attention_mask=mask).last_hidden_state
-        return F.normalize(h.float().mean(1), dim=-1)
+        return F.normalize(self.run(e).last_hidden_state.float().mean(1), dim=-1)
 
     def forward(self, p):
         return self.pool(self.embed(p)) @ self.target

@@ -131,9 +131,9 @@ if args.reward is not None:
 
 total = steps * -(-args.num_samples // args.batch_size)
 bar = tqdm(total=total, desc=f"{ckpt['kind']} {steps} steps", file=sys.stderr, disable=args.quiet)
-options = dict(gamma=args.gamma, reward=guide_reward, temperature=args.temperature)
-options.update(top_p=args.top_p)
-options.update(guide=(weak_model, args.eta) if weak_model else None, progress=bar)
+guide = (weak_model, args.eta) if weak_model else None
+options = dict(gamma=args.gamma, reward=guide_reward, guide=guide, progress=bar)
+options.update(temperature=args.temperature, top_p=args.top_p)
 with autocast_for(device, args.dtype)[0]:
     n, B = args.num_samples, args.batch_size
     tokens = generate(model, n, seq_len, steps, B, args.seed, cond, **options).cpu()
@@ -152,8 +152,8 @@ if not args.quiet:
         print(f"--- sample {i} ({ckpt['kind']}, {steps} steps)\n{text.strip()}")
 if args.out:
     run = dict(kind=ckpt["kind"], steps=steps, ckpt=args.ckpt, seed=args.seed, gamma=args.gamma)
-    run.update(prompt=args.prompt, infill=args.infill, temperature=args.temperature)
-    run.update(top_p=args.top_p)
+    run.update(prompt=args.prompt, infill=args.infill)
+    run.update(temperature=args.temperature, top_p=args.top_p)
     if reward is not None:
         run.update(reward=args.reward, reward_scale=args.reward_scale, reward_form=args.reward_form)
     lines = []
