@@ -161,7 +161,8 @@ def _read_lightning(path):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         msg = f"{path} is not a Lightning checkpoint of the authors' code (no state_dict)"
         raise CheckpointError(msg)
-    raw = {k[9:]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    state = ckpt["state_dict"]
+    raw = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     names = [k for k in raw if not k.endswith("rotary_emb.inv_freq")]  # the parameters, in order
     shadow = (ckpt.get("ema") or {}).get("shadow_params")
     if not isinstance(shadow, list) or len(shadow) != len(names):
@@ -303,7 +304,8 @@ def export_hf(ckpt, folder):
     """Write folder/config.json and folder/model.safetensors, each under a temporary name, then renamed."""
     from safetensors.torch import save_file
 
-    cfg, data, theirs = ckpt["model_config"], ckpt["data"], {}
+    cfg, data = ckpt["model_config"], ckpt["data"]
+    theirs = {}
     for name, tensor in ckpt["ema"].items():
         for their_prefix, ours_prefix in AUTHORS_KEYS:
             if name.startswith(ours_prefix):
@@ -314,7 +316,8 @@ def export_hf(ckpt, folder):
     theirs["rotary_emb.inv_freq"] = 1.0 / 10_000 ** (torch.arange(0, head, 2).float() / head)
     # what their DIT.__init__ reads: algo.name holding "flm" or "fmlm", and algo.double_temb, make the second
     # time embedder; vocab_size beside the hydra config, as huggingface_hub's save_pretrained writes it
-    two, tokenizer = bool(cfg["two_time"]), data.get("tokenizer", "gpt2")
+    two = bool(cfg["two_time"])
+    tokenizer = data.get("tokenizer", "gpt2")
     algo_name = "fmlm" if two else "flm"
     algo = dict(name=algo_name, double_temb=two, backbone="dit", parameterization="mean")
     algo.update(time_conditioning=True, causal_attention=False, learnable_loss_weighting=False)

@@ -124,7 +124,9 @@ def encode_text(text, vocab=None, tokenizer="gpt2"):
     """Model ids and given flags of a text with gaps: "[MASK]" is one token to generate, "[MASK*n]" n.
     Text before a gap loses its trailing spaces ("the [MASK] said" is "the" + gap + " said"); gap ids
     are 0. A token outside a compact vocabulary raises DataError naming it."""
-    tok, pieces, ids, given = get_tokenizer(tokenizer), MASK.split(text), [], []
+    tok = get_tokenizer(tokenizer)
+    pieces = MASK.split(text)
+    ids, given = [], []
     index = None if vocab is None else {int(v): i for i, v in enumerate(vocab)}
     for k in range(0, len(pieces), 2):  # text, gap size, text, ..., text
         piece = pieces[k].rstrip()
@@ -521,7 +523,9 @@ class Data:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             why = f"is not a valid meta.json of data.py ({first_line(e)})"
             raise DataError(f"{meta_path} {why}; prepare it again") from None
-        self.dir, self.tokenizer, self.splits = data_dir, self.meta.get("tokenizer", "gpt2"), {}
+        self.dir = data_dir
+        self.tokenizer = self.meta.get("tokenizer", "gpt2")
+        self.splits = {}
         for split, (tokens, files) in names.items():
             shards = [read_shard(os.path.join(data_dir, name)) for name in files]
             if sum(map(len, shards)) != tokens:
@@ -566,7 +570,8 @@ class Data:
         offsets = np.linspace(0, stream - 1, n).astype(np.int64)
         last = n if last is None else min(last, n)
         for i in range(first, last, batch_size):
-            slots, rows = torch.arange(i, min(i + batch_size, last)), []
+            slots = torch.arange(i, min(i + batch_size, last))
+            rows = []
             for off in offsets[slots.numpy()]:
                 for s in shards:
                     if off < len(s) - seq_len:

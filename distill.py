@@ -149,7 +149,8 @@ def val_loss(net):
     """The distillation loss on fixed validation windows, times (per evaluated micro-batch) and noise."""
 
     def loss_of(net, tokens, slots):
-        keys, g = slot_keys(0, -1, slots), torch.Generator().manual_seed(int(slots[0]))
+        keys = slot_keys(0, -1, slots)
+        g = torch.Generator().manual_seed(int(slots[0]))
         tau_s, tau_t, n_diag = distill_times(len(slots), g, args.diag_frac, args.boundary_frac)
         times = (tau_s.to(device), tau_t.to(device), n_diag)
         return distill_loss(net, teacher, tokens, times, keys, args.objective, given(keys))
@@ -201,7 +202,8 @@ for step in range(start_step, args.max_steps + 1):
 
     # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
     # each micro-batch diagonal; slot i's window, noise and dropout come from its key (seed, step, i)
-    g, fracs = step_generator(args.seed, step), (args.diag_frac, args.boundary_frac)
+    g = step_generator(args.seed, step)
+    fracs = (args.diag_frac, args.boundary_frac)
     tau_s, tau_t, n_diag = distill_times(args.batch_size, g, *fracs, args.micro_batch)
     loss_sum = torch.zeros((), device=device)
     for micro in range(run.accum):
@@ -212,8 +214,8 @@ for step in range(start_step, args.max_steps + 1):
         last = micro == run.accum - 1
         sync = model.no_sync() if run.ddp and not last else nullcontext()  # all-reduce on the last
         with sync, run.autocast:
-            batch = (tokens, times, keys)
-            loss = distill_loss(model, teacher, *batch, args.objective, given(keys), leaf)
+            cond = given(keys)
+            loss = distill_loss(model, teacher, tokens, times, keys, args.objective, cond, leaf)
         (loss / run.accum).backward()
         loss_sum += loss.detach()
 

@@ -59,7 +59,8 @@ def self_bleu(samples, n=4):
                 m, owner, second = best.get(g, (0, -1, 0))
                 best[g] = (v, j, m) if v > m else (m, owner, max(second, v))
         top.append(best)
-    lengths, scores = [sum(c[0].values()) for c in grams], []
+    lengths = [sum(c[0].values()) for c in grams]
+    scores = []
     for j, counts in enumerate(grams):
         log_p = 0.0
         for k in range(n):
@@ -153,7 +154,8 @@ def sample_nll(evaluator, texts, prefixes, batch_size, desc):
     """Per-sample summed NLL and token count (numpy arrays) of texts, cut at the evaluator's length, the first
     token (a BOS where the evaluator has one) and the prefixes' tokens (prompts) unscored."""
     tokenizer, model, bos = evaluator
-    first, nll, count = 0 if bos is None else 1, [], []
+    first = 0 if bos is None else 1
+    nll, count = [], []
     max_len = getattr(model.config, "max_position_embeddings", None) or 1024
     for i in tqdm(range(0, len(texts), batch_size), desc=desc, file=sys.stderr, leave=False):
         cut = dict(truncation=True, max_length=max_len - first, add_special_tokens=False)
@@ -332,7 +334,8 @@ def tokenizer_of(ckpt):
 def name_of(ckpt):
     """The row label of a checkpoint: its kind, its objective and the student settings that differ from the
     quick start's."""
-    name, args = ckpt["kind"].upper(), ckpt["args"]
+    name = ckpt["kind"].upper()
+    args = ckpt["args"]
     name += f" {ckpt['objective']}" if ckpt.get("objective", "semigroup") != "semigroup" else ""
     if ckpt["kind"] == "fmlm":
         name += ", E trained" if args.get("train_embed") else ""
@@ -363,7 +366,10 @@ def main():
     fail = parser.error
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     autocast, _ = autocast_for(device, args.dtype)
-    rows, data_dir, reward, reward_V, conditional = [], args.data, None, None, False
+    rows = []
+    data_dir = args.data
+    reward, reward_V = None, None
+    conditional = False  # any conditional rows, then also the data's
 
     def load(path):
         try:
@@ -404,7 +410,8 @@ def main():
     weak = load(args.weak)[1] if args.weak else None
     for path, step_list in zip(args.ckpt, args.steps):
         ckpt, model = load(path)
-        L, data_dir = args.seq_len or ckpt["args"]["seq_len"], data_dir or ckpt["data"]["dir"]
+        L = args.seq_len or ckpt["args"]["seq_len"]
+        data_dir = data_dir or ckpt["data"]["dir"]
         name = name_of(ckpt)
         if args.reward is not None and reward is None:
             vocab, tokenizer = ckpt["data"]["vocab"], tokenizer_of(ckpt)
@@ -461,12 +468,14 @@ def main():
 
     # score, print, write
     evaluator = load_evaluator(args.evaluator, device, fail)
-    results, nan = [], float("nan")
+    results = []
+    nan = float("nan")
     for r in rows:
         desc = f"scoring {r['label']} {r['steps']}"
         nll, count = sample_nll(evaluator, r["texts"], r["prefixes"], args.batch_size, desc)
         ppl, lo, hi = ppl_with_interval(nll, count)
-        tokens, hard = r["tokens"], None
+        tokens = r["tokens"]
+        hard = None
         if reward is not None and tokens is not None:
             values = reward_of_tokens(reward, tokens, reward_V, device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))

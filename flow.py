@@ -37,7 +37,8 @@ class TimeWarp:
     under a quadrature rule, tabulated once on a uniform grid of t (METHOD.md 3)."""
 
     def __init__(self, vocab_size, rule="exact", n_grid=10_000):
-        V, (z, w) = vocab_size, quadrature(rule)
+        V = vocab_size
+        z, w = quadrature(rule)
         t = torch.linspace(0, 1, n_grid + 1, dtype=torch.float64)[:-1]
         y = z + (t / (1 - t))[:, None]  # z + m, (n_grid, n_quad)
         # 1 - q = E[1 - Phi(z + m)^(V-1)], by expm1 so that tiny error rates keep their precision
@@ -51,30 +52,31 @@ class TimeWarp:
         tau[0] = 0.0
         rising = torch.cat([torch.tensor([True]), tau[1:] > torch.cummax(tau, 0).values[:-1]])
         keep = rising & (tau < 1)
-        one = torch.ones(1, dtype=torch.float64)
-        self.t_table, self.tau_table = torch.cat([t[keep], one]), torch.cat([tau[keep], one])
-        self.dtau_table = torch.cat([dtau[keep], 0 * one])
-        self._tables = {}
+        one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        self.t_table = torch.cat([t[keep], one])
+        self.tau_table = torch.cat([tau[keep], one])
+        self.dtau_table = torch.cat([dtau[keep], zero])
+        self._on_device = {}  # device -> the tables by name, copied there once
 
     def _lookup(self, x, src, dst):
-        """Piecewise-linear interpolation of table dst over increasing table src at x, on x's device."""
-        if x.device not in self._tables:
-            tables = (self.t_table, self.tau_table, self.dtau_table)
-            self._tables[x.device] = [table.to(x.device) for table in tables]
-        xp, fp = (self._tables[x.device][i] for i in (src, dst))
+        """Piecewise-linear interpolation of table dst over the increasing table src at x, on x's device."""
+        if x.device not in self._on_device:
+            names = ("t_table", "tau_table", "dtau_table")
+            self._on_device[x.device] = {name: getattr(self, name).to(x.device) for name in names}
+        xp, fp = self._on_device[x.device][src], self._on_device[x.device][dst]
         x64 = x.double().clamp(0.0, 1.0)
         i = torch.searchsorted(xp, x64, right=True).clamp(1, len(xp) - 1)
         w = (x64 - xp[i - 1]) / (xp[i] - xp[i - 1])
         return (fp[i - 1] + w * (fp[i] - fp[i - 1])).to(x.dtype)
 
     def t(self, tau):
-        return self._lookup(tau, 1, 0)
+        return self._lookup(tau, "tau_table", "t_table")
 
     def tau(self, t):
-        return self._lookup(t, 0, 1)
+        return self._lookup(t, "t_table", "tau_table")
 
     def dtau_dt(self, t):
-        return self._lookup(t, 0, 2)
+        return self._lookup(t, "t_table", "dtau_table")
 
 
 _warps = {}
@@ -443,7 +445,8 @@ def distill_loss(
 ):
     """The student's soft cross-entropy against distill_targets (METHOD.md 6); times = (tau_s, tau_t, n_diag);
     teacher None: self-distillation; given positions clean and left out; factor: the step's state_factor."""
-    keys, (tau_s, tau_t) = keys.to(tokens.device), times[:2]
+    keys = keys.to(tokens.device)
+    tau_s, tau_t = times[:2]
     teacher, net = reading(student, teacher)
     cols = net.cols if isinstance(net, JointView) else slice(None)
     h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given, factor=factor)
@@ -543,7 +546,8 @@ def sample(
     the rows' keys; guide = (weak_model, eta): autoguidance; reward: a RewardGuide; progress: a tqdm bar;
     decode: decode_tokens' temperature and top_p."""
     net = unwrap(model)
-    two_time, warp = net.config.two_time, time_warp(net)
+    two_time = net.config.two_time
+    warp = time_warp(net)
     if gamma > 0 and (not two_time or keys is None):
         raise ValueError("gamma > 0 needs a flow-map (two-time) model and the rows' keys")
     given, tokens = cond if cond is not None else (None, None)
@@ -602,7 +606,8 @@ def generate(model, num_samples, L, steps, batch_size=64, seed=0, cond=None, **o
 def factorized_sample(model, num_samples, L, batch_size=64, seed=0):
     """The one-step control (METHOD.md 13): each position drawn independently from the model's marginal
     D(x_0, tau = 0), what a discrete diffusion sampler does in one step; (num_samples, L)."""
-    net, out = unwrap(model), []
+    net = unwrap(model)
+    out = []
     for start in range(0, num_samples, batch_size):
         keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
         tau = torch.zeros(len(keys), device=net.embed.device)

@@ -310,7 +310,8 @@ class DiT(nn.Module):
             c = c + self.t2_embedder(tau_t)
         c = F.silu(c)  # (B, cond_dim)
         rope = rotary_cos_sin(h.size(1), self.config.n_embd // self.config.n_head, h.device)
-        x, p = h, self.config.dropout if self.training else 0.0
+        p = self.config.dropout if self.training else 0.0
+        x = h
         for i, block in enumerate(self.blocks):
             x = block(x, c, rope, p, keys, DROPOUT + 2 * i, attention)
         logits = self.final_layer(x, c).float()

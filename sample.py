@@ -72,7 +72,8 @@ steps = args.steps if args.steps is not None else (1 if ckpt["kind"] == "fmlm" e
 if args.gamma > 0 and ckpt["kind"] != "fmlm":
     needs = "the stochastic sampler needs an FMLM checkpoint (distill.py)"
     parser.error(f"argument --gamma: got {args.gamma}, but {args.ckpt} is an FLM; {needs}")
-train_len, cfg = ckpt["args"]["seq_len"], ckpt["model_config"]
+train_len = ckpt["args"]["seq_len"]
+cfg = ckpt["model_config"]
 if args.seq_len and args.seq_len > train_len and not args.allow_long:
     B, L = min(args.batch_size, args.num_samples), args.seq_len
     gib = (B * cfg["n_head"] * L * L + 3 * B * L * cfg["vocab_size"]) * 4 / 2**30  # scores, logits
@@ -115,8 +116,9 @@ if text is not None:
     cond = (torch.tensor(given + [False] * pad), torch.tensor(ids + [0] * pad))
     cond = tuple(c.to(device) for c in cond)
     if not ckpt["args"].get("cond_frac"):
-        note = f"{args.ckpt} was trained without --cond-frac; it has not learned to read given"
-        print(f"sample.py: note: {note} tokens, so expect weak conditioning", file=sys.stderr)
+        note = f"{args.ckpt} was trained without --cond-frac"
+        why = "it has not learned to read given tokens, so expect weak conditioning"
+        print(f"sample.py: note: {note}; {why}", file=sys.stderr)
 
 guide_reward, reward = None, None
 if args.reward is not None:

@@ -214,8 +214,8 @@ class Run:
                 import wandb
             except ImportError:
                 self.fail("--wandb needs the wandb package: pip install wandb")
-            name, out = os.path.basename(os.path.abspath(args.out_dir)), args.out_dir
-            config = dict(project=args.wandb, name=name, config=vars(args), dir=out)
+            name = os.path.basename(os.path.abspath(args.out_dir))
+            config = dict(project=args.wandb, name=name, config=vars(args), dir=args.out_dir)
             self.wandb = wandb.init(**config, resume="allow")
 
     def on_signal(self, signum, frame):
@@ -285,7 +285,8 @@ class Run:
     @torch.no_grad()
     def evaluate(self, net, data, loss_of):
         """Mean of loss_of(net, tokens, slots) over the fixed validation windows, each rank taking its share."""
-        args, was_training = self.args, net.training
+        args = self.args
+        was_training = net.training
         net.eval()
         share = -(-args.eval_windows // self.world)
         first, last = self.rank * share, min((self.rank + 1) * share, args.eval_windows)
@@ -318,7 +319,8 @@ class Run:
         self.check_finite(*models)
         if not self.master:
             return
-        step, args = ckpt["step"], self.args
+        step = ckpt["step"]
+        args = self.args
         try:
             save_checkpoint(self.ckpt_path, ckpt)
             if args.keep_every and step % args.keep_every == 0 and step < args.max_steps:
