@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flow import DenseView, draw_noise, flm_loss, sample, state_factor, stratified_tau
-from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, slot_keys
+from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for
+from rng import slot_keys
 from trainer import COUNT, carry_factor_grad, checked, device_flag, parser_for, peak_flops
 
 

@@ -25,8 +25,17 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError
-from flow import OBJECTIVES, distill_loss, distill_times, given_mask, reading, state_factor
-from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
+from flow import (
+    OBJECTIVES,
+    Distillation,
+    distill_loss,
+    distill_times,
+    given_mask,
+    state_factor,
+    views,
+)
+from model import MODEL_PRESETS, DiT, DiTConfig
+from rng import slot_keys, step_generator
 from trainer import BELOW_1, COUNT, FRACTION, NONNEG, Run, add_run_args, carry_factor_grad
 from trainer import ema_update, fail, get_lr, parse_with_preset, parser_for
 
@@ -121,8 +130,9 @@ else:
     raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
     raw_model.config.dropout = args.dropout  # the deep copy has its own config
     raw_model.add_second_time()
-    # frozen, teacher and student read the same h = x_s @ E; trained, a joint state (flow.reading)
+    # frozen, teacher and student read the same h = x_s @ E; trained, a joint state (flow.views)
     raw_model.embed.requires_grad_(args.train_embed)
+distillation = Distillation(teacher, args.objective, args.train_embed)
 cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -153,7 +163,7 @@ def val_loss(net):
         g = torch.Generator().manual_seed(int(slots[0]))
         tau_s, tau_t, n_diag = distill_times(len(slots), g, args.diag_frac, args.boundary_frac)
         times = (tau_s.to(device), tau_t.to(device), n_diag)
-        return distill_loss(net, teacher, tokens, times, keys, args.objective, given(keys))
+        return distill_loss(net, distillation, tokens, times, keys, given(keys))
 
     return run.evaluate(net, data, loss_of)
 
@@ -162,7 +172,7 @@ def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
     ckpt = dict(kind="fmlm", teacher=args.teacher, objective=args.objective, step=step)
     ckpt.update(val_loss=val, args=vars(args))
-    ckpt["data"] = teacher_ckpt["data"] if teacher_ckpt else data.describe()
+    ckpt["data"] = data.describe()  # --data, or the teacher's folder
     ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict(), model_config=asdict(cfg))
     ckpt.update(optimizer=optimizer.state_dict())
     run.save(ckpt, raw_model, ema_model)
@@ -197,7 +207,7 @@ for step in range(start_step, args.max_steps + 1):
 
     # the noise factor of the state the student reads, once per step as in train_flm.py (no gradient when E
     # is frozen)
-    factor = state_factor(reading(raw_model, teacher)[1])
+    factor = state_factor(views(raw_model, distillation)[1])
     leaf = None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
 
     # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
@@ -206,18 +216,20 @@ for step in range(start_step, args.max_steps + 1):
     fracs = (args.diag_frac, args.boundary_frac)
     tau_s, tau_t, n_diag = distill_times(args.batch_size, g, *fracs, args.micro_batch)
     loss_sum = torch.zeros((), device=device)
-    for micro in range(run.accum):
-        slots = run.slots(micro)
-        keys = slot_keys(args.seed, step, slots)
-        tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
-        times = (run.to_device(tau_s[slots]), run.to_device(tau_t[slots]), n_diag)
-        last = micro == run.accum - 1
-        sync = model.no_sync() if run.ddp and not last else nullcontext()  # all-reduce on the last
-        with sync, run.autocast:
-            cond = given(keys)
-            loss = distill_loss(model, teacher, tokens, times, keys, args.objective, cond, leaf)
-        (loss / run.accum).backward()
-        loss_sum += loss.detach()
+    with run.out_of_memory(f"the forward and backward of step {step + 1}"):
+        for micro in range(run.accum):
+            slots = run.slots(micro)
+            keys = slot_keys(args.seed, step, slots)
+            tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
+            times = (run.to_device(tau_s[slots]), run.to_device(tau_t[slots]), n_diag)
+            last = micro == run.accum - 1
+            # the gradients' all-reduce on the last micro-step only
+            sync = model.no_sync() if run.ddp and not last else nullcontext()
+            with sync, run.autocast:
+                cond = given(keys)
+                loss = distill_loss(model, distillation, tokens, times, keys, cond, leaf)
+            (loss / run.accum).backward()
+            loss_sum += loss.detach()
 
     # the factor's gradient, clip, step, EMA
     carry_factor_grad(factor, leaf)

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DECODE, GIVEN, NOISE, row_key, row_normal, row_uniform, slot_keys, unwrap
+from model import unwrap
+from rng import row_key, row_normal, row_uniform, slot_keys, stream
 
 # -----------------------------------------------------------------------------
 # the time warp (METHOD.md 3)
@@ -185,10 +186,10 @@ class DenseView(nn.Module):
     def project(self, x):
         return x.float()
 
-    def noise(self, keys, L, stream):
-        """x_0 as the authors draw it, torch.randn, from a generator seeded by each row's key."""
+    def noise(self, keys, L, j):
+        """x_0 as the authors draw it, torch.randn, from a generator seeded by each row's key and j."""
         V, device = self.config.vocab_size, keys.device
-        gens = [torch.Generator(device).manual_seed(row_key(k, stream, 0)) for k in keys.tolist()]
+        gens = [torch.Generator(device).manual_seed(row_key(k, j, 0)) for k in keys.tolist()]
         return torch.stack([torch.randn(L, V, device=device, generator=g) for g in gens])
 
     def forward(self, x, *args, **kwargs):
@@ -203,18 +204,19 @@ def clean_state(model, tokens):
     return model.embed[tokens]
 
 
-def draw_noise(model, keys, L, stream=NOISE, factor=None):
-    """x_0 @ E (B, L, D) of the rows with keys (B,), in fp32, drawn as z @ state_factor without forming x_0."""
+def draw_noise(model, keys, L, j=0, factor=None):
+    """Noise j (rng.STREAMS) x_0 @ E (B, L, D) of the rows with keys (B,), in fp32, drawn as z @ state_factor
+    without forming x_0."""
     model = unwrap(model)
     keys = keys.to(next(model.parameters()).device)
     if isinstance(model, DenseView):
-        return model.noise(keys, L, stream)
+        return model.noise(keys, L, j)
     factor = state_factor(model) if factor is None else factor
     B, V = len(keys), model.config.vocab_size
     if factor is None:  # E^T E singular (a tiny vocabulary) or the state x itself: draw x_0
-        return model.project(row_normal(keys, L * V, stream).view(B, L, V))
+        return model.project(row_normal(keys, L * V, j).view(B, L, V))
     with torch.autocast(keys.device.type, enabled=False):
-        return row_normal(keys, L * factor.size(0), stream).view(B, L, -1) @ factor
+        return row_normal(keys, L * factor.size(0), j).view(B, L, -1) @ factor
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def given_mask(keys, L, frac):
     """(B, L) bool from each row's key: with probability frac a row is conditional, half of those on a prefix
     of 1 to L - 1 tokens (a prompt), half on alternating given and free spans (infilling, a boundary after each
     position with probability 4 / L, a random first span). An all-given row's last position is freed."""
-    u = row_uniform(keys, L + 4, GIVEN)
+    u = row_uniform(keys, L + 4, stream("given"))
     cond, prefix = u[:, :1] < frac, u[:, 1:2] < 0.5
     pos = torch.arange(L, device=keys.device)
     prompt = pos < 1 + (u[:, 2:3] * (L - 1)).long()
@@ -305,6 +307,11 @@ def semigroup_weight(s, u, t):
 # the distillation targets (METHOD.md 6)
 
 
+def plus(keys, i):
+    """The keys of a pass with dropout masks of its own (rng): keys + i; None stays None."""
+    return None if keys is None else keys + i
+
+
 @torch.no_grad()
 def semigroup_target(model, h_s, tau_s, tau_u, tau_t, keys=None, given=None, clean=None):
     """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)) from the model itself; (B, L, V). keys + 1 and
@@ -312,10 +319,9 @@ def semigroup_target(model, h_s, tau_s, tau_u, tau_t, keys=None, given=None, cle
     model = unwrap(model)
     warp = time_warp(model)
     s, u, t = warp.t(tau_s), warp.t(tau_u), warp.t(tau_t)
-    more = (lambda i: None) if keys is None else (lambda i: keys + i)
-    delta_su = denoiser(model, h_s, tau_s, tau_u, more(1))
+    delta_su = denoiser(model, h_s, tau_s, tau_u, plus(keys, 1))
     y = clamp_given(flow_map(h_s, model.project(delta_su), s, u), given, clean)
-    delta_ut = denoiser(model, y, tau_u, tau_t, more(2))
+    delta_ut = denoiser(model, y, tau_u, tau_t, plus(keys, 2))
     g = semigroup_weight(s, u, t).view(-1, 1, 1)
     return g * delta_su + (1 - g) * delta_ut
 
@@ -354,22 +360,25 @@ def eulerian(D_s, directional, s, t):
     return D_s + (t - s) / (1 - t) * directional
 
 
-def jvp_denoiser(model, h, tau_s, tau_t, dh, dtau_s, dtau_t):
-    """delta_{s,t}(h) and its derivative along (dh, dtau_s, dtau_t) in forward mode, with the explicit
-    attention formula (flash-attn and flex_attention have no forward-mode AD)."""
+def jvp_denoiser(model, h, tau_s, tau_t, tangent, keys=None):
+    """delta_{s,t}(h) and its derivative along tangent = (dh, dtau_s, dtau_t) in forward mode, with the explicit
+    attention formula (flash-attn and flex_attention have no forward-mode AD); keys: the dropout masks' rows."""
     net = unwrap(model)
-    f = lambda h, a, b: net(h, a, b, attention="explicit").float().softmax(dim=-1)
-    return torch.func.jvp(f, (h, tau_s, tau_t), (dh, dtau_s, dtau_t))
+    f = lambda h, a, b: net(h, a, b, keys=keys, backend="explicit").float().softmax(dim=-1)
+    return torch.func.jvp(f, (h, tau_s, tau_t), tangent)
 
 
 @torch.no_grad()
-def lagrangian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, clean=None):
-    """The Lagrangian target from the student (stop-gradient) and D = teacher_denoiser(h, tau); (B, L, V)."""
+def lagrangian_target(
+    student, teacher_denoiser, h_s, tau_s, tau_t, keys=None, given=None, clean=None
+):
+    """The Lagrangian target from the student (stop-gradient; its dropout from keys + 1) and D =
+    teacher_denoiser(h, tau); (B, L, V)."""
     warp = time_warp(student)
     s, t = warp.t(tau_s), warp.t(tau_t)
     zero = torch.zeros_like(tau_s)
     tangent = (torch.zeros_like(h_s), zero, torch.ones_like(tau_s))  # d / d tau_t
-    delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, *tangent)
+    delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, tangent, plus(keys, 1))
     X = clamp_given(flow_map(h_s, unwrap(student).project(delta), s, t), given, clean)
     ddelta_dt = ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1)
     return lagrangian(teacher_denoiser(X, tau_t), ddelta_dt, s, t)
@@ -379,7 +388,9 @@ EULERIAN_T_MAX = 1 - 1e-3  # the Eulerian target is taken at t' = min(t, EULERIA
 
 
 @torch.no_grad()
-def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, clean=None):
+def eulerian_target(
+    student, teacher_denoiser, h_s, tau_s, tau_t, keys=None, given=None, clean=None
+):
     """The Eulerian target; (B, L, V). The x-tangent D_s - x_s is D_s @ E - h_s, 0 at given positions. At t = 1
     the equation says nothing about delta, so rows beyond EULERIAN_T_MAX take all of it at t' = EULERIAN_T_MAX."""
     warp = time_warp(student)
@@ -391,7 +402,7 @@ def eulerian_target(student, teacher_denoiser, h_s, tau_s, tau_t, given=None, cl
     dh = unwrap(student).project(D_s) - h_s
     dh = clamp_given(dh, given, torch.zeros_like(dh))
     tangent = (dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
-    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, *tangent)
+    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, tangent, plus(keys, 1))
     return eulerian(D_s, directional, s, t)
 
 
@@ -418,40 +429,48 @@ def distill_targets(net, D, h, tokens, times, keys, objective, given):
     diagonal = F.one_hot(tokens[:n], V).float() if D is None else D(h[:n], tau_s[:n])
     if n == len(tokens):
         return diagonal
-    if D is None:  # self-distillation: the student's own delta_{s,s}
-        D = lambda h, tau: denoiser(net, h, tau, tau)
-    args = (h[n:], tau_s[n:], tau_t[n:])
+    keys = keys[n:]
+    if D is None:  # self-distillation: the student's own delta_{s,s}, dropout masks of its own
+        D = lambda h, tau: denoiser(net, h, tau, tau, plus(keys, 2))
     fix = {} if given is None else dict(given=given[n:], clean=clean_state(net, tokens[n:]))
     if objective == "semigroup":
         tau_u = (tau_s[n:] + tau_t[n:]) / 2
-        off = semigroup_target(net, *args[:2], tau_u, args[2], keys[n:], **fix)
+        off = semigroup_target(net, h[n:], tau_s[n:], tau_u, tau_t[n:], keys, **fix)
     else:
         target = lagrangian_target if objective == "lagrangian" else eulerian_target
-        off = onto_simplex(target(net, D, *args, **fix))
+        off = onto_simplex(target(net, D, h[n:], tau_s[n:], tau_t[n:], keys, **fix))
     return torch.cat([diagonal, off])
 
 
-def reading(student, teacher):
-    """(teacher, student) as they read the state: with a frozen E the student reads the teacher's x_s @ E; one
-    that trains its E reads its own columns of the joint state x_s @ [E_teacher, E_student]."""
-    net = unwrap(student)
-    if teacher is not None and net.embed.requires_grad:
+class Distillation(NamedTuple):
+    """What a student learns from (METHOD.md 6): a teacher (None: self-distillation), the off-diagonal objective,
+    and whether the student trains its own E. That last one is the run's setting, never read off requires_grad,
+    so that the student's EMA and a validation pass read the state as the trained student does."""
+
+    teacher: nn.Module | None = None
+    objective: str = "semigroup"
+    train_embed: bool = False
+
+
+def views(student, distillation):
+    """(teacher, student) as they read the state: with a frozen E both read the teacher's x_s @ E; a student that
+    trains its E reads its own columns of the joint state x_s @ [E_teacher, E_student]."""
+    net, teacher = unwrap(student), distillation.teacher
+    if teacher is not None and distillation.train_embed:
         return joint_views(teacher, net)
     return teacher, net
 
 
-def distill_loss(
-    student, teacher, tokens, times, keys, objective="semigroup", given=None, factor=None
-):
+def distill_loss(student, distillation, tokens, times, keys, given=None, factor=None):
     """The student's soft cross-entropy against distill_targets (METHOD.md 6); times = (tau_s, tau_t, n_diag);
-    teacher None: self-distillation; given positions clean and left out; factor: the step's state_factor."""
+    given positions clean and left out; factor: the step's state_factor."""
     keys = keys.to(tokens.device)
     tau_s, tau_t = times[:2]
-    teacher, net = reading(student, teacher)
+    teacher, net = views(student, distillation)
     cols = net.cols if isinstance(net, JointView) else slice(None)
     h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given, factor=factor)
     D = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
-    target = distill_targets(net, D, h, tokens, times, keys, objective, given)
+    target = distill_targets(net, D, h, tokens, times, keys, distillation.objective, given)
     return cross_entropy(student(h[..., cols], tau_s, tau_t, keys=keys), target, given)
 
 
@@ -523,9 +542,9 @@ def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
         return d.argmax(dim=-1)
     if keys is None:
         raise ValueError("temperature > 0 needs the rows' keys")
-    L = d.size(1)
-    u = row_uniform(keys, L, DECODE).double()
-    u += (row_uniform(keys, L, DECODE + 1).double() - 0.5) * 2.0**-24  # 48 bits: a float64 uniform
+    L, keys = d.size(1), keys.to(d.device)
+    u = row_uniform(keys, L, stream("decode", 0)).double()
+    u += (row_uniform(keys, L, stream("decode", 1)).double() - 0.5) * 2.0**-24  # 48 bits: float64
     out = torch.empty(d.shape[:2], dtype=torch.long, device=d.device)
     for b in range(len(d)):  # a row at a time: the float64 sort of (L, V)
         p = (d[b].double().clamp_min(1e-300).log() / temperature).softmax(-1)
@@ -572,7 +591,7 @@ def sample(
         d = tilt(d, reward) if endpoint else d
         lifted = net.project(d)
         if gamma > 0:  # to t~ by the flow map, back to t's noise level by fresh noise (METHOD.md 7)
-            noise = draw_noise(net, keys, x.size(1), NOISE + 1 + i)
+            noise = draw_noise(net, keys, x.size(1), 1 + i)
             x = flow_map(x, lifted, s, t_jump) + (t - t_jump) * lifted + gamma * (1 - t) * noise
         else:
             x = flow_map(x, lifted, s, t)
@@ -593,10 +612,11 @@ def generate(model, num_samples, L, steps, batch_size=64, seed=0, cond=None, **o
         guide = (weak_model, guide[1])
     if cond is not None:
         cond = tuple(c.expand(num_samples, L) for c in cond)
+    device = unwrap(model).embed.device
     out = []
     for start in range(0, num_samples, batch_size):
         rows = slice(start, min(start + batch_size, num_samples))
-        keys = slot_keys(seed, 0, range(rows.start, rows.stop))
+        keys = slot_keys(seed, 0, range(rows.start, rows.stop), device)
         rows_cond = None if cond is None else (cond[0][rows], cond[1][rows])
         x = draw_noise(model, keys, L)
         out.append(sample(model, x, steps, rows_cond, keys=keys, guide=guide, **options))
@@ -607,12 +627,11 @@ def factorized_sample(model, num_samples, L, batch_size=64, seed=0):
     """The one-step control (METHOD.md 13): each position drawn independently from the model's marginal
     D(x_0, tau = 0), what a discrete diffusion sampler does in one step; (num_samples, L)."""
     net = unwrap(model)
+    device = net.embed.device
     out = []
     for start in range(0, num_samples, batch_size):
-        keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)))
-        tau = torch.zeros(len(keys), device=net.embed.device)
+        keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)), device)
+        tau = torch.zeros(len(keys), device=device)
         p = denoiser(net, draw_noise(net, keys, L), tau, tau if net.config.two_time else None)
-        u = row_uniform(keys.to(p.device), L, NOISE + 1)[..., None]  # inverse CDF, a uniform each
-        idx = (p.cumsum(-1) < u * p.sum(-1, keepdim=True)).sum(-1)
-        out.append(idx.clamp_max(p.size(-1) - 1))
+        out.append(decode_tokens(p, temperature=1.0, keys=keys))  # its own stream, not the noise's
     return torch.cat(out)

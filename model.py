@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rng import dropout, stream
+
 # flash-attn is optional and GPU-only; 2.6 and newer, whose softcap argument keeps the attention exact.
 # flex_attention applies the soft-cap as a score_mod, without (B, H, L, L) scores.
 try:
@@ -61,14 +63,22 @@ def apply_rotary(x, cos, sin):
     return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 
+def attention_backend(device_type, dtype):
+    """The path "auto" takes: on CUDA flash-attn for bf16 and fp16 inputs (it computes in 16 bits), else
+    flex_attention, which keeps fp32 in fp32; the explicit formula on the CPU, where flex has no backward."""
+    if device_type != "cuda":
+        return "explicit"
+    if flash_attn_func is not None and dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    return "flex" if flex_attention is not None else "explicit"
+
+
 def attention(q, k, v, softcap, backend="auto"):
     """Non-causal attention, logits soft-capped as softcap * tanh(logits / softcap); (B, L, H, d) each. backend:
-    "flash" (flash-attn), "flex" (flex_attention), "explicit" (the formula, which forward-mode AD needs) or
-    "auto" (flash, else flex on CUDA; explicit on the CPU, where flex has no backward)."""
-    if backend == "auto" and not q.is_cuda:
-        backend = "explicit"
-    elif backend == "auto":
-        backend = "flash" if flash_attn_func else "flex" if flex_attention else "explicit"
+    "flash" (flash-attn, in bf16), "flex" (flex_attention), "explicit" (the formula, which forward-mode AD
+    needs) or "auto" (attention_backend)."""
+    if backend == "auto":
+        backend = attention_backend(q.device.type, q.dtype)
     if backend == "flash":
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         out = flash_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), causal=False, softcap=softcap)
@@ -89,76 +99,6 @@ def attention(q, k, v, softcap, backend="auto"):
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
-
-
-# -----------------------------------------------------------------------------
-# randomness by row: every random number of a step (noise, dropout) is a function of (row key, stream, index),
-# a row's key one of (seed, step, slot in the global batch): the same at any number of ranks and micro-steps,
-# on CPU and CUDA, in plain integer tensor arithmetic that torch.compile fuses
-
-_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
-# stream bases: noise stream i uses 2i and 2i + 1, dropout of layer l 2l and 2l + 1, the conditioning masks
-# GIVEN, the final categorical draw DECODE and DECODE + 1
-NOISE, GIVEN, DROPOUT, DECODE = 0, 1 << 23, 1 << 24, 3 << 23
-
-
-def _mul32(x, c):
-    """x * c mod 2^32 for x in [0, 2^32), with c split in 16-bit halves so that int64 never overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _hash32(x):
-    """lowbias32 (C. Wellons), a bijective 32-bit mix of an int64 tensor of values in [0, 2^32)."""
-    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
-    x = _mul32(x ^ (x >> 15), 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _splitmix64(z):
-    z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-def row_key(seed, step, slot):
-    """The 63-bit key of one row of the global batch (step -1: evaluation)."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ (step & _M64)) ^ (slot & _M64)) >> 1
-
-
-def slot_keys(seed, step, slots):
-    """int64 keys (n,) of the global-batch slots at a step."""
-    return torch.tensor([row_key(seed, step, int(s)) for s in slots], dtype=torch.int64)
-
-
-def step_generator(seed, step):
-    """A CPU generator for the draws that a step shares across its whole batch (times, permutations)."""
-    return torch.Generator().manual_seed(row_key(seed, step, -1))
-
-
-def row_uniform(keys, n, stream):
-    """U(0, 1) float32 (B, n), 24-bit resolution: entry (b, i) is a function of (keys[b], stream, i) alone."""
-    stream = _hash32(torch.tensor(stream & _M32, device=keys.device))
-    row = _hash32(_hash32((keys & _M32) ^ stream) ^ ((keys >> 32) & _M32))  # (B,)
-    bits = _hash32(_hash32(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
-    return ((bits >> 8).float() + 0.5) * 2.0**-24
-
-
-def row_normal(keys, n, stream):
-    """N(0, 1) float32 (B, n) by Box-Muller from two uniform streams (tails cut at 5.9 sigma by the resolution)."""
-    u1, u2 = row_uniform(keys, n, 2 * stream), row_uniform(keys, n, 2 * stream + 1)
-    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
-
-
-def dropout(x, p, keys, stream):
-    """Inverted dropout of x (B, ...) whose mask is a function of (row key, stream, index); torch's generator when
-    no keys are given."""
-    if p == 0:
-        return x
-    if keys is None:
-        return F.dropout(x, p)
-    keep = row_uniform(keys, x[0].numel(), stream).view_as(x) >= p
-    return x.mul(keep).div_(1 - p)
 
 
 # -----------------------------------------------------------------------------
@@ -213,16 +153,16 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, c, rope, p, keys, stream, backend):  # x (B, L, D), c (B, cond_dim)
+    def forward(self, x, c, rope, p, keys, raw_stream, backend):  # x (B, L, D), c (B, cond_dim)
         B, L, D = x.shape
         modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
         q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(2)  # (B, L, H, d) each
         y = attention(apply_rotary(q, *rope), apply_rotary(k, *rope), v, self.softcap, backend)
-        x = x + gate_msa * dropout(self.attn_out(y.reshape(B, L, D)), p, keys, stream)
+        x = x + gate_msa * dropout(self.attn_out(y.reshape(B, L, D)), p, keys, raw_stream)
         y = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp * dropout(y, p, keys, stream + 1)
+        return x + gate_mlp * dropout(y, p, keys, raw_stream + 1)
 
 
 # -----------------------------------------------------------------------------
@@ -303,8 +243,8 @@ class DiT(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return x.float() @ self.embed
 
-    def forward(self, h, tau_s, tau_t=None, keys=None, attention="auto"):
-        """attention: the path of every block (model.attention); keys: see the class docstring."""
+    def forward(self, h, tau_s, tau_t=None, keys=None, backend="auto"):
+        """backend: the attention path of every block (see attention); keys: see the class docstring."""
         c = self.t_embedder(tau_s)
         if self.t2_embedder is not None:
             c = c + self.t2_embedder(tau_t)
@@ -313,7 +253,7 @@ class DiT(nn.Module):
         p = self.config.dropout if self.training else 0.0
         x = h
         for i, block in enumerate(self.blocks):
-            x = block(x, c, rope, p, keys, DROPOUT + 2 * i, attention)
+            x = block(x, c, rope, p, keys, stream("dropout", 2 * i), backend)
         logits = self.final_layer(x, c).float()
         cap = self.config.logit_cap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits

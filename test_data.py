@@ -28,7 +28,7 @@ from data import (
     read_shard,
     write_shard,
 )
-from model import slot_keys
+from rng import slot_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -9,6 +9,7 @@ import torch
 from flow import (
     EULERIAN_T_MAX,
     denoiser,
+    Distillation,
     distill_loss,
     distill_times,
     draw_noise,
@@ -24,7 +25,8 @@ from flow import (
     stratified_tau,
     time_warp,
 )
-from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys
+from model import MODEL_PRESETS, DiT, DiTConfig
+from rng import slot_keys
 from test_simplex import exact_denoiser, exact_flow_map, phrase_data, tiny_model
 from trainer import ema_update
 
@@ -57,7 +59,7 @@ def test_every_distillation_micro_step_has_the_same_shapes():
             slots = slice(8 * micro, 8 * micro + 8)
             distill_loss(
                 student,
-                teacher,
+                Distillation(teacher),
                 tokens,
                 (tau_s[slots], tau_t[slots], n_diag),
                 slot_keys(0, step, range(8)),
@@ -165,7 +167,8 @@ def distill_on(
         times = distill_times(batch, g)
         keys = slot_keys(seed, step, range(batch))
         given = given_mask(keys, L, cond_frac) if cond_frac else None
-        loss = distill_loss(student, teacher, tokens, times, keys, objective, given)
+        distillation = Distillation(teacher, objective, train_embed)
+        loss = distill_loss(student, distillation, tokens, times, keys, given)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -383,7 +386,7 @@ def test_jvp_through_the_dit_equals_central_finite_differences():
         (torch.zeros_like(h), torch.tensor([3.0, -2.0]), torch.zeros(2)),  # tau_s alone
         (torch.zeros_like(h), torch.zeros(2), torch.tensor([-2.0, 3.0])),
     ):  # tau_t alone
-        _, jvp = jvp_denoiser(model, h, tau_s, tau_t, dh, da, db)
+        _, jvp = jvp_denoiser(model, h, tau_s, tau_t, (dh, da, db))
 
         def fd(eps):
             with torch.no_grad():
@@ -522,7 +525,7 @@ def test_given_positions_cannot_move_the_loss_and_every_row_weighs_the_same(loss
         target = torch.nn.functional.one_hot(tokens, V).double()
     else:  # all diagonal rows, self-distillation: the one-hot data is the target
         tau = torch.rand(B)
-        distill_loss(model, None, tokens, (tau, tau, B), keys, given=given).backward()
+        distill_loss(model, Distillation(), tokens, (tau, tau, B), keys, given=given).backward()
         target = torch.nn.functional.one_hot(tokens, V).double()
     grad = model.shift.grad
     assert (grad[given] == 0).all()  # a given position's logits do not reach the loss

@@ -845,6 +845,31 @@ print(f"rank {{run.rank}} went on", flush=True)
     assert "non-finite loss or gradient at step 7" in out
 
 
+def test_ranks_agree_on_a_stop_request_at_the_log_steps_without_a_collective_between(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(f"""import sys, torch
+import torch.distributed as dist
+sys.path.insert(0, {HERE!r})
+from types import SimpleNamespace
+from trainer import Run
+args = SimpleNamespace(device=None, out_dir={str(tmp_path)!r}, dtype=None, batch_size=2, micro_batch=1)
+args.wandb, args.log_every = None, 4
+run = Run(args, "check")
+calls, all_reduce = [], dist.all_reduce
+dist.all_reduce = lambda *a, **k: (calls.append(1), all_reduce(*a, **k))[1]
+saved = []
+for step in range(1, 13):
+    if step == 2 and run.rank == 1:
+        run.signals.append("SIGTERM")  # a request that reached rank 1 alone
+    if run.preempted(step, saved.append):
+        break
+print(f"rank {{run.rank}} stopped after step {{step}} with {{len(calls)}} collective", flush=True)
+""")
+    proc = torchrun(str(script))
+    assert "rank 0 stopped after step 4 with 1 collective" in proc.stdout, proc.stdout + proc.stderr
+    assert "rank 1 stopped after step 4 with 1 collective" in proc.stdout
+
+
 def test_torchrun_trains_and_distills_with_evaluation_and_checkpoints(data_dir, tmp_path):
     proc = torchrun(
         "train_flm.py",
@@ -933,6 +958,121 @@ def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(data_di
     diff, seed_diff = max_diff(two, one), max_diff(one, weights(tmp_path / "other" / "ckpt.pt"))
     print(f"{stage}: max |2 ranks - 1 rank| = {diff:.3g}, another seed differs by {seed_diff:.3g}")
     assert diff < 1e-5 and seed_diff > 1e-3
+
+
+# the paper's distillation settings (the lm1b and owt presets): dropout 0.1 and a student that trains its E,
+# under every objective and self-distillation; --ema 0 makes the EMA the raw weights
+PAPER_DISTILL = [
+    "--batch-size",
+    "8",
+    "--micro-batch",
+    "4",
+    "--eval-windows",
+    "8",
+    "--log-every",
+    "1",
+]
+PAPER_DISTILL += [
+    "--dropout",
+    "0.1",
+    "--train-embed",
+    "--ema",
+    "0",
+    "--lr",
+    "1e-2",
+    "--warmup",
+    "1",
+]
+PAPER_DISTILL += ["--eval-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def paper_teacher(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper_teacher")
+    train(data_dir, out, "--max-steps", "6", "--eval-every", "6", "--lr", "1e-2", "--warmup", "1")
+    return out / "ckpt.pt"
+
+
+@pytest.mark.parametrize("objective", ["semigroup", "lagrangian", "eulerian", "self-distill"])
+def test_the_papers_distillation_settings_resume_bitwise_and_train_the_same_weights_on_two_ranks(
+    data_dir, paper_teacher, tmp_path, objective
+):
+    # another folder of the same data, which the checkpoint must name (not the teacher's)
+    shutil.copytree(data_dir, tmp_path / "data")
+    if objective == "self-distill":
+        # the Lagrangian objective, whose teacher is then the student's own delta_{s,s} in train mode
+        source = [
+            "--self-distill",
+            "--model",
+            "tiny",
+            "--seq-len",
+            "16",
+            "--objective",
+            "lagrangian",
+        ]
+    else:
+        source = ["--teacher", str(paper_teacher), "--objective", objective]
+    cmd = lambda out, steps, *extra: [
+        "distill.py",
+        *source,
+        "--data",
+        str(tmp_path / "data"),
+        "--out-dir",
+        str(tmp_path / out),
+        *PAPER_DISTILL,
+        "--max-steps",
+        str(steps),
+        *extra,
+    ]
+    whole = run(*cmd("one", 6))  # 1 rank x 2 micro-steps of 4
+    torchrun(*cmd("two", 6))  # 2 ranks x 1 micro-step of 4
+    run(*cmd("split", 3))
+    run(*cmd("split", 6, "--resume"))
+    # at --ema 0 the EMA is the raw model, and validation must read it the same way (a joint state)
+    vals = re.findall(r"val loss (\S+) \| ema val loss (\S+)", whole.stdout)
+    assert len(vals) == 3 and all(raw == ema for raw, ema in vals), vals
+    ckpt = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert ckpt["data"]["dir"] == str(tmp_path / "data")
+    for key in ("model", "ema"):
+        one = weights(tmp_path / "one" / "ckpt.pt", key)
+        ranks = max_diff(one, weights(tmp_path / "two" / "ckpt.pt", key))
+        resumed = max_diff(one, weights(tmp_path / "split" / "ckpt.pt", key))
+        print(f"{objective} {key}: |2 ranks - 1 rank| {ranks:.3g}, |resumed - whole| {resumed:.3g}")
+        assert ranks < 1e-5 and resumed == 0.0
+
+
+def test_out_of_memory_in_a_step_ends_in_one_line_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    # rank 1 runs out of memory in the forward of step 5, after the checkpoint of step 4
+    script = tmp_path / "oom.py"
+    script.write_text(f"""import os, runpy, sys, torch
+sys.path.insert(0, {HERE!r})
+import flow
+loss, calls = flow.flm_loss, []
+def flm_loss(model, *args, **kwargs):
+    calls.append(model.training)
+    if os.environ["RANK"] == "1" and sum(calls) == 5:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return loss(model, *args, **kwargs)
+flow.flm_loss = flm_loss
+sys.argv = ["train_flm.py", *sys.argv[1:]]
+runpy.run_path({os.path.join(HERE, "train_flm.py")!r}, run_name="__main__")
+""")
+    out = tmp_path / "flm"
+    flags = [*TINY, "--max-steps", "8", "--eval-every", "2"]
+    proc = torchrun(str(script), "--data", data_dir, "--out-dir", str(out), *flags, check=False)
+    lines = [line for line in proc.stderr.splitlines() if "out of memory" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith(
+        "train_flm.py: error: rank 1 ran out of memory in the forward and backward"
+    )
+    assert (
+        "step 5" in lines[0]
+        and "--micro-batch 4" in lines[0]
+        and "keeps the last checkpoint" in lines[0]
+    )
+    assert "OutOfMemoryError" not in proc.stderr  # no traceback of it
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+    assert not list(out.glob("*.tmp"))
 
 
 def test_a_two_rank_run_resumed_on_one_rank_continues_the_same_trajectory(data_dir, tmp_path):

@@ -1,6 +1,7 @@
 """The mathematics of METHOD.md, checked on small seeded tensors (CPU, seconds). METHOD.md 17 maps every rule to
 its test."""
 
+import inspect
 import math
 
 import numpy as np
@@ -14,7 +15,9 @@ from flow import (
     cross_entropy,
     denoiser,
     draw_noise,
+    factorized_sample,
     flm_loss,
+    generate,
     flow_map,
     given_mask,
     interpolate,
@@ -30,16 +33,8 @@ from flow import (
     stratified_tau,
     time_warp,
 )
-from model import (
-    MODEL_PRESETS,
-    DiT,
-    DiTConfig,
-    attention,
-    flex_attention,
-    row_normal,
-    row_uniform,
-    slot_keys,
-)
+from model import MODEL_PRESETS, DiT, DiTConfig, attention, flex_attention
+from rng import row_normal, row_uniform, slot_keys
 
 
 def tiny_model(V=64, seed=0, two_time=False, perturb=True):
@@ -850,3 +845,62 @@ def test_the_keyed_draw_follows_the_tempered_nucleus():
             top_p,
             freq,
         )
+
+
+def test_every_random_stream_has_a_range_of_its_own_and_no_two_uses_draw_the_same_uniforms(
+    monkeypatch,
+):
+    import flow
+    import rng
+
+    ranges = sorted(rng.STREAMS.values())
+    assert (
+        all(a + n <= b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+        and ranges[-1][0] + ranges[-1][1] <= 2**32
+    )
+    with pytest.raises(ValueError, match="noise"):
+        rng.stream("noise", rng.STREAMS["noise"][1])
+    # record which function draws each raw stream over every use: noise, dropout, masks, the stochastic sampler,
+    # a categorical decode and the factorized control
+    users, row_uniform = {}, rng.row_uniform
+
+    def recording(keys, n, raw_stream):
+        caller = next(f.function for f in inspect.stack()[1:] if f.filename != rng.__file__)
+        users.setdefault(raw_stream, set()).add(caller)
+        return row_uniform(keys, n, raw_stream)
+
+    for module in (rng, flow):
+        monkeypatch.setattr(module, "row_uniform", recording)
+    model = tiny_model(V=100)
+    model.config.dropout = 0.1
+    keys = slot_keys(0, 0, range(4))
+    tokens = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    flm_loss(model.train(), tokens, torch.rand(4), keys, given_mask(keys, 8, 0.5))
+    model = tiny_model(V=100, two_time=True)
+    generate(model, 4, 8, 3, gamma=0.5, temperature=0.8)
+    factorized_sample(model, 4, 8)
+    shared = {s: u for s, u in users.items() if len(u) > 1}
+    assert not shared, shared
+    assert {"draw_noise", "forward", "given_mask", "decode_tokens"} <= set().union(*users.values())
+
+
+def test_decode_tokens_draws_on_the_device_of_the_denoiser():
+    from flow import decode_tokens
+
+    d = torch.rand(2, 8, 50).softmax(-1).to("meta")  # a second device on a CPU machine (as CUDA is)
+    keys = slot_keys(0, 0, range(2))  # on the CPU, as generate makes them
+    assert decode_tokens(d, 0.8, 0.95, keys).device.type == "meta"
+
+
+def test_attention_runs_in_fp32_when_the_model_does():
+    import model as model_module
+
+    for flash in (None, lambda *a, **k: None):  # without flash-attn, and with it installed
+        model_module.flash_attn_func, saved = flash, model_module.flash_attn_func
+        try:
+            fp32 = model_module.attention_backend("cuda", torch.float32)
+            bf16 = model_module.attention_backend("cuda", torch.bfloat16)
+        finally:
+            model_module.flash_attn_func = saved
+        assert fp32 == "flex" and bf16 == ("flash" if flash else "flex")
+    assert model_module.attention_backend("cpu", torch.float32) == "explicit"

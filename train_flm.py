@@ -18,7 +18,8 @@ import torch
 
 from data import Data, DataError
 from flow import flm_loss, given_mask, state_factor, stratified_tau
-from model import MODEL_PRESETS, DiT, DiTConfig, slot_keys, step_generator
+from model import MODEL_PRESETS, DiT, DiTConfig
+from rng import slot_keys, step_generator
 from trainer import BELOW_1, COUNT, Run, add_run_args, carry_factor_grad, ema_update, get_lr
 from trainer import parse_with_preset, parser_for
 
@@ -146,17 +147,19 @@ for step in range(start_step, args.max_steps + 1):
     # dropout come from its key (seed, step, i), its tau from the step's one stratified draw
     taus = stratified_tau(args.batch_size, step_generator(args.seed, step))
     loss_sum = torch.zeros((), device=device)
-    for micro in range(run.accum):
-        slots = run.slots(micro)
-        keys = slot_keys(args.seed, step, slots)
-        tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
-        tau = run.to_device(taus[slots])
-        last = micro == run.accum - 1
-        sync = model.no_sync() if run.ddp and not last else nullcontext()  # all-reduce on the last
-        with sync, run.autocast:
-            loss = flm_loss(model, tokens, tau, keys, given(keys), leaf)
-        (loss / run.accum).backward()
-        loss_sum += loss.detach()
+    with run.out_of_memory(f"the forward and backward of step {step + 1}"):
+        for micro in range(run.accum):
+            slots = run.slots(micro)
+            keys = slot_keys(args.seed, step, slots)
+            tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
+            tau = run.to_device(taus[slots])
+            last = micro == run.accum - 1
+            # the gradients' all-reduce on the last micro-step only
+            sync = model.no_sync() if run.ddp and not last else nullcontext()
+            with sync, run.autocast:
+                loss = flm_loss(model, tokens, tau, keys, given(keys), leaf)
+            (loss / run.accum).backward()
+            loss_sum += loss.detach()
 
     # the factor's gradient, clip, step, EMA
     carry_factor_grad(factor, leaf)

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
@@ -110,7 +111,7 @@ def add_run_args(parser):
     a("--grad-clip", type=NONNEG, default=1.0, help="gradient norm clip (0: off)")
     a("--eval-every", type=COUNT, help="steps between validation and checkpoint")
     a("--eval-windows", type=COUNT, help="validation windows (fixed times and noise)")
-    a("--log-every", type=COUNT, default=10, help="steps between log lines")
+    a("--log-every", type=COUNT, default=10, help="steps between log lines (and stop agreements)")
     a("--keep-every", type=NONNEG_INT, help="also keep ckpt-STEP.pt at these validations (0: no)")
     a("--cond-frac", type=FRACTION, help="share of rows given a prompt or spans (METHOD.md 15)")
     a("--seed", type=int, default=1337, help="every draw of a step derives from (seed, step, slot)")
@@ -294,7 +295,7 @@ class Run:
         n, L = args.eval_windows, args.seq_len
         batches = data.eval_batches("val", L, n, args.micro_batch, self.device, first, last)
         for slots, tokens in batches:
-            with self.autocast:
+            with self.autocast, self.out_of_memory("validation"):
                 total += loss_of(net, tokens, slots).double() * len(slots)
         if self.ddp:
             dist.all_reduce(total)
@@ -355,18 +356,46 @@ class Run:
         self.log(line, step=step, **metrics)
 
     def preempted(self, step, save):
-        """True after a stop signal caught by any rank: reduced over ranks (one host sync a step), so every rank
-        stops after the same step, which save(step) has checkpointed."""
-        flag = torch.tensor(1.0 if self.signals else 0.0, device=self.device)
-        if self.ddp:
+        """True after a stop request caught by any rank, once save(step) has checkpointed the step. Alone, a
+        request is honoured after the step it arrives in; under torchrun the ranks agree at the next log step
+        (every --log-every steps), whose line syncs the host anyway: every rank stops after the same step
+        without a host sync of its own each step. MAX: one rank's request stops them all."""
+        if not self.ddp:
+            stop = bool(self.signals)
+        elif step % self.args.log_every == 0:
+            flag = torch.tensor(1.0 if self.signals else 0.0, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
+            stop = bool(flag.item())
+        else:
+            stop = False
+        if not stop:
             return False
         save(step)
         by = self.signals[0] if self.signals else "a signal on another rank"
         where = f"{self.ckpt_path} holds this step; continue with --resume"
         self.log(f"step {step} | stopped by {by}: {where}")
         return True
+
+    @contextmanager
+    def out_of_memory(self, stage):
+        """Ends the run at a torch.OutOfMemoryError in `stage` (what was running) with one line from the rank that hit it,
+        at once (os._exit: no collective is left waiting in a cleanup); torchrun then stops the other ranks, and
+        ckpt.pt keeps the last checkpoint (no step writes inside)."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            a = self.args
+            where = f"rank {self.rank} ran out of memory in {stage}"
+            batch = f"--micro-batch {a.micro_batch} sequences of {a.seq_len} tokens"
+            lower = "lower --micro-batch (--batch-size stays, with more accumulation) or --seq-len"
+            kept = f"{self.ckpt_path} keeps the last checkpoint"
+            print(
+                f"{self.script}: error: {where}, {batch}: {lower}; {kept}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            os._exit(1)
 
     def finish(self):
         """Every rank leaves together, after rank 0's last checkpoint; exit code 130 after a Ctrl-C, as a shell

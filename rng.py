@@ -1,0 +1,105 @@
+"""
+Randomness by row: every random number of a step (a window, noise, dropout, a conditioning mask, a sampled token)
+is a function of (row key, stream, index), and a row's key one of (seed, step, slot in the global batch). A run
+therefore draws the same numbers at any number of ranks and micro-steps, on the CPU and CUDA, in plain integer
+tensor arithmetic that torch.compile fuses.
+
+The streams are named in one table, STREAMS, each a range of raw stream numbers of its own, so that no two uses
+ever draw the same uniforms (test_simplex.py checks that the ranges are disjoint and that every use stays in its
+own). A pass that needs dropout masks of its own (the two passes of the semigroup target, the forward-mode pass of
+the Lagrangian and Eulerian targets) runs with keys + 1, + 2, ...: other rows' keys, which a 63-bit hash makes
+independent of every real row's.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+
+# name -> (first raw stream, how many): the raw stream numbers each use draws from
+STREAMS = {
+    # Box-Muller normals: noise j takes raw streams 2j and 2j + 1; j = 0 is x_0, j = 1 + i the stochastic
+    # sampler's fresh noise at step i (flow.draw_noise)
+    "noise": (0, 1 << 23),
+    "given": (1 << 23, 1),  # the conditioning masks (flow.given_mask)
+    "dropout": (
+        1 << 24,
+        1 << 23,
+    ),  # dropout of block l: 2l on the attention branch, 2l + 1 on the MLP
+    "decode": (
+        3 << 23,
+        2,
+    ),  # the categorical draw of the last step: two 24-bit halves of a 48-bit uniform
+}
+
+
+def stream(name, i=0):
+    """The raw stream number of entry i of the named stream; an index outside its range is an error."""
+    first, count = STREAMS[name]
+    if not 0 <= i < count:
+        raise ValueError(f"stream {name!r} has entries 0..{count - 1}, not {i}")
+    return first + i
+
+
+def _mul32(x, c):
+    """x * c mod 2^32 for x in [0, 2^32), with c split in 16-bit halves so that int64 never overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    """lowbias32 (C. Wellons), a bijective 32-bit mix of an int64 tensor of values in [0, 2^32)."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _splitmix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def row_key(seed, step, slot):
+    """The 63-bit key of one row of the global batch (step -1: evaluation)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ (step & _M64)) ^ (slot & _M64)) >> 1
+
+
+def slot_keys(seed, step, slots, device="cpu"):
+    """int64 keys (n,) of the global-batch slots at a step."""
+    keys = [row_key(seed, step, int(s)) for s in slots]
+    return torch.tensor(keys, dtype=torch.int64, device=device)
+
+
+def step_generator(seed, step):
+    """A CPU generator for the draws that a step shares across its whole batch (times, permutations)."""
+    return torch.Generator().manual_seed(row_key(seed, step, -1))
+
+
+def row_uniform(keys, n, raw_stream):
+    """U(0, 1) float32 (B, n), 24-bit resolution: entry (b, i) is a function of (keys[b], raw_stream, i) alone."""
+    salt = _hash32(torch.tensor(raw_stream & _M32, device=keys.device))
+    row = _hash32(_hash32((keys & _M32) ^ salt) ^ ((keys >> 32) & _M32))  # (B,)
+    bits = _hash32(_hash32(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
+    return ((bits >> 8).float() + 0.5) * 2.0**-24
+
+
+def row_normal(keys, n, j=0):
+    """N(0, 1) float32 (B, n): noise j, by Box-Muller from its two uniform streams (tails cut at 5.9 sigma by the
+    resolution)."""
+    u1 = row_uniform(keys, n, stream("noise", 2 * j))
+    u2 = row_uniform(keys, n, stream("noise", 2 * j + 1))
+    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def dropout(x, p, keys, raw_stream):
+    """Inverted dropout of x (B, ...) whose mask is a function of (row key, raw_stream, index); torch's generator
+    when no keys are given."""
+    if p == 0:
+        return x
+    if keys is None:
+        return F.dropout(x, p)
+    keep = row_uniform(keys, x[0].numel(), raw_stream).view_as(x) >= p
+    return x.mul(keep).div_(1 - p)
