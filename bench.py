@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flow import DenseView, draw_noise, flm_loss, sample, state_factor, stratified_tau
+from flow import DenseView, carry_factor_grad, draw_noise, flm_loss, sample, state_factor
+from flow import stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for
 from rng import slot_keys
-from trainer import COUNT, carry_factor_grad, checked, device_flag, parser_for, peak_flops
+from common import COUNT, checked, default_device, device_flag, parser_for, peak_flops
 
 
 def shape(text):
@@ -50,7 +51,7 @@ a("--dtype", choices=["fp32", "bf16"], help="autocast (None: bf16 on CUDA, fp32 
 PATHS = ["explicit", "flex", "flash"]
 a("--attention", nargs="+", choices=PATHS, help="attention paths (None: explicit, flex on CUDA)")
 args = parser.parse_args()
-device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+device = default_device(args.device)
 cuda = device.startswith("cuda")
 autocast, args.dtype = autocast_for(device, args.dtype)
 torch.backends.cuda.matmul.allow_tf32 = True

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from data import DataError, atomic_write, first_line, write_text
+from common import DataError, atomic_write, first_line, out_path, parser_for, write_text
 from model import DiT, DiTConfig
 
 CKPT_VERSION = 1
@@ -360,8 +360,6 @@ def decode(model, tokens):
 
 
 if __name__ == "__main__":
-    from trainer import out_path, parser_for
-
     about = "Export a checkpoint in the authors' Hugging Face layout (EMA weights), for sample.py --ckpt."
     parser = parser_for(about, "checkpoint.py")
     parser.add_argument("ckpt", help="checkpoint of train_flm.py or distill.py")

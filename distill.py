@@ -28,6 +28,7 @@ from data import Data, DataError
 from flow import (
     OBJECTIVES,
     Distillation,
+    carry_factor_grad,
     distill_loss,
     distill_times,
     given_mask,
@@ -36,8 +37,8 @@ from flow import (
 )
 from model import MODEL_PRESETS, DiT, DiTConfig
 from rng import slot_keys, step_generator
-from trainer import BELOW_1, COUNT, FRACTION, NONNEG, Run, add_run_args, carry_factor_grad
-from trainer import ema_update, fail, get_lr, parse_with_preset, parser_for
+from common import BELOW_1, COUNT, FRACTION, NONNEG, fail, parser_for
+from trainer import Run, add_run_args, ema_update, get_lr, parse_with_preset
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
@@ -213,14 +214,16 @@ for step in range(start_step, args.max_steps + 1):
     # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
     # each micro-batch diagonal; slot i's window, noise and dropout come from its key (seed, step, i)
     g = step_generator(args.seed, step)
-    fracs = (args.diag_frac, args.boundary_frac)
-    tau_s, tau_t, n_diag = distill_times(args.batch_size, g, *fracs, args.micro_batch)
+    tau_s, tau_t, n_diag = distill_times(
+        args.batch_size, g, args.diag_frac, args.boundary_frac, block=args.micro_batch
+    )
     loss_sum = torch.zeros((), device=device)
     with run.out_of_memory(f"the forward and backward of step {step + 1}"):
         for micro in range(run.accum):
             slots = run.slots(micro)
             keys = slot_keys(args.seed, step, slots)
-            tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
+            tokens = data.get_batch("train", args.seq_len, keys, device)
+            keys = run.to_device(keys)
             times = (run.to_device(tau_s[slots]), run.to_device(tau_t[slots]), n_diag)
             last = micro == run.accum - 1
             # the gradients' all-reduce on the last micro-step only

@@ -14,6 +14,7 @@ tokens, scored given them), --reward (a row per --reward-scales, and a reward co
 values add the frontier table: gen PPL at the held-out data's entropy. Intervals are 95%, bootstrap over samples.
 """
 
+import argparse
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import random
 import sys
 from collections import Counter
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -28,11 +30,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import Data, DataError, atomic_write, decode, write_text
+from data import Data, DataError, decode
 from flow import RewardGuide, factorized_sample, generate
 from model import autocast_for
 from reward import RewardError, make_reward, reward_of_tokens
-from trainer import COUNT, FINITE, FRACTION, NONNEG, TOP_P, device_flag, out_path, parser_for
+from common import COUNT, FINITE, FRACTION, NONNEG, TOP_P, atomic_write, default_device, device_flag
+from common import out_path, parser_for, write_text
 
 # -----------------------------------------------------------------------------
 # metrics (METHOD.md 11)
@@ -361,130 +364,163 @@ def read_samples(path, fail):
     return row(os.path.basename(path), samples[0].get("steps", "-"), texts, tokens)
 
 
-def main():
-    parser, args = parse_args()
-    fail = parser.error
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    autocast, _ = autocast_for(device, args.dtype)
+class Evaluation(NamedTuple):
+    """What every phase of an evaluation reads: the flags, the device and its autocast, the one way to fail."""
+
+    args: argparse.Namespace
+    device: str
+    autocast: object
+    fail: Callable
+
+
+def load(run, path):
+    try:
+        ckpt = load_checkpoint(path, logit_cap=run.args.logit_cap)
+    except CheckpointError as e:
+        run.fail(str(e))
+    return ckpt, model_from_checkpoint(ckpt).to(run.device).eval()
+
+
+def held_out(run, data_dir, L):
+    """The data folder and its first --num-samples held-out windows of L tokens."""
+    try:
+        data = Data(data_dir)
+    except DataError as e:
+        run.fail(str(e))
+    windows = [w for _, w in data.eval_batches("val", L, run.args.num_samples, 256)]
+    return data, torch.cat(windows)
+
+
+def decoded(run, ckpt, tokens):
+    try:
+        return [decode(t, ckpt["data"]["vocab"], tokenizer_of(ckpt)) for t in tokens.tolist()]
+    except DataError as e:
+        run.fail(str(e))
+
+
+def sampled_rows(run, label, ckpt, model, L, steps, **options):
+    """num_samples sequences at steps, a row at each --temperature; options: generate's."""
+    args = run.args
+    batches = -(-args.num_samples // args.sample_batch)
     rows = []
-    data_dir = args.data
-    reward, reward_V = None, None
-    conditional = False  # any conditional rows, then also the data's
+    for T in args.temperature:
+        desc = f"{label} {steps} steps T {T:g}"
+        with tqdm(desc=desc, total=steps * batches, file=sys.stderr, leave=False) as bar:
+            with run.autocast:
+                tokens = generate(
+                    model,
+                    args.num_samples,
+                    L,
+                    steps,
+                    batch_size=args.sample_batch,
+                    seed=args.seed,
+                    progress=bar,
+                    temperature=T,
+                    top_p=args.top_p,
+                    **options,
+                ).cpu()
+        P = args.prompt_len if "cond" in options else 0
+        prefixes = decoded(run, ckpt, tokens[:, :P]) if P else None
+        texts = decoded(run, ckpt, tokens[:, P:])
+        texts = [p + t for p, t in zip(prefixes, texts)] if P else texts
+        rows.append(row(label, steps, texts, tokens[:, P:], T, prefixes))
+    return rows
 
-    def load(path):
-        try:
-            ckpt = load_checkpoint(path, logit_cap=args.logit_cap)
-        except CheckpointError as e:
-            fail(str(e))
-        return ckpt, model_from_checkpoint(ckpt).to(device).eval()
 
-    def held_out(L):
-        try:
-            data = Data(data_dir)
-        except DataError as e:
-            fail(str(e))
-        return data, torch.cat([w for _, w in data.eval_batches("val", L, args.num_samples, 256)])
+def checkpoint_rows(run, ckpt, model, step_list, weak, reward):
+    """The rows of one checkpoint: each step count, with each reward scale and gamma, autoguidance with the
+    weak model, the factorized control, and continuations of held-out prompts (a conditional model)."""
+    args, name = run.args, name_of(ckpt)
+    L = args.seq_len or ckpt["args"]["seq_len"]
+    rows = []
+    for steps in step_list:
+        rows += sampled_rows(run, name, ckpt, model, L, steps)
+        for scale in args.reward_scales if reward is not None else []:
+            if scale != 0:  # scale 0 is the plain row
+                guide = RewardGuide(reward, scale, args.reward_form, args.reward_iters)
+                label = f"{name}, {args.reward_form} reward x {scale:g}"
+                rows += sampled_rows(run, label, ckpt, model, L, steps, reward=guide)
+        if args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1:  # one step: no change
+            label = f"{name}, gamma {args.gamma:g}"
+            rows += sampled_rows(run, label, ckpt, model, L, steps, gamma=args.gamma)
+    for eta in args.eta if weak is not None and ckpt["kind"] == "flm" else []:
+        label = f"{name}, autoguidance eta {eta:g}"
+        rows += sampled_rows(run, label, ckpt, model, L, args.guide_steps, guide=(weak, eta))
+    if args.factorized:
+        with run.autocast:
+            tokens = factorized_sample(model, args.num_samples, L, args.sample_batch, args.seed)
+        label = f"{name}, factorized (independent positions)"
+        rows.append(row(label, 1, decoded(run, ckpt, tokens.cpu()), tokens.cpu()))
+    if ckpt["args"].get("cond_frac") and args.prompt_len is not None:
+        rows += prompted_rows(run, ckpt, model, step_list, L)
+    return rows
 
-    def decoded(ckpt, tokens):
-        try:
-            return [decode(t, ckpt["data"]["vocab"], tokenizer_of(ckpt)) for t in tokens.tolist()]
-        except DataError as e:
-            fail(str(e))
 
-    def add_rows(label, ckpt, model, L, steps, **kwargs):
-        """num_samples sequences at steps, a row at each --temperature; kwargs: generate's."""
-        batches = -(-args.num_samples // args.sample_batch)
-        for T in args.temperature:
-            desc = f"{label} {steps} steps T {T:g}"
-            with tqdm(desc=desc, total=steps * batches, file=sys.stderr, leave=False) as bar:
-                options = dict(progress=bar, temperature=T, top_p=args.top_p, **kwargs)
-                with autocast:
-                    n, batch = args.num_samples, args.sample_batch
-                    tokens = generate(model, n, L, steps, batch, args.seed, **options).cpu()
-            P = args.prompt_len if "cond" in kwargs else 0
-            prefixes = decoded(ckpt, tokens[:, :P]) if P else None
-            texts = decoded(ckpt, tokens[:, P:])
-            texts = [p + t for p, t in zip(prefixes, texts)] if P else texts
-            rows.append(row(label, steps, texts, tokens[:, P:], T, prefixes))
+def prompted_rows(run, ckpt, model, step_list, L):
+    """A conditional model continuing --prompt-len held-out tokens, at --prompt-steps."""
+    args = run.args
+    if args.prompt_len >= L:
+        run.fail(f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
+    data_dir = args.data or ckpt["data"]["dir"]
+    prompts = held_out(run, data_dir, L)[1].to(run.device)
+    if len(prompts) < args.num_samples:
+        held = f"{data_dir} holds {len(prompts)} held-out windows of {L} tokens"
+        run.fail(f"{held}, fewer than --num-samples {args.num_samples} prompts")
+    given = (torch.arange(L, device=run.device) < args.prompt_len).expand(len(prompts), L)
+    label = f"{name_of(ckpt)}, continuing {args.prompt_len} held-out tokens"
+    rows = []
+    for steps in step_list:
+        if args.prompt_steps is None or steps in args.prompt_steps:
+            rows += sampled_rows(run, label, ckpt, model, L, steps, cond=(given, prompts))
+    return rows
 
-    weak = load(args.weak)[1] if args.weak else None
-    for path, step_list in zip(args.ckpt, args.steps):
-        ckpt, model = load(path)
-        L = args.seq_len or ckpt["args"]["seq_len"]
-        data_dir = data_dir or ckpt["data"]["dir"]
-        name = name_of(ckpt)
-        if args.reward is not None and reward is None:
-            vocab, tokenizer = ckpt["data"]["vocab"], tokenizer_of(ckpt)
-            try:
-                reward = make_reward(args.reward, vocab, tokenizer, args.reward_label, device)
-            except (RewardError, DataError) as e:
-                fail(f"argument --reward: {e}")
-            reward_V = ckpt["model_config"]["vocab_size"]  # the checkpoints share a vocabulary
-        for steps in step_list:
-            add_rows(name, ckpt, model, L, steps)
-            for scale in args.reward_scales if reward is not None else []:
-                if scale != 0:  # scale 0 is the plain row
-                    guide = RewardGuide(reward, scale, args.reward_form, args.reward_iters)
-                    label = f"{name}, {args.reward_form} reward x {scale:g}"
-                    add_rows(label, ckpt, model, L, steps, reward=guide)
-            if args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1:  # one step: no change
-                add_rows(f"{name}, gamma {args.gamma:g}", ckpt, model, L, steps, gamma=args.gamma)
-        for eta in args.eta if weak is not None and ckpt["kind"] == "flm" else []:
-            label = f"{name}, autoguidance eta {eta:g}"
-            add_rows(label, ckpt, model, L, args.guide_steps, guide=(weak, eta))
-        if args.factorized:
-            with autocast:
-                tokens = factorized_sample(model, args.num_samples, L, args.sample_batch, args.seed)
-            label = f"{name}, factorized (independent positions)"
-            rows.append(row(label, 1, decoded(ckpt, tokens.cpu()), tokens.cpu()))
-        if ckpt["args"].get("cond_frac") and args.prompt_len is not None:
-            conditional = True
-            if args.prompt_len >= L:
-                fail(f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
-            prompts = held_out(L)[1].to(device)
-            if len(prompts) < args.num_samples:
-                held = f"{data_dir} holds {len(prompts)} held-out windows of {L} tokens"
-                fail(f"{held}, fewer than --num-samples {args.num_samples} prompts")
-            given = (torch.arange(L, device=device) < args.prompt_len).expand(len(prompts), L)
-            label = f"{name}, continuing {args.prompt_len} held-out tokens"
-            for steps in step_list:
-                if args.prompt_steps is None or steps in args.prompt_steps:
-                    add_rows(label, ckpt, model, L, steps, cond=(given, prompts))
-    rows += [read_samples(path, fail) for path in args.samples]
-    if data_dir:
-        P = args.prompt_len if rows[0]["prefixes"] is not None else 0
-        data, windows = held_out(rows[0]["tokens"].size(1) + P)
-        texts = [data.decode(w) for w in windows.tolist()]
-        rng = random.Random(args.seed)
-        shuffled = [" ".join(rng.sample(t.split(" "), len(t.split(" ")))) for t in texts]
-        rows.append(row("data (held out)", "-", texts, windows))
-        rows.append(row("data, words shuffled", "-", shuffled, None))
-        if conditional:
-            P = args.prompt_len
-            prefixes = [data.decode(w[:P]) for w in windows.tolist()]
-            texts = [p + data.decode(w[P:]) for p, w in zip(prefixes, windows.tolist())]
-            label = f"data, continuing {P} held-out tokens"
-            rows.append(row(label, "-", texts, windows[:, P:], prefixes=prefixes))
 
-    # score, print, write
-    evaluator = load_evaluator(args.evaluator, device, fail)
+def data_rows(run, data_dir, L, conditional):
+    """The references: held-out data, the same with its words shuffled, and (conditional) the data's own
+    continuations of the prompts."""
+    data, windows = held_out(run, data_dir, L)
+    texts = [data.decode(w) for w in windows.tolist()]
+    rng = random.Random(run.args.seed)
+    shuffled = [" ".join(rng.sample(t.split(" "), len(t.split(" ")))) for t in texts]
+    rows = [
+        row("data (held out)", "-", texts, windows),
+        row("data, words shuffled", "-", shuffled, None),
+    ]
+    if conditional:
+        P = run.args.prompt_len
+        prefixes = [data.decode(w[:P]) for w in windows.tolist()]
+        texts = [p + data.decode(w[P:]) for p, w in zip(prefixes, windows.tolist())]
+        label = f"data, continuing {P} held-out tokens"
+        rows.append(row(label, "-", texts, windows[:, P:], prefixes=prefixes))
+    return rows
+
+
+def score(run, rows, reward, reward_V):
+    """A result per row: gen PPL with its interval under the evaluator, entropy, self-BLEU, the reward."""
+    evaluator = load_evaluator(run.args.evaluator, run.device, run.fail)
     results = []
     nan = float("nan")
     for r in rows:
         desc = f"scoring {r['label']} {r['steps']}"
-        nll, count = sample_nll(evaluator, r["texts"], r["prefixes"], args.batch_size, desc)
+        nll, count = sample_nll(evaluator, r["texts"], r["prefixes"], run.args.batch_size, desc)
         ppl, lo, hi = ppl_with_interval(nll, count)
         tokens = r["tokens"]
         hard = None
         if reward is not None and tokens is not None:
-            values = reward_of_tokens(reward, tokens, reward_V, device).double()
+            values = reward_of_tokens(reward, tokens, reward_V, run.device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))
         result = dict(model=r["label"], steps=r["steps"], T=r["T"], gen_ppl=ppl, lo=lo, hi=hi)
         result.update(entropy=nan, self_bleu=nan, reward=hard, samples=len(r["texts"]))
         if tokens is not None:
             result.update(entropy=unigram_entropy(tokens), self_bleu=self_bleu(tokens.tolist()))
         results.append(result)
-    lines = markdown_table(results, args.evaluator, reward is not None)
+    return results
+
+
+def report(run, results, with_reward):
+    """Print the table (and the frontier at the data's entropy); write --markdown and --plot."""
+    args = run.args
+    lines = markdown_table(results, args.evaluator, with_reward)
     data_row = next((r for r in results if r["model"] == "data (held out)"), None)
     if len(args.temperature) > 1 and data_row is not None:
         lines += frontier_table(results, data_row["entropy"], args.top_p)
@@ -496,7 +532,36 @@ def main():
         if args.plot:
             plot(results, args.plot, args)
     except DataError as e:
-        fail(str(e))
+        run.fail(str(e))
+
+
+def main():
+    parser, args = parse_args()
+    device = default_device(args.device)
+    run = Evaluation(args, device, autocast_for(device, args.dtype)[0], parser.error)
+    # build the rows: every checkpoint's, the sample files', the data's
+    rows, data_dir, conditional = [], args.data, False
+    reward, reward_V = None, None
+    weak = load(run, args.weak)[1] if args.weak else None
+    for path, step_list in zip(args.ckpt, args.steps):
+        ckpt, model = load(run, path)
+        data_dir = data_dir or ckpt["data"]["dir"]
+        if args.reward is not None and reward is None:
+            vocab, tokenizer = ckpt["data"]["vocab"], tokenizer_of(ckpt)
+            try:
+                reward = make_reward(args.reward, vocab, tokenizer, args.reward_label, device)
+            except (RewardError, DataError) as e:
+                run.fail(f"argument --reward: {e}")
+            reward_V = ckpt["model_config"]["vocab_size"]  # the checkpoints share a vocabulary
+        rows += checkpoint_rows(run, ckpt, model, step_list, weak, reward)
+        conditional |= bool(ckpt["args"].get("cond_frac")) and args.prompt_len is not None
+    rows += [read_samples(path, run.fail) for path in args.samples]
+    if data_dir:
+        P = args.prompt_len if rows[0]["prefixes"] is not None else 0
+        rows += data_rows(run, data_dir, rows[0]["tokens"].size(1) + P, conditional)
+    # score them, then report
+    results = score(run, rows, reward, reward_V)
+    report(run, results, reward is not None)
 
 
 if __name__ == "__main__":

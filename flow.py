@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import unwrap
@@ -151,6 +152,15 @@ def state_factor(model):
     if isinstance(model, JointView):
         return joint_noise_factor(model.embed)
     return noise_factor(model.embed).T
+
+
+def carry_factor_grad(factor, leaf):
+    """The noise factor's gradient, gathered on its detached leaf over a step's micro-steps, carried back to E
+    once, averaged over ranks first as DDP averages every other gradient."""
+    if leaf is not None and leaf.grad is not None:
+        if dist.is_initialized():
+            dist.all_reduce(leaf.grad, op=dist.ReduceOp.AVG)
+        factor.backward(leaf.grad)
 
 
 class JointView(nn.Module):
@@ -556,14 +566,24 @@ def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
     return out
 
 
+class SamplerOptions(NamedTuple):
+    """How sample() steps and decodes: gamma > 0 the stochastic sampler, its noise from the rows' keys (METHOD.md
+    7); guide = (weak_model, eta) autoguidance (METHOD.md 8); reward a RewardGuide (METHOD.md 16); temperature
+    and top_p the final draw (decode_tokens)."""
+
+    gamma: float = 0.0
+    guide: tuple | None = None
+    reward: RewardGuide | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
 @torch.no_grad()
-def sample(
-    model, x, steps, cond=None, gamma=0, keys=None, guide=None, reward=None, progress=None, **decode
-):
+def sample(model, x, steps, cond=None, keys=None, progress=None, **options):
     """Tokens (B, L) from the noise x = x_0 @ E: the Euler ODE of a denoiser, the flow map of a two-time model
-    (METHOD.md 4, 7). cond = (given, tokens): conditioning; gamma > 0: the stochastic sampler, its noise from
-    the rows' keys; guide = (weak_model, eta): autoguidance; reward: a RewardGuide; progress: a tqdm bar;
-    decode: decode_tokens' temperature and top_p."""
+    (METHOD.md 4, 7). cond = (given, tokens): conditioning; keys: the rows' keys; progress: a tqdm bar;
+    options: SamplerOptions' fields."""
+    gamma, guide, reward, temperature, top_p = SamplerOptions(**options)
     net = unwrap(model)
     two_time = net.config.two_time
     warp = time_warp(net)
@@ -598,7 +618,7 @@ def sample(
         x = clamp_given(x, given, clean)
         if progress is not None:
             progress.update()
-    out = decode_tokens(d, keys=keys, **decode)  # the last step lands on t = 1, where x = d
+    out = decode_tokens(d, temperature, top_p, keys)  # the last step lands on t = 1, where x = d
     return out if given is None else torch.where(given, tokens, out)
 
 

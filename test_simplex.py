@@ -305,7 +305,7 @@ def test_projected_and_dense_samplers_return_identical_tokens(two_time):
 
 @pytest.mark.parametrize("joint", [False, True])
 def test_the_once_per_step_noise_factor_gives_the_per_micro_step_gradients(joint):
-    from trainer import carry_factor_grad
+    from flow import carry_factor_grad
 
     model, teacher = (
         tiny_model(V=100),

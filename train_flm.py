@@ -17,11 +17,11 @@ from dataclasses import asdict
 import torch
 
 from data import Data, DataError
-from flow import flm_loss, given_mask, state_factor, stratified_tau
+from flow import carry_factor_grad, flm_loss, given_mask, state_factor, stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig
 from rng import slot_keys, step_generator
-from trainer import BELOW_1, COUNT, Run, add_run_args, carry_factor_grad, ema_update, get_lr
-from trainer import parse_with_preset, parser_for
+from common import BELOW_1, COUNT, parser_for
+from trainer import Run, add_run_args, ema_update, get_lr, parse_with_preset
 
 # -----------------------------------------------------------------------------
 # settings: --preset sets the defaults of every run flag (--help shows them)
@@ -97,7 +97,8 @@ def val_loss(net):
     """Validation cross-entropy on fixed windows at fixed, evenly spread tau with fixed noise."""
 
     def loss_of(net, tokens, slots):
-        tau, keys = (slots.double() + 0.5) / args.eval_windows, slot_keys(0, -1, slots)
+        tau = (slots.double() + 0.5) / args.eval_windows  # evenly spread
+        keys = slot_keys(0, -1, slots)
         return flm_loss(net, tokens, tau.float().to(device), keys, given=given(keys))
 
     return run.evaluate(net, data, loss_of)
@@ -151,7 +152,8 @@ for step in range(start_step, args.max_steps + 1):
         for micro in range(run.accum):
             slots = run.slots(micro)
             keys = slot_keys(args.seed, step, slots)
-            tokens, keys = data.get_batch("train", args.seq_len, keys, device), run.to_device(keys)
+            tokens = data.get_batch("train", args.seq_len, keys, device)
+            keys = run.to_device(keys)
             tau = run.to_device(taus[slots])
             last = micro == run.accum - 1
             # the gradients' all-reduce on the last micro-step only

@@ -11,11 +11,8 @@ micro_batch (`Run.slots`): 2 ranks x 1 micro-step train on the batch of 1 rank x
 number of ranks.
 """
 
-import argparse
 import glob
-import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -27,74 +24,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from data import DataError, atomic_write, to_device, writable
+from common import BELOW_1, COUNT, FRACTION, NONNEG, NONNEG_INT, POSITIVE, DataError, atomic_write
+from common import default_device, device_flag, fail, out_path, peak_flops
+from data import to_device
 from model import DiTConfig, autocast_for
-
-# -----------------------------------------------------------------------------
-# flags: a bad value gets one line naming the flag, the value and what was expected, and exit code 2
-
-
-def checked(cast, ok, expected):
-    """An argparse type: cast the text, then check it with ok(value)."""
-
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"got {text!r}, expected {expected}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"got {value}, expected {expected}")
-        return value
-
-    return parse
-
-
-COUNT = checked(int, lambda v: v >= 1, "an integer >= 1")
-NONNEG_INT = checked(int, lambda v: v >= 0, "an integer >= 0")
-NONNEG = checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
-POSITIVE = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-FINITE = checked(float, math.isfinite, "a finite number")
-FRACTION = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-BELOW_1 = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-TOP_P = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def device_flag(text):
-    """--device: a device this machine has."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"got {text}, expected cpu, cuda or cuda:N")
-    if text != "cpu" and int(text[5:] or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise argparse.ArgumentTypeError(f"got {text}, but this machine has {count} CUDA devices")
-    return text
-
-
-def out_path(folder):
-    """An argparse type: an output file (folder=False) or folder that can be written (data.writable), checked
-    when the flags are read, before a model loads or a step runs."""
-
-    def parse(text):
-        why = writable(text, folder)
-        if why:
-            raise argparse.ArgumentTypeError(f"got {text}: {why}")
-        return text
-
-    return parse
-
-
-def fail(script, message):
-    """The one way a script stops at a bad flag or file: one line on stderr (from rank 0) and exit code 2."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{script}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def parser_for(description, script):
-    """An ArgumentParser whose --help shows every default and whose errors are one line (rank 0 only)."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description=description, formatter_class=formatter)
-    parser.error = lambda message: fail(script, message)
-    return parser
 
 
 def add_run_args(parser):
@@ -148,34 +81,6 @@ def ema_update(ema_model, model, step, decay):
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - d)
 
 
-def carry_factor_grad(factor, leaf):
-    """The noise factor's gradient, gathered on its detached leaf over a step's micro-steps, carried back to E
-    once, averaged over ranks first as DDP averages every other gradient."""
-    if leaf is not None and leaf.grad is not None:
-        if dist.is_initialized():
-            dist.all_reduce(leaf.grad, op=dist.ReduceOp.AVG)
-        factor.backward(leaf.grad)
-
-
-# dense peak FLOP/s by device name (bf16; fp32 as tf32 matmuls), for MFU: vendors' datasheets, SXM parts
-PEAK_FLOPS = {
-    "H200": (989e12, 494e12),
-    "H100": (989e12, 494e12),
-    "A100": (312e12, 156e12),
-    "L40S": (362e12, 181e12),
-    "A10G": (70e12, 35e12),
-    "4090": (165e12, 82.6e12),
-}
-
-
-def peak_flops(device, dtype):
-    """The dense peak FLOP/s of a CUDA device by its name; None when unknown (no MFU)."""
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[dtype == "fp32"] for key, peaks in PEAK_FLOPS.items() if key in name), None)
-
-
 # -----------------------------------------------------------------------------
 # one training run: plain python (CPU or one GPU) or torchrun (DDP: NCCL on GPUs, gloo on CPUs)
 
@@ -187,7 +92,7 @@ class Run:
         self.args, self.script = args, script
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         self.rank, self.world = 0, 1
-        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(args.device)
         if self.ddp:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
