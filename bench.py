@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flow import DenseView, carry_factor_grad, draw_noise, flm_loss, sample, state_factor
-from flow import stratified_tau
-from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for
+from flow import carry_factor_grad, cross_entropy, draw_noise, flm_loss, interpolate, sample
+from flow import state_factor, stratified_tau, time_warp
+from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, unwrap
 from rng import slot_keys
 from common import COUNT, checked, default_device, device_flag, parser_for, peak_flops
 
@@ -92,7 +92,16 @@ class WithAttention(nn.Module):
         self.module, self.path = module, path
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, attention=self.path, **kwargs)
+        return self.module(*args, backend=self.path, **kwargs)
+
+
+def dense_loss(model, tokens, tau, keys):
+    """The authors' formulation of flm_loss: the dense (B, L, V) noise and state, x_t @ E inside the network."""
+    V = unwrap(model).config.vocab_size
+    gens = [torch.Generator(device).manual_seed(int(k)) for k in keys.tolist()]
+    x0 = torch.stack([torch.randn(tokens.shape[1], V, device=device, generator=g) for g in gens])
+    x_t = interpolate(x0, F.one_hot(tokens, V).float(), time_warp(model).t(tau))
+    return cross_entropy(model(unwrap(model).project(x_t), tau), tokens)
 
 
 def train_variant(cfg, B, L, dense, attention):
@@ -101,7 +110,6 @@ def train_variant(cfg, B, L, dense, attention):
     torch.manual_seed(0)
     raw = DiT(cfg).to(device)
     model = WithAttention(torch.compile(raw) if args.compile else raw, attention)
-    model = DenseView(model) if dense else model
     opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(cfg.vocab_size, (B, L), device=device)
     tau = stratified_tau(B, torch.Generator().manual_seed(0)).to(device)
@@ -111,11 +119,15 @@ def train_variant(cfg, B, L, dense, attention):
             reset_peak()
             t0 = time.time()
         factor = None if dense else state_factor(raw)
-        leaf = None if factor is None else factor.detach().requires_grad_()
+        factor_leaf = None if factor is None else factor.detach().requires_grad_()
+        keys = slot_keys(0, i, range(B))
         with autocast:
-            loss = flm_loss(model, tokens, tau, slot_keys(0, i, range(B)), factor=leaf)
+            if dense:
+                loss = dense_loss(model, tokens, tau, keys)
+            else:
+                loss = flm_loss(model, tokens, tau, keys, factor=factor_leaf)
         loss.backward()
-        carry_factor_grad(factor, leaf)
+        carry_factor_grad(factor, factor_leaf)
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()

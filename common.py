@@ -131,6 +131,17 @@ def parser_for(description, script):
     return parser
 
 
+def add_sampling_args(parser):
+    """The flags of the scripts that load a checkpoint and sample from it (sample.py, eval_ppl.py)."""
+    a = parser.add_argument
+    a("--logit-cap", type=NONNEG, help="output logit cap (0: none; None: the checkpoint's)")
+    a("--reward-form", choices=["endpoint", "lookahead"], default="endpoint", help="guidance form")
+    a("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
+    a("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
+    a("--device", type=device_flag, help="cpu, cuda, cuda:N (None: cuda if available)")
+    a("--dtype", choices=["fp32", "bf16"], help="autocast of the network (None: bf16 on CUDA)")
+
+
 # dense peak FLOP/s by device name (bf16; fp32 as tf32 matmuls), for MFU: vendors' datasheets, SXM parts
 PEAK_FLOPS = {
     "H200": (989e12, 494e12),

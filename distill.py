@@ -19,19 +19,16 @@ import argparse
 import copy
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import Data, DataError
 from flow import (
     OBJECTIVES,
     Distillation,
     carry_factor_grad,
     distill_loss,
     distill_times,
-    given_mask,
     state_factor,
     views,
 )
@@ -108,18 +105,12 @@ if not (args.data or teacher_ckpt["data"]["dir"]):
     tokenizer = teacher_ckpt["data"].get("tokenizer", "gpt2")
     give = f"give --data (prepared with its tokenizer, {tokenizer})"
     run.fail(f"the teacher {args.teacher} names no data folder: {give}")
-try:
-    data = Data(args.data or teacher_ckpt["data"]["dir"])
-except DataError as e:
-    run.fail(e)
+data = run.open_data(args.data or teacher_ckpt["data"]["dir"])
 if teacher_ckpt:
     taught = teacher_ckpt["data"]
     same = (data.vocab, data.tokenizer) == (taught["vocab"], taught.get("tokenizer", "gpt2"))
     if not same or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]:
         run.fail(f"{data.dir} has another vocabulary than the teacher {args.teacher} learned")
-if args.seq_len > data.max_seq_len():
-    longest = f"{data.max_seq_len()}, the longest window that both splits of {data.dir} hold"
-    run.fail(f"argument --seq-len: got {args.seq_len}, expected at most {longest}")
 args.data = data.dir
 torch.manual_seed(args.seed)
 if args.self_distill:
@@ -151,11 +142,6 @@ sizes = f"{raw_model.num_params():,} parameters ({trained:,} trained), V = {cfg.
 run.setup(f"student: {sizes}, E {embed}, objective {args.objective}, {source}")
 
 
-def given(keys):
-    """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
-    return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
-
-
 def val_loss(net):
     """The distillation loss on fixed validation windows, times (per evaluated micro-batch) and noise."""
 
@@ -164,19 +150,16 @@ def val_loss(net):
         g = torch.Generator().manual_seed(int(slots[0]))
         tau_s, tau_t, n_diag = distill_times(len(slots), g, args.diag_frac, args.boundary_frac)
         times = (tau_s.to(device), tau_t.to(device), n_diag)
-        return distill_loss(net, distillation, tokens, times, keys, given(keys))
+        return distill_loss(net, distillation, tokens, times, keys, run.given(keys))
 
     return run.evaluate(net, data, loss_of)
 
 
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    ckpt = dict(kind="fmlm", teacher=args.teacher, objective=args.objective, step=step)
-    ckpt.update(val_loss=val, args=vars(args))
-    ckpt["data"] = data.describe()  # --data, or the teacher's folder
-    ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict(), model_config=asdict(cfg))
-    ckpt.update(optimizer=optimizer.state_dict())
-    run.save(ckpt, raw_model, ema_model)
+    stage = dict(kind="fmlm", teacher=args.teacher, objective=args.objective)
+    stage.update(data=data.describe())  # --data, or the teacher's folder
+    run.save(step, val, (raw_model, ema_model), optimizer, **stage)
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +192,7 @@ for step in range(start_step, args.max_steps + 1):
     # the noise factor of the state the student reads, once per step as in train_flm.py (no gradient when E
     # is frozen)
     factor = state_factor(views(raw_model, distillation)[1])
-    leaf = None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
+    factor_leaf = None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
 
     # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
     # each micro-batch diagonal; slot i's window, noise and dropout come from its key (seed, step, i)
@@ -229,13 +212,13 @@ for step in range(start_step, args.max_steps + 1):
             # the gradients' all-reduce on the last micro-step only
             sync = model.no_sync() if run.ddp and not last else nullcontext()
             with sync, run.autocast:
-                cond = given(keys)
-                loss = distill_loss(model, distillation, tokens, times, keys, cond, leaf)
+                cond = run.given(keys)
+                loss = distill_loss(model, distillation, tokens, times, keys, cond, factor_leaf)
             (loss / run.accum).backward()
             loss_sum += loss.detach()
 
     # the factor's gradient, clip, step, EMA
-    carry_factor_grad(factor, leaf)
+    carry_factor_grad(factor, factor_leaf)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

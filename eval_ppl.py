@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import COUNT, FINITE, FRACTION, NONNEG, TOP_P, add_sampling_args, atomic_write
+from common import default_device, out_path, parser_for, write_text
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import Data, DataError, decode
 from flow import RewardGuide, factorized_sample, generate
 from model import autocast_for
 from reward import RewardError, make_reward, reward_of_tokens
-from common import COUNT, FINITE, FRACTION, NONNEG, TOP_P, atomic_write, default_device, device_flag
-from common import out_path, parser_for, write_text
 
 # -----------------------------------------------------------------------------
 # metrics (METHOD.md 11)
@@ -278,7 +278,6 @@ def parse_args():
     a = parser.add_argument
     a("--ckpt", action="append", default=[], help="checkpoint to sample from (repeatable)")
     a("--steps", action="append", nargs="+", type=COUNT, default=[], help="after each --ckpt")
-    a("--logit-cap", type=NONNEG, help="output logit cap (0: none; None: the checkpoint's)")
     a("--samples", nargs="+", default=[], help="JSONL files of sample.py --out to score")
     a("--num-samples", type=COUNT, default=64, help="samples per (checkpoint, steps)")
     a("--seq-len", type=COUNT, help="sample length (None: the checkpoint's)")
@@ -292,9 +291,6 @@ def parse_args():
     a("--prompt-steps", type=COUNT, nargs="+", help="steps of the conditional rows (None: all)")
     a("--reward", help="reward guidance rows (METHOD.md 16): a reward as in sample.py --reward")
     a("--reward-scales", type=FINITE, nargs="+", default=[1.0], help="lambdas of the guided rows")
-    a("--reward-form", choices=["endpoint", "lookahead"], default="endpoint", help="guidance form")
-    a("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
-    a("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
     a("--evaluator", default="smollm2", help="smollm2, gemma3, gpt2-large, HF id or folder, .gguf")
     a("--temperature", type=NONNEG, nargs="+", default=[0.0], help="final-decode temperatures")
     a("--top-p", type=TOP_P, default=1.0, help="nucleus of the final decode at temperatures > 0")
@@ -303,8 +299,7 @@ def parse_args():
     a("--data", help="data folder of the reference rows (None: the checkpoint's)")
     a("--markdown", type=out_path(folder=False), help="write the table as markdown to this file")
     a("--plot", type=out_path(folder=False), help="write the plots as a PNG (matplotlib)")
-    a("--device", type=device_flag, help="cpu, cuda, cuda:N (None: cuda if available)")
-    a("--dtype", choices=["fp32", "bf16"], help="autocast of the network (None: bf16 on CUDA)")
+    add_sampling_args(parser)
     args = parser.parse_args()
     if len(args.steps) != len(args.ckpt):
         counts = f"{len(args.ckpt)} --ckpt, {len(args.steps)} --steps"

@@ -1,8 +1,8 @@
 """
 The method's mathematics as plain functions (METHOD.md): the time warp, the noise and the projected state, the
 losses, conditioning, the flow map and its distillation targets, the samplers. Every function takes the network
-(model.py; bare, DDP-wrapped or compiled) and works on the projected state h = x @ E (METHOD.md 14); DenseView
-runs the same functions on the dense (B, L, V) state, the reference the tests compare against.
+(model.py; bare, DDP-wrapped or compiled) and works on the projected state h = x @ E (METHOD.md 14); with E = I
+they run on the dense (B, L, V) state x itself, the authors' formulation (the tests' reference, test_simplex.py).
 Flow maps take (x_s, s, t), s <= t in physical time; the network is fed the reparameterized tau.
 """
 
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import unwrap
-from rng import row_key, row_normal, row_uniform, slot_keys, stream
+from rng import row_normal, row_uniform, slot_keys, stream
 
 # -----------------------------------------------------------------------------
 # the time warp (METHOD.md 3)
@@ -147,20 +147,20 @@ def state_factor(model):
     """F with z @ F ~ x_0 @ E for z ~ N(0, I): noise_factor's C^T, or joint_noise_factor's W for a JointView;
     None when V <= D (then x_0 itself is drawn). A training step computes it once for its micro-steps."""
     model = unwrap(model)
-    if isinstance(model, DenseView) or model.embed.size(0) <= model.embed.size(1):
+    if model.embed.size(0) <= model.embed.size(1):
         return None
     if isinstance(model, JointView):
         return joint_noise_factor(model.embed)
     return noise_factor(model.embed).T
 
 
-def carry_factor_grad(factor, leaf):
+def carry_factor_grad(factor, factor_leaf):
     """The noise factor's gradient, gathered on its detached leaf over a step's micro-steps, carried back to E
     once, averaged over ranks first as DDP averages every other gradient."""
-    if leaf is not None and leaf.grad is not None:
+    if factor_leaf is not None and factor_leaf.grad is not None:
         if dist.is_initialized():
-            dist.all_reduce(leaf.grad, op=dist.ReduceOp.AVG)
-        factor.backward(leaf.grad)
+            dist.all_reduce(factor_leaf.grad, op=dist.ReduceOp.AVG)
+        factor.backward(factor_leaf.grad)
 
 
 class JointView(nn.Module):
@@ -181,46 +181,21 @@ class JointView(nn.Module):
 
 def joint_views(a, b):
     a, b = unwrap(a), unwrap(b)
-    embed, D = torch.cat([a.embed, b.embed], dim=1), a.config.n_embd
-    return JointView(a, embed, slice(0, D)), JointView(b, embed, slice(D, None))
-
-
-class DenseView(nn.Module):
-    """A DiT on the dense state x (B, L, V), the authors' formulation (E = I here, x @ E inside the network):
-    the reference the tests and bench.py compare the projected state against."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.config = net, unwrap(net).config
-
-    def project(self, x):
-        return x.float()
-
-    def noise(self, keys, L, j):
-        """x_0 as the authors draw it, torch.randn, from a generator seeded by each row's key and j."""
-        V, device = self.config.vocab_size, keys.device
-        gens = [torch.Generator(device).manual_seed(row_key(k, j, 0)) for k in keys.tolist()]
-        return torch.stack([torch.randn(L, V, device=device, generator=g) for g in gens])
-
-    def forward(self, x, *args, **kwargs):
-        return self.net(unwrap(self.net).project(x), *args, **kwargs)
+    embed = torch.cat([a.embed, b.embed], dim=1)  # (V, 2 D)
+    width = a.config.n_embd
+    return JointView(a, embed, slice(0, width)), JointView(b, embed, slice(width, None))
 
 
 def clean_state(model, tokens):
     """x_1 @ E = E[tokens], the clean state of tokens (B, L)."""
-    model = unwrap(model)
-    if isinstance(model, DenseView):
-        return F.one_hot(tokens, model.config.vocab_size).float()
-    return model.embed[tokens]
+    return unwrap(model).embed[tokens]
 
 
 def draw_noise(model, keys, L, j=0, factor=None):
     """Noise j (rng.STREAMS) x_0 @ E (B, L, D) of the rows with keys (B,), in fp32, drawn as z @ state_factor
     without forming x_0."""
     model = unwrap(model)
-    keys = keys.to(next(model.parameters()).device)
-    if isinstance(model, DenseView):
-        return model.noise(keys, L, j)
+    keys = keys.to(model.embed.device)
     factor = state_factor(model) if factor is None else factor
     B, V = len(keys), model.config.vocab_size
     if factor is None:  # E^T E singular (a tiny vocabulary) or the state x itself: draw x_0
@@ -297,14 +272,14 @@ def denoiser(model, h, tau_s, tau_t=None, keys=None):
     return model(h, tau_s, tau_t, keys=keys).float().softmax(dim=-1)
 
 
-def _col(*times):
+def _per_row(*times):
     """(B,) times as (B, 1, 1); scalars as they are."""
     return [x.view(-1, 1, 1) if torch.is_tensor(x) and x.dim() == 1 else x for x in times]
 
 
 def flow_map(x, delta, s, t):
     """X_{s,t}(x) = ((1 - t) x + (t - s) delta) / (1 - s) (METHOD.md 5); with delta = D_s, the Euler step."""
-    s, t = _col(s, t)
+    s, t = _per_row(s, t)
     return ((1 - t) * x + (t - s) * delta) / (1 - s)
 
 
@@ -360,13 +335,13 @@ def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32, block=None)
 
 def lagrangian(D_t_of_X, ddelta_dt, s, t):
     """D_t(X_{s,t}(x)) - (1 - t)(t - s) / (1 - s) d/dt delta_{s,t}(x)."""
-    s, t = _col(s, t)
+    s, t = _per_row(s, t)
     return D_t_of_X - (1 - t) * (t - s) / (1 - s) * ddelta_dt
 
 
 def eulerian(D_s, directional, s, t):
     """D_s(x) + (t - s) / (1 - t) directional, directional = (1 - s) d/ds delta + (D_s(x) - x) . grad delta."""
-    s, t = _col(s, t)
+    s, t = _per_row(s, t)
     return D_s + (t - s) / (1 - t) * directional
 
 
@@ -430,26 +405,32 @@ OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
 
 
 @torch.no_grad()
-def distill_targets(net, D, h, tokens, times, keys, objective, given):
-    """Soft targets (B, L, V) for times = (tau_s, tau_t, n_diag): on the first n_diag rows the denoiser D(h, tau)
-    (the one-hot data when D is None: self-distillation), on the others the objective's. Slices, not masks:
+def distill_targets(net, teacher_denoiser, h, tokens, times, keys, objective, given):
+    """Soft targets (B, L, V) for times = (tau_s, tau_t, n_diag): on the first n_diag rows teacher_denoiser(h, tau)
+    (the one-hot data when it is None: self-distillation), on the others the objective's. Slices, not masks:
     the same shapes every step."""
     tau_s, tau_t, n = times
     V = net.config.vocab_size
-    diagonal = F.one_hot(tokens[:n], V).float() if D is None else D(h[:n], tau_s[:n])
+    if teacher_denoiser is None:
+        diagonal = F.one_hot(tokens[:n], V).float()
+    else:
+        diagonal = teacher_denoiser(h[:n], tau_s[:n])
     if n == len(tokens):
         return diagonal
     keys = keys[n:]
-    if D is None:  # self-distillation: the student's own delta_{s,s}, dropout masks of its own
-        D = lambda h, tau: denoiser(net, h, tau, tau, plus(keys, 2))
-    fix = {} if given is None else dict(given=given[n:], clean=clean_state(net, tokens[n:]))
+    if (
+        teacher_denoiser is None
+    ):  # self-distillation: the student's own delta_{s,s}, dropout masks of its own
+        teacher_denoiser = lambda h, tau: denoiser(net, h, tau, tau, plus(keys, 2))
+    clamped = {} if given is None else dict(given=given[n:], clean=clean_state(net, tokens[n:]))
     if objective == "semigroup":
         tau_u = (tau_s[n:] + tau_t[n:]) / 2
-        off = semigroup_target(net, h[n:], tau_s[n:], tau_u, tau_t[n:], keys, **fix)
+        off_diagonal = semigroup_target(net, h[n:], tau_s[n:], tau_u, tau_t[n:], keys, **clamped)
     else:
         target = lagrangian_target if objective == "lagrangian" else eulerian_target
-        off = onto_simplex(target(net, D, h[n:], tau_s[n:], tau_t[n:], keys, **fix))
-    return torch.cat([diagonal, off])
+        target = target(net, teacher_denoiser, h[n:], tau_s[n:], tau_t[n:], keys, **clamped)
+        off_diagonal = onto_simplex(target)
+    return torch.cat([diagonal, off_diagonal])
 
 
 class Distillation(NamedTuple):
@@ -479,8 +460,9 @@ def distill_loss(student, distillation, tokens, times, keys, given=None, factor=
     teacher, net = views(student, distillation)
     cols = net.cols if isinstance(net, JointView) else slice(None)
     h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given, factor=factor)
-    D = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
-    target = distill_targets(net, D, h, tokens, times, keys, distillation.objective, given)
+    teacher_denoiser = None if teacher is None else (lambda h, tau: denoiser(teacher, h, tau))
+    objective = distillation.objective
+    target = distill_targets(net, teacher_denoiser, h, tokens, times, keys, objective, given)
     return cross_entropy(student(h[..., cols], tau_s, tau_t, keys=keys), target, given)
 
 
@@ -489,13 +471,13 @@ def distill_loss(student, distillation, tokens, times, keys, given=None, factor=
 # guided, and moves the state by the flow map, optionally with the stochastic jump and fresh noise
 
 
-def guided_denoiser(model, x, tau_s, tau_t, guide=None):
-    """D at x; guide = (weak_model, eta): autoguidance D_weak + eta (D - D_weak), affine in D so the step stays
-    exact (METHOD.md 8). Both models read x (a JointView, as generate arranges)."""
-    d = denoiser(model, x, tau_s, tau_t)
+def guided_denoiser(model, h, tau_s, tau_t, guide=None):
+    """D at h; guide = (weak_model, eta): autoguidance D_weak + eta (D - D_weak), affine in D so the step stays
+    exact (METHOD.md 8). Both models read h (a JointView, as generate arranges)."""
+    d = denoiser(model, h, tau_s, tau_t)
     if guide is not None:
         weak_model, eta = guide
-        d = eta * d + (1 - eta) * denoiser(weak_model, x, tau_s, tau_t)
+        d = eta * d + (1 - eta) * denoiser(weak_model, h, tau_s, tau_t)
     return d
 
 
@@ -528,16 +510,16 @@ def lookahead_grad(model, h, tau_s, reward):
         return torch.autograd.grad(reward(denoiser(model, h, tau_s, tau_1)).sum(), h)[0]
 
 
-def lookahead_step(model, x, s, tau_s, guide, gram):
-    """Look-ahead guidance: x moves along the x-space gradient of r(delta_{s,1}(x)) by the trust-region length
+def lookahead_step(model, h, s, tau_s, guide, gram):
+    """Look-ahead guidance: h moves along the x-space gradient of r(delta_{s,1}(h)) by the trust-region length
     scale / iters * (1 - s) sqrt(L D); in the projected state that step is g_h E^T E (gram)."""
-    g = lookahead_grad(model, x, tau_s, guide.reward).float()
-    with torch.autocast(x.device.type, enabled=False):
-        step = g if gram is None else g @ gram
+    g = lookahead_grad(model, h, tau_s, guide.reward).float()
+    with torch.autocast(h.device.type, enabled=False):
+        step = g @ gram
     norm = (step * g).sum((1, 2)).clamp_min(1e-30).sqrt().view(-1, 1, 1)
-    D = unwrap(model).config.n_embd
-    length = guide.scale / guide.iters * (1 - s) * math.sqrt(x.size(1) * D)
-    return x + length * step / norm
+    width = unwrap(model).config.n_embd  # D
+    length = guide.scale / guide.iters * (1 - s) * math.sqrt(h.size(1) * width)
+    return h + length * step / norm
 
 
 def stochastic_jump(t, gamma):
@@ -545,7 +527,7 @@ def stochastic_jump(t, gamma):
     return 1 - (1 - t) * math.sqrt(1 - gamma**2)
 
 
-def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
+def final_tokens(d, temperature=0.0, top_p=1.0, keys=None):
     """The tokens (B, L) of the last denoiser d: its argmax at temperature 0, else a draw from d^(1/T) on the
     nucleus top_p, in float64 by the inverse CDF of a uniform keyed by row (METHOD.md 11)."""
     if temperature == 0:
@@ -553,8 +535,8 @@ def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
     if keys is None:
         raise ValueError("temperature > 0 needs the rows' keys")
     L, keys = d.size(1), keys.to(d.device)
-    u = row_uniform(keys, L, stream("decode", 0)).double()
-    u += (row_uniform(keys, L, stream("decode", 1)).double() - 0.5) * 2.0**-24  # 48 bits: float64
+    u = row_uniform(keys, L, stream("final", 0)).double()
+    u += (row_uniform(keys, L, stream("final", 1)).double() - 0.5) * 2.0**-24  # 48 bits: float64
     out = torch.empty(d.shape[:2], dtype=torch.long, device=d.device)
     for b in range(len(d)):  # a row at a time: the float64 sort of (L, V)
         p = (d[b].double().clamp_min(1e-300).log() / temperature).softmax(-1)
@@ -569,7 +551,7 @@ def decode_tokens(d, temperature=0.0, top_p=1.0, keys=None):
 class SamplerOptions(NamedTuple):
     """How sample() steps and decodes: gamma > 0 the stochastic sampler, its noise from the rows' keys (METHOD.md
     7); guide = (weak_model, eta) autoguidance (METHOD.md 8); reward a RewardGuide (METHOD.md 16); temperature
-    and top_p the final draw (decode_tokens)."""
+    and top_p the final draw (final_tokens)."""
 
     gamma: float = 0.0
     guide: tuple | None = None
@@ -579,8 +561,8 @@ class SamplerOptions(NamedTuple):
 
 
 @torch.no_grad()
-def sample(model, x, steps, cond=None, keys=None, progress=None, **options):
-    """Tokens (B, L) from the noise x = x_0 @ E: the Euler ODE of a denoiser, the flow map of a two-time model
+def sample(model, h, steps, cond=None, keys=None, progress=None, **options):
+    """Tokens (B, L) from the noise h = x_0 @ E: the Euler ODE of a denoiser, the flow map of a two-time model
     (METHOD.md 4, 7). cond = (given, tokens): conditioning; keys: the rows' keys; progress: a tqdm bar;
     options: SamplerOptions' fields."""
     gamma, guide, reward, temperature, top_p = SamplerOptions(**options)
@@ -591,34 +573,32 @@ def sample(model, x, steps, cond=None, keys=None, progress=None, **options):
         raise ValueError("gamma > 0 needs a flow-map (two-time) model and the rows' keys")
     given, tokens = cond if cond is not None else (None, None)
     clean = None if cond is None else clean_state(net, tokens)
-    x = clamp_given(x, given, clean)
+    h = clamp_given(h, given, clean)
     lookahead = reward is not None and reward.scale != 0 and reward.form == "lookahead"
     endpoint = reward is not None and reward.scale != 0 and reward.form == "endpoint"
-    gram = None  # E^T E of the look-ahead step, once per run (None: E = I)
-    if lookahead and not isinstance(net, DenseView):
-        gram = net.embed.T.float() @ net.embed.float()
-    taus = torch.linspace(0, 1, steps + 1, device=x.device)
+    gram = net.embed.T.float() @ net.embed.float() if lookahead else None  # once per run
+    taus = torch.linspace(0, 1, steps + 1, device=h.device)
     ts = warp.t(taus)
     for i in range(steps):
         s, t = ts[i], ts[i + 1]
         t_jump = stochastic_jump(t, gamma) if gamma > 0 else t
-        tau_s = taus[i].expand(len(x))
+        tau_s = taus[i].expand(len(h))
         tau_t = warp.tau(t_jump) if gamma > 0 else taus[i + 1]
-        tau_t = tau_t.expand(len(x)) if two_time else None
+        tau_t = tau_t.expand(len(h)) if two_time else None
         for _ in range(reward.iters if lookahead else 0):
-            x = clamp_given(lookahead_step(model, x, s, tau_s, reward, gram), given, clean)
-        d = guided_denoiser(model, x, tau_s, tau_t, guide)
+            h = clamp_given(lookahead_step(model, h, s, tau_s, reward, gram), given, clean)
+        d = guided_denoiser(model, h, tau_s, tau_t, guide)
         d = tilt(d, reward) if endpoint else d
-        lifted = net.project(d)
+        d_h = net.project(d)
         if gamma > 0:  # to t~ by the flow map, back to t's noise level by fresh noise (METHOD.md 7)
-            noise = draw_noise(net, keys, x.size(1), 1 + i)
-            x = flow_map(x, lifted, s, t_jump) + (t - t_jump) * lifted + gamma * (1 - t) * noise
+            noise = draw_noise(net, keys, h.size(1), 1 + i)
+            h = flow_map(h, d_h, s, t_jump) + (t - t_jump) * d_h + gamma * (1 - t) * noise
         else:
-            x = flow_map(x, lifted, s, t)
-        x = clamp_given(x, given, clean)
+            h = flow_map(h, d_h, s, t)
+        h = clamp_given(h, given, clean)
         if progress is not None:
             progress.update()
-    out = decode_tokens(d, temperature, top_p, keys)  # the last step lands on t = 1, where x = d
+    out = final_tokens(d, temperature, top_p, keys)  # the last step lands on t = 1, where x = d
     return out if given is None else torch.where(given, tokens, out)
 
 
@@ -638,8 +618,8 @@ def generate(model, num_samples, L, steps, batch_size=64, seed=0, cond=None, **o
         rows = slice(start, min(start + batch_size, num_samples))
         keys = slot_keys(seed, 0, range(rows.start, rows.stop), device)
         rows_cond = None if cond is None else (cond[0][rows], cond[1][rows])
-        x = draw_noise(model, keys, L)
-        out.append(sample(model, x, steps, rows_cond, keys=keys, guide=guide, **options))
+        h = draw_noise(model, keys, L)
+        out.append(sample(model, h, steps, rows_cond, keys=keys, guide=guide, **options))
     return torch.cat(out)
 
 
@@ -653,5 +633,5 @@ def factorized_sample(model, num_samples, L, batch_size=64, seed=0):
         keys = slot_keys(seed, 0, range(start, min(start + batch_size, num_samples)), device)
         tau = torch.zeros(len(keys), device=device)
         p = denoiser(net, draw_noise(net, keys, L), tau, tau if net.config.two_time else None)
-        out.append(decode_tokens(p, temperature=1.0, keys=keys))  # its own stream, not the noise's
+        out.append(final_tokens(p, temperature=1.0, keys=keys))  # its own stream, not the noise's
     return torch.cat(out)

@@ -24,14 +24,10 @@ STREAMS = {
     # sampler's fresh noise at step i (flow.draw_noise)
     "noise": (0, 1 << 23),
     "given": (1 << 23, 1),  # the conditioning masks (flow.given_mask)
-    "dropout": (
-        1 << 24,
-        1 << 23,
-    ),  # dropout of block l: 2l on the attention branch, 2l + 1 on the MLP
-    "decode": (
-        3 << 23,
-        2,
-    ),  # the categorical draw of the last step: two 24-bit halves of a 48-bit uniform
+    # dropout of block l: 2l on the attention branch, 2l + 1 on the MLP's
+    "dropout": (1 << 24, 1 << 23),
+    # the final draw of tokens (flow.final_tokens): two 24-bit halves of a 48-bit uniform
+    "final": (3 << 23, 2),
 }
 
 

@@ -18,18 +18,17 @@ import sys
 import torch
 from tqdm import tqdm
 
+from common import COUNT, FINITE, FRACTION, NONNEG, TOP_P, add_sampling_args, default_device
+from common import out_path, parser_for, write_text
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, decode, encode_text
 from flow import RewardGuide, generate
 from reward import RewardError, make_reward, reward_of_tokens
 from model import autocast_for
-from common import COUNT, FINITE, FRACTION, NONNEG, TOP_P, default_device, device_flag, out_path
-from common import parser_for, write_text
 
 parser = parser_for("Sample from an FLM (Euler ODE) or FMLM (flow map) checkpoint.", "sample.py")
 a = parser.add_argument
 a("--ckpt", default="out/fmlm-ptb/ckpt.pt", help="ours, or the authors': repo id, folder, .ckpt")
-a("--logit-cap", type=NONNEG, help="output logit cap (0: none; None: the checkpoint's)")
 a("--steps", type=COUNT, help="sampler steps (None: 1 for FMLM, 256 for FLM)")
 a("--num-samples", type=COUNT, default=8, help="sequences to generate")
 a("--seq-len", type=COUNT, help="tokens per sequence (None: the training length)")
@@ -40,8 +39,6 @@ a("--guide-ckpt", help="autoguidance: a weaker checkpoint of the same kind (METH
 a("--eta", type=FINITE, default=1.0, help="autoguidance weight: D_weak + eta (D - D_weak)")
 a("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
 a("--out", type=out_path(folder=False), help="also write the samples as JSONL (text, tokens)")
-a("--device", type=device_flag, help="cpu, cuda, cuda:N (None: cuda if available)")
-a("--dtype", choices=["fp32", "bf16"], help="autocast (None: bf16 on CUDA); the state stays fp32")
 a("--allow-long", action="store_true", help="allow --seq-len beyond the training length")
 a("--prompt", help="condition on this text as the start of every sample")
 a("--infill", help='condition on a text with gaps: "[MASK]" one token, "[MASK*n]" n tokens')
@@ -49,10 +46,8 @@ a("--temperature", type=NONNEG, default=0.0, help="final decode: 0 argmax, T > 0
 a("--top-p", type=TOP_P, default=1.0, help="nucleus of the final draw at --temperature > 0")
 a("--reward", help="lexical:WORDS, semantic:TEXT or classifier:ID_OR_FOLDER (METHOD.md 16)")
 a("--reward-scale", type=FINITE, default=1.0, help="lambda, the guidance strength (0: unguided)")
-a("--reward-form", choices=["endpoint", "lookahead"], default="endpoint", help="guidance form")
-a("--reward-iters", type=COUNT, default=1, help="reward gradient steps per sampler step")
-a("--reward-label", help="classifier rewards: the class, an index or a name (None: 0)")
 a("--quiet", action="store_true", help="do not print the texts")
+add_sampling_args(parser)
 args = parser.parse_args()
 
 

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from flow import (
-    DenseView,
     TimeWarp,
     cross_entropy,
     denoiser,
@@ -35,6 +35,22 @@ from flow import (
 )
 from model import MODEL_PRESETS, DiT, DiTConfig, attention, flex_attention
 from rng import row_normal, row_uniform, slot_keys
+
+
+class DenseView(nn.Module):
+    """The authors' formulation, the reference of the projected state: a DiT on the dense state x (B, L, V), which
+    is flow.py's functions with E = I (x @ E is then inside the network)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.config = net, net.config
+        self.register_buffer("embed", torch.eye(net.config.vocab_size, device=net.embed.device))
+
+    def project(self, x):
+        return x.float()
+
+    def forward(self, x, *args, **kwargs):
+        return self.net(self.net.project(x), *args, **kwargs)
 
 
 def tiny_model(V=64, seed=0, two_time=False, perturb=True):
@@ -828,7 +844,7 @@ def test_temperature_zero_and_the_smallest_nucleus_give_the_argmax_samples_bitwi
 
 
 def test_the_keyed_draw_follows_the_tempered_nucleus():
-    from flow import decode_tokens
+    from flow import final_tokens
 
     d = torch.tensor([0.5, 0.3, 0.15, 0.05]).expand(
         1, 20_000, 4
@@ -839,7 +855,7 @@ def test_the_keyed_draw_follows_the_tempered_nucleus():
         (1.0, 0.75, [0.5 / 0.8, 0.3 / 0.8, 0, 0]),
         (0.5, 1.0, [v**2 / 0.365 for v in (0.5, 0.3, 0.15, 0.05)]),
     ):
-        freq = torch.bincount(decode_tokens(d, T, top_p, keys)[0], minlength=4).double() / 20_000
+        freq = torch.bincount(final_tokens(d, T, top_p, keys)[0], minlength=4).double() / 20_000
         assert torch.allclose(freq, torch.tensor(want, dtype=torch.double), atol=0.012), (
             T,
             top_p,
@@ -881,15 +897,15 @@ def test_every_random_stream_has_a_range_of_its_own_and_no_two_uses_draw_the_sam
     factorized_sample(model, 4, 8)
     shared = {s: u for s, u in users.items() if len(u) > 1}
     assert not shared, shared
-    assert {"draw_noise", "forward", "given_mask", "decode_tokens"} <= set().union(*users.values())
+    assert {"draw_noise", "forward", "given_mask", "final_tokens"} <= set().union(*users.values())
 
 
-def test_decode_tokens_draws_on_the_device_of_the_denoiser():
-    from flow import decode_tokens
+def test_final_tokens_draws_on_the_device_of_the_denoiser():
+    from flow import final_tokens
 
     d = torch.rand(2, 8, 50).softmax(-1).to("meta")  # a second device on a CPU machine (as CUDA is)
     keys = slot_keys(0, 0, range(2))  # on the CPU, as generate makes them
-    assert decode_tokens(d, 0.8, 0.95, keys).device.type == "meta"
+    assert final_tokens(d, 0.8, 0.95, keys).device.type == "meta"
 
 
 def test_attention_runs_in_fp32_when_the_model_does():

@@ -12,12 +12,10 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import torch
 
-from data import Data, DataError
-from flow import carry_factor_grad, flm_loss, given_mask, state_factor, stratified_tau
+from flow import carry_factor_grad, flm_loss, state_factor, stratified_tau
 from model import MODEL_PRESETS, DiT, DiTConfig
 from rng import slot_keys, step_generator
 from common import BELOW_1, COUNT, parser_for
@@ -60,13 +58,7 @@ args = parse_with_preset(parser, RUN_PRESETS, "flm")
 
 run = Run(args, "train_flm.py")
 device = run.device
-try:
-    data = Data(args.data)
-except DataError as e:
-    run.fail(e)
-if args.seq_len > data.max_seq_len():
-    longest = f"{data.max_seq_len()}, the longest window that both splits of {args.data} hold"
-    run.fail(f"argument --seq-len: got {args.seq_len}, expected at most {longest}")
+data = run.open_data(args.data)
 cfg = DiTConfig(vocab_size=data.vocab_size, **MODEL_PRESETS[args.model])
 if args.dropout is not None:
     cfg.dropout = args.dropout
@@ -88,28 +80,20 @@ V, n = cfg.vocab_size, raw_model.num_params()
 run.setup(f"model {args.model}: {n:,} parameters, V = {V:,}, ln V = {math.log(V):.4f}")
 
 
-def given(keys):
-    """--cond-frac: the rows' given positions (a prompt or spans), from their keys; None when off."""
-    return given_mask(keys.to(device), args.seq_len, args.cond_frac) if args.cond_frac > 0 else None
-
-
 def val_loss(net):
     """Validation cross-entropy on fixed windows at fixed, evenly spread tau with fixed noise."""
 
     def loss_of(net, tokens, slots):
         tau = (slots.double() + 0.5) / args.eval_windows  # evenly spread
         keys = slot_keys(0, -1, slots)
-        return flm_loss(net, tokens, tau.float().to(device), keys, given=given(keys))
+        return flm_loss(net, tokens, tau.float().to(device), keys, given=run.given(keys))
 
     return run.evaluate(net, data, loss_of)
 
 
 def save(step, val=None):
     """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    ckpt = dict(kind="flm", data=data.describe(), step=step, args=vars(args), val_loss=val)
-    ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict(), model_config=asdict(cfg))
-    ckpt.update(optimizer=optimizer.state_dict())
-    run.save(ckpt, raw_model, ema_model)
+    run.save(step, val, (raw_model, ema_model), optimizer, kind="flm", data=data.describe())
 
 
 # -----------------------------------------------------------------------------
@@ -142,7 +126,7 @@ for step in range(start_step, args.max_steps + 1):
     # paper's shape, some 7% of a 16 x 1,024-token micro-step in full fp32 on an H100: at accumulation 4 (the
     # paper's OWT preset) this saves 3 of the 4.
     factor = state_factor(raw_model)
-    leaf = None if factor is None else factor.detach().requires_grad_()
+    factor_leaf = None if factor is None else factor.detach().requires_grad_()
 
     # micro-steps: the denoiser's cross-entropy at stratified tau (METHOD.md 2); slot i's window, noise and
     # dropout come from its key (seed, step, i), its tau from the step's one stratified draw
@@ -159,12 +143,12 @@ for step in range(start_step, args.max_steps + 1):
             # the gradients' all-reduce on the last micro-step only
             sync = model.no_sync() if run.ddp and not last else nullcontext()
             with sync, run.autocast:
-                loss = flm_loss(model, tokens, tau, keys, given(keys), leaf)
+                loss = flm_loss(model, tokens, tau, keys, run.given(keys), factor_leaf)
             (loss / run.accum).backward()
             loss_sum += loss.detach()
 
     # the factor's gradient, clip, step, EMA
-    carry_factor_grad(factor, leaf)
+    carry_factor_grad(factor, factor_leaf)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from common import BELOW_1, COUNT, FRACTION, NONNEG, NONNEG_INT, POSITIVE, DataError, atomic_write
 from common import default_device, device_flag, fail, out_path, peak_flops
-from data import to_device
+from data import Data, to_device
+from flow import given_mask
 from model import DiTConfig, autocast_for
 
 
@@ -180,6 +181,25 @@ class Run:
         optimizer.load_state_dict(ckpt["optimizer"])
         return ckpt
 
+    def open_data(self, path):
+        """The prepared data folder, checked to hold windows of --seq-len in both splits."""
+        try:
+            data = Data(path)
+        except DataError as e:
+            self.fail(e)
+        if self.args.seq_len > data.max_seq_len():
+            longest = (
+                f"{data.max_seq_len()}, the longest window that both splits of {data.dir} hold"
+            )
+            self.fail(f"argument --seq-len: got {self.args.seq_len}, expected at most {longest}")
+        return data
+
+    def given(self, keys):
+        """The rows' given positions (a prompt or spans) under --cond-frac, from their keys; None when off."""
+        if not self.args.cond_frac:
+            return None
+        return given_mask(keys.to(self.device), self.args.seq_len, self.args.cond_frac)
+
     def slots(self, micro):
         """The global-batch slots of this rank's micro-step: (micro * world + rank) * micro_batch onwards."""
         first = (micro * self.world + self.rank) * self.args.micro_batch
@@ -219,14 +239,20 @@ class Run:
         if not all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
             self.fail(f"non-finite weights: {self.ckpt_path} keeps the last good checkpoint")
 
-    def save(self, ckpt, *models):
-        """Rank 0 writes the checkpoint, atomically, once every rank has found the models finite; with
-        --keep-every also a copy ckpt-STEP.pt (e.g. autoguidance's weak model)."""
-        self.check_finite(*models)
+    def save(self, step, val, models, optimizer, **stage):
+        """Rank 0 writes the checkpoint of `step` (steps done), atomically, once every rank has found the models
+        finite: the stage's entries (kind, data, ...), models = (raw_model, ema_model), the optimizer, the flags
+        and the validation loss val; with --keep-every also a copy ckpt-STEP.pt (autoguidance's weak model)."""
+        raw_model, ema_model = models
+        self.check_finite(raw_model, ema_model)
         if not self.master:
             return
-        step = ckpt["step"]
         args = self.args
+        ckpt = dict(
+            stage, step=step, args=vars(args), val_loss=val, model_config=asdict(raw_model.config)
+        )
+        ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict())
+        ckpt.update(optimizer=optimizer.state_dict())
         try:
             save_checkpoint(self.ckpt_path, ckpt)
             if args.keep_every and step % args.keep_every == 0 and step < args.max_steps:
