@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common import COUNT, FINITE, FRACTION, NONNEG, TOP_P, add_sampling_args, atomic_write
 from common import default_device, out_path, parser_for, write_text
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import Data, DataError, decode
+from data import GPT2_EOT, Data, DataError, decode, get_tokenizer
 from flow import RewardGuide, factorized_sample, generate
 from model import autocast_for
 from reward import RewardError, make_reward, reward_of_tokens
@@ -146,6 +146,12 @@ def load_evaluator(name, device, fail):
         expected = "smollm2, gemma3, gpt2-large, a Hugging Face id or folder, or a .gguf file"
         why = str(e).splitlines()[0][:200]
         fail(f"--evaluator {name}: cannot load a causal LM from it ({why}); expected {expected}")
+    probe = "Hello world"
+    if not tokenizer(probe, add_special_tokens=False).input_ids:
+        why = f"its tokenizer encodes {probe!r} to no tokens (a folder saved without its tokenizer files?)"
+        fail(
+            f"--evaluator {name}: {why}; save them beside the model with tokenizer.save_pretrained"
+        )
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"  # the prompt masks count tokens from the left
     bos = None if name == "gpt2-large" else tokenizer.bos_token_id
@@ -278,7 +284,12 @@ def parse_args():
     a = parser.add_argument
     a("--ckpt", action="append", default=[], help="checkpoint to sample from (repeatable)")
     a("--steps", action="append", nargs="+", type=COUNT, default=[], help="after each --ckpt")
-    a("--samples", nargs="+", default=[], help="JSONL files of sample.py --out to score")
+    a(
+        "--samples",
+        nargs="+",
+        default=[],
+        help="sample files: sample.py --out, JSONL text, plain text",
+    )
     a("--num-samples", type=COUNT, default=64, help="samples per (checkpoint, steps)")
     a("--seq-len", type=COUNT, help="sample length (None: the checkpoint's)")
     a("--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows")
@@ -320,9 +331,11 @@ def parse_args():
 # rows: what is scored
 
 
-def row(label, steps, texts, tokens, T=None, prefixes=None):
-    """A row of the table: its texts, its tokens for the entropy (None: none), its prefixes scored as context."""
-    return dict(label=label, steps=steps, T=T, texts=texts, tokens=tokens, prefixes=prefixes)
+def row(label, steps, texts, tokens, T=None, prefixes=None, model_ids=True):
+    """A row of the table: its texts, its tokens for the entropy and self-BLEU (None: none; (B, L) or a list of
+    rows), its prefixes scored as context; model_ids False: the tokens are the texts' GPT-2 ids, not a model's."""
+    fields = dict(label=label, steps=steps, T=T, texts=texts, tokens=tokens, prefixes=prefixes)
+    return dict(fields, model_ids=model_ids)
 
 
 def tokenizer_of(ckpt):
@@ -342,21 +355,32 @@ def name_of(ckpt):
 
 
 def read_samples(path, fail):
-    """The rows of a sample.py --out file: JSONL lines with text and equally long tokens."""
+    """The row of a sample file: sample.py --out's JSONL (text and equally long tokens, the model's ids), any
+    JSONL with a text field, or plain text with one sample a line. The samples of another system (an
+    autoregressive baseline, MDLM, DUO, the authors') are thus scored on the same scale, their entropy and
+    self-BLEU taken on their texts' GPT-2 tokens, independent of the evaluator, as the paper takes them."""
     try:
-        with open(path) as f:
-            samples = [json.loads(line) for line in f if line.strip()]
-        ok = samples and all(isinstance(s, dict) for s in samples)
-        ok = ok and all(isinstance(s.get("text"), str) for s in samples)
-        ok = ok and all(isinstance(s.get("tokens"), list) for s in samples)
-        ok = ok and len({len(s["tokens"]) for s in samples}) == 1
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        if path.endswith(".jsonl"):
+            samples = [json.loads(line) for line in lines]
+            ok = samples and all(isinstance(s, dict) for s in samples)
+            ok = ok and all(isinstance(s.get("text"), str) for s in samples)
+        else:
+            samples = [dict(text=line) for line in lines]
+            ok = bool(samples)
     except (UnicodeDecodeError, json.JSONDecodeError):
         ok = False
     if not ok:
-        what = "JSONL lines with text and equally long tokens"
-        fail(f"{path} is not a sample file of sample.py --out ({what})")
-    tokens, texts = torch.tensor([s["tokens"] for s in samples]), [s["text"] for s in samples]
-    return row(os.path.basename(path), samples[0].get("steps", "-"), texts, tokens)
+        what = "JSONL lines with a text (and tokens, as sample.py --out), or plain text, a sample a line"
+        fail(f"{path} is not a sample file ({what})")
+    texts, ids = [s["text"] for s in samples], [s.get("tokens") for s in samples]
+    label = os.path.basename(path)
+    if all(isinstance(t, list) for t in ids) and len({len(t) for t in ids}) == 1:
+        return row(label, samples[0].get("steps", "-"), texts, torch.tensor(ids))
+    gpt2 = get_tokenizer("gpt2")
+    tokens = [torch.tensor(gpt2.encode_ordinary(t) or [GPT2_EOT]) for t in texts]
+    return row(label, "-", texts, tokens, model_ids=False)
 
 
 class Evaluation(NamedTuple):
@@ -501,13 +525,14 @@ def score(run, rows, reward, reward_V):
         ppl, lo, hi = ppl_with_interval(nll, count)
         tokens = r["tokens"]
         hard = None
-        if reward is not None and tokens is not None:
+        if reward is not None and tokens is not None and r["model_ids"]:
             values = reward_of_tokens(reward, tokens, reward_V, run.device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))
         result = dict(model=r["label"], steps=r["steps"], T=r["T"], gen_ppl=ppl, lo=lo, hi=hi)
         result.update(entropy=nan, self_bleu=nan, reward=hard, samples=len(r["texts"]))
         if tokens is not None:
-            result.update(entropy=unigram_entropy(tokens), self_bleu=self_bleu(tokens.tolist()))
+            ids = [t.tolist() for t in tokens]
+            result.update(entropy=unigram_entropy(tokens), self_bleu=self_bleu(ids))
         results.append(result)
     return results
 
@@ -553,7 +578,7 @@ def main():
     rows += [read_samples(path, run.fail) for path in args.samples]
     if data_dir:
         P = args.prompt_len if rows[0]["prefixes"] is not None else 0
-        rows += data_rows(run, data_dir, rows[0]["tokens"].size(1) + P, conditional)
+        rows += data_rows(run, data_dir, len(rows[0]["tokens"][0]) + P, conditional)
     # score them, then report
     results = score(run, rows, reward, reward_V)
     report(run, results, reward is not None)

