@@ -860,7 +860,7 @@ dist.all_reduce = lambda *a, **k: (calls.append(1), all_reduce(*a, **k))[1]
 saved = []
 for step in range(1, 13):
     if step == 2 and run.rank == 1:
-        run.signals.append("SIGTERM")  # a request that reached rank 1 alone
+        run.ranks.signals.append("SIGTERM")  # a request that reached rank 1 alone
     if run.preempted(step, saved.append):
         break
 print(f"rank {{run.rank}} stopped after step {{step}} with {{len(calls)}} collective", flush=True)

@@ -1,15 +1,15 @@
 """
-What the scripts share: flags that check their values and one way to report a bad flag or file; and what the two
-training loops share around their loops, in `Run`: the process group, the log, evaluation over ranks, the finite
-check, checkpoints and preemption. The loops themselves are written out in train_flm.py and distill.py, as
-nanoGPT writes its loop in train.py, so that a reader sees each stage's phases in its own file; the tests
-(torchrun, world-size invariance, exact resume, for both) keep the two from drifting.
+What the two training loops share around their loops: their flags and schedules (lr, EMA); `Ranks`, the process
+group and its stop requests; `Log`, the log; and `Run`, which holds both with the run's autocast and
+accumulation, its data, evaluation over ranks, the finite check and checkpoints. The loops themselves are written
+out in train_flm.py and distill.py, as nanoGPT writes its loop in train.py, so that a reader sees each stage's
+phases in its own file; the tests (torchrun, world-size invariance, exact resume, for both) keep the two from
+drifting.
 
 The same run at any world size: slot i of the global batch at step k draws its window, noise, time and dropout
-from the key (seed, k, i) (model.row_key), and rank r's micro-step m holds the slots from (m * world + r) *
+from the key (seed, k, i) (rng.row_key), and rank r's micro-step m holds the slots from (m * world + r) *
 micro_batch (`Run.slots`): 2 ranks x 1 micro-step train on the batch of 1 rank x 2, and a run resumes on any
-number of ranks.
-"""
+number of ranks."""
 
 import glob
 import os
@@ -86,14 +86,16 @@ def ema_update(ema_model, model, step, decay):
 # one training run: plain python (CPU or one GPU) or torchrun (DDP: NCCL on GPUs, gloo on CPUs)
 
 
-class Run:
-    """The ranks, device, autocast and accumulation of a training run, its log, checkpoints and stop requests."""
+class Ranks:
+    """The process group of a run and its stop requests: one process under plain python, or torchrun's (DDP: NCCL
+    on GPUs, gloo on CPUs); this rank's device; the one way to stop every rank."""
 
-    def __init__(self, args, script):
-        self.args, self.script = args, script
+    def __init__(self, script, device, out_dir):
+        self.script, self.out_dir = script, out_dir
+        self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         self.rank, self.world = 0, 1
-        self.device = default_device(args.device)
+        self.device = default_device(device)
         if self.ddp:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -101,10 +103,105 @@ class Run:
             if self.device.startswith("cuda"):
                 torch.cuda.set_device(self.device)
         self.master = self.rank == 0
-        self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         self.signals = []  # the names of the stop signals caught
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        """A stop request (SIGTERM, SIGUSR1, Ctrl-C), honoured after a step (stop_agreed); a second Ctrl-C stops
+        at once, leaving the last checkpoint whole and no temporary file."""
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and "SIGINT" in self.signals:
+            for tmp in glob.glob(os.path.join(self.out_dir, "*.tmp")) if self.master else []:
+                os.remove(tmp)
+            if self.master:
+                line = f"stopped at once by a second Ctrl-C; {self.ckpt_path} holds the last checkpoint"
+                print(f"{self.script}: {line}", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.signals.append(name)
+
+    def stop_agreed(self, step, every):
+        """Whether every rank stops after `step`: alone, after the step a request arrives in; under torchrun
+        at the steps that are multiples of `every` (the log steps, whose line syncs the host anyway), so that
+        no step waits on a host sync of its own. MAX: a request that reached one rank stops them all."""
+        if not self.ddp:
+            return bool(self.signals)
+        if step % every:
+            return False
+        flag = torch.tensor(1.0 if self.signals else 0.0, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fail(self, message):
+        """Stop every rank with one line from rank 0."""
+        if self.ddp:
+            dist.destroy_process_group()
+        fail(self.script, message)
+
+    @contextmanager
+    def out_of_memory(self, stage, advice):
+        """Ends the run at a torch.OutOfMemoryError in `stage` (what was running) with one line from the rank
+        that hit it, at once (os._exit: no collective is left waiting in a cleanup); torchrun then stops the
+        other ranks, and ckpt.pt keeps the last checkpoint (no step writes inside)."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            where = f"rank {self.rank} ran out of memory in {stage}"
+            kept = f"{self.ckpt_path} keeps the last checkpoint"
+            print(f"{self.script}: error: {where}, {advice}; {kept}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+
+    def finish(self):
+        """Every rank leaves together; exit code 130 after a Ctrl-C, as a shell reports one (so that
+        `train && distill` stops there), 0 otherwise."""
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        if self.signals and self.signals[0] == "SIGINT":
+            raise SystemExit(130)
+
+
+class Log:
+    """The log of a run: a line printed on rank 0 and appended to out_dir/log.txt, its metrics sent to --wandb."""
+
+    def __init__(self, args, ranks):
+        self.path = os.path.join(args.out_dir, "log.txt")
+        self.master = ranks.master
+        self.wandb = None
+        if args.wandb and self.master:
+            try:
+                import wandb
+            except ImportError:
+                ranks.fail("--wandb needs the wandb package: pip install wandb")
+            name = os.path.basename(os.path.abspath(args.out_dir))
+            config = dict(project=args.wandb, name=name, config=vars(args), dir=args.out_dir)
+            self.wandb = wandb.init(**config, resume="allow")
+
+    def __call__(self, line, **metrics):
+        if self.master:
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+            if self.wandb and metrics:
+                self.wandb.log(metrics, step=metrics.pop("step"))
+
+    def finish(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Run:
+    """A training run around its loop: the ranks (Ranks) and the log (Log); autocast and accumulation; the data,
+    evaluation over ranks, the finite check, checkpoints and resume, and the stop after a step."""
+
+    def __init__(self, args, script):
+        self.args = args
+        self.ranks = Ranks(script, args.device, args.out_dir)
+        # what the loops read of the ranks
+        self.ddp, self.device, self.fail = self.ranks.ddp, self.ranks.device, self.ranks.fail
+        self.rank, self.world, self.master = self.ranks.rank, self.ranks.world, self.ranks.master
+        self.ckpt_path = self.ranks.ckpt_path
         self.autocast, args.dtype = autocast_for(self.device, args.dtype)
         # TF32 for the transformer's fp32 matmuls; the noise's covariance stays full fp32 (flow.ieee_fp32)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -115,34 +212,7 @@ class Run:
         self.accum = args.batch_size // (args.micro_batch * self.world)
         # the first step with a non-finite loss or gradient, read only when logging (no host sync a step)
         self.first_bad = torch.tensor(-1, device=self.device)
-        self.wandb = None
-        if args.wandb and self.master:
-            try:
-                import wandb
-            except ImportError:
-                self.fail("--wandb needs the wandb package: pip install wandb")
-            name = os.path.basename(os.path.abspath(args.out_dir))
-            config = dict(project=args.wandb, name=name, config=vars(args), dir=args.out_dir)
-            self.wandb = wandb.init(**config, resume="allow")
-
-    def on_signal(self, signum, frame):
-        """A stop request (SIGTERM, SIGUSR1, Ctrl-C), honoured after the step (preempted); a second Ctrl-C
-        stops at once, leaving the last checkpoint whole and no temporary file."""
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and "SIGINT" in self.signals:
-            for tmp in glob.glob(os.path.join(self.args.out_dir, "*.tmp")) if self.master else []:
-                os.remove(tmp)
-            if self.master:
-                line = f"stopped at once by a second Ctrl-C; {self.ckpt_path} holds the last checkpoint"
-                print(f"{self.script}: {line}", file=sys.stderr, flush=True)
-            os._exit(130)
-        self.signals.append(name)
-
-    def fail(self, message):
-        """Stop every rank with one line from rank 0."""
-        if self.ddp:
-            dist.destroy_process_group()
-        fail(self.script, message)
+        self.log = Log(args, self.ranks)
 
     def setup(self, model_line):
         """The output folder, and the model line and batch arithmetic, once, on rank 0."""
@@ -261,15 +331,6 @@ class Run:
         except DataError as e:
             self.fail(f"{e}; the previous checkpoint is kept as it was")
 
-    def log(self, line, **metrics):
-        """Print on rank 0, append to out_dir/log.txt, and send metrics (with their step) to --wandb."""
-        if self.master:
-            print(line, flush=True)
-            with open(os.path.join(self.args.out_dir, "log.txt"), "a") as f:
-                f.write(line + "\n")
-            if self.wandb and metrics:
-                self.wandb.log(metrics, step=metrics.pop("step"))
-
     def log_step(self, step, loss_sum, grad_norm, lr, dt, flops_per_token):
         """The line of a logged step: loss (averaged over ranks), lr, grad norm, time, tokens/s, MFU."""
         self.check_finite()
@@ -287,54 +348,24 @@ class Run:
         self.log(line, step=step, **metrics)
 
     def preempted(self, step, save):
-        """True after a stop request caught by any rank, once save(step) has checkpointed the step. Alone, a
-        request is honoured after the step it arrives in; under torchrun the ranks agree at the next log step
-        (every --log-every steps), whose line syncs the host anyway: every rank stops after the same step
-        without a host sync of its own each step. MAX: one rank's request stops them all."""
-        if not self.ddp:
-            stop = bool(self.signals)
-        elif step % self.args.log_every == 0:
-            flag = torch.tensor(1.0 if self.signals else 0.0, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        else:
-            stop = False
-        if not stop:
+        """True after a stop request that the ranks agree on (Ranks.stop_agreed, at the log steps under torchrun),
+        once save(step) has checkpointed the step."""
+        if not self.ranks.stop_agreed(step, self.args.log_every):
             return False
         save(step)
-        by = self.signals[0] if self.signals else "a signal on another rank"
+        by = self.ranks.signals[0] if self.ranks.signals else "a signal on another rank"
         where = f"{self.ckpt_path} holds this step; continue with --resume"
         self.log(f"step {step} | stopped by {by}: {where}")
         return True
 
-    @contextmanager
     def out_of_memory(self, stage):
-        """Ends the run at a torch.OutOfMemoryError in `stage` (what was running) with one line from the rank that hit it,
-        at once (os._exit: no collective is left waiting in a cleanup); torchrun then stops the other ranks, and
-        ckpt.pt keeps the last checkpoint (no step writes inside)."""
-        try:
-            yield
-        except torch.OutOfMemoryError:
-            a = self.args
-            where = f"rank {self.rank} ran out of memory in {stage}"
-            batch = f"--micro-batch {a.micro_batch} sequences of {a.seq_len} tokens"
-            lower = "lower --micro-batch (--batch-size stays, with more accumulation) or --seq-len"
-            kept = f"{self.ckpt_path} keeps the last checkpoint"
-            print(
-                f"{self.script}: error: {where}, {batch}: {lower}; {kept}",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.stdout.flush()
-            os._exit(1)
+        """A context that ends the run at out of memory in `stage`, with what to lower (Ranks.out_of_memory)."""
+        a = self.args
+        batch = f"--micro-batch {a.micro_batch} sequences of {a.seq_len} tokens"
+        lower = "lower --micro-batch (--batch-size stays, with more accumulation) or --seq-len"
+        return self.ranks.out_of_memory(stage, f"{batch}: {lower}")
 
     def finish(self):
-        """Every rank leaves together, after rank 0's last checkpoint; exit code 130 after a Ctrl-C, as a shell
-        reports one (so that `train && distill` stops there), 0 otherwise."""
-        if self.wandb:
-            self.wandb.finish()
-        if self.ddp:
-            dist.barrier()
-            dist.destroy_process_group()
-        if self.signals and self.signals[0] == "SIGINT":
-            raise SystemExit(130)
+        """Every rank leaves together, after rank 0's last checkpoint (Ranks.finish)."""
+        self.log.finish()
+        self.ranks.finish()
