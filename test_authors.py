@@ -307,6 +307,50 @@ def test_an_export_is_what_the_authors_class_builds_strictly_and_loads_back_to_t
     torch.testing.assert_close(logits_hub(as_theirs), logits_hub(ckpt), rtol=0, atol=0)
 
 
+def export_random_model(folder, vocab_size, n_embd, n_head):
+    """A DiT with random weights everywhere, exported in the authors' layout (export_hf); returns its checkpoint."""
+    from dataclasses import asdict
+
+    from checkpoint import export_hf
+    from model import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    cfg = DiTConfig(vocab_size, 2, n_head, n_embd, cond_dim=24, dropout=0.1, logit_cap=30.0)
+    model = DiT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    state = model.state_dict()
+    data = dict(dir=None, vocab=None, vocab_size=vocab_size, tokenizer="gpt2")
+    ckpt = dict(kind="flm", model=state, ema=state, model_config=asdict(cfg), step=1, data=data)
+    export_hf(dict(ckpt, args=dict(seq_len=16, cond_frac=0.0)), str(folder))
+    return ckpt
+
+
+def test_an_authors_model_whose_config_holds_only_the_vocabulary_size_gets_head_size_64(tmp_path):
+    pytest.importorskip("safetensors", reason="the Hugging Face layout needs safetensors")
+    # width 128: 2 heads of 64, where a head size of 32 would build 4 heads on the same weights
+    ckpt = export_random_model(tmp_path / "bare", 83, 128, 2)
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"vocab_size": 83}))
+    loaded = load_checkpoint(str(tmp_path / "bare"))
+    assert loaded["model_config"]["n_head"] == 2
+    ckpt["model_config"]["time_warp"] = "authors"
+    torch.testing.assert_close(logits_hub(loaded), logits_hub(ckpt), rtol=0, atol=0)
+
+
+def test_the_exported_rotary_buffer_holds_the_frequencies_the_model_rotates_with(tmp_path):
+    pytest.importorskip("safetensors", reason="the Hugging Face layout needs safetensors")
+    from safetensors.torch import load_file
+
+    from model import rotary_cos_sin
+
+    export_random_model(tmp_path / "export", 83, 128, 4)  # head size 32
+    inv_freq = load_file(str(tmp_path / "export" / "model.safetensors"))["rotary_emb.inv_freq"]
+    formula = torch.tensor([10_000.0 ** (-2 * i / 32) for i in range(16)])  # theta_i = base^(-2i/d)
+    torch.testing.assert_close(inv_freq, formula, rtol=1e-6, atol=0)
+    cos, sin = rotary_cos_sin(2, 32, "cpu")  # position 1 turns each pair by its frequency
+    torch.testing.assert_close(sin[1, 0, :16], torch.sin(inv_freq), rtol=1e-6, atol=1e-7)
+
+
 HUB = torch.load(os.path.join(FIXTURES, "expected_hub.pt"), weights_only=True)
 
 

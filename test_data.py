@@ -373,3 +373,18 @@ def test_bad_sources_get_one_line_errors_naming_the_source(tmp_path):
         docs, _ = hf_documents("json", text_field="body", data_files=str(tmp_path / "d.jsonl"))
         with pytest.raises(DataError, match="no text field 'body'"):
             next(docs)
+
+
+def test_a_write_interrupted_by_ctrl_c_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    from common import atomic_write
+
+    path = tmp_path / "meta.json"
+    path.write_text("the old file")
+
+    def interrupted(tmp):  # half of the new file, then Ctrl-C (KeyboardInterrupt, not an Exception)
+        open(tmp, "w").write("half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), interrupted)
+    assert path.read_text() == "the old file" and os.listdir(tmp_path) == ["meta.json"]

@@ -1112,13 +1112,20 @@ def whole_run(data_dir, tmp_path_factory):
     return out / "ckpt.pt"
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def rank_of(pid):
+    """The torchrun rank of a worker process, from its environment."""
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGTERM to rank 1"])
 def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
     data_dir, whole_run, tmp_path, sig
 ):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     # SIGTERM goes to torchrun, which forwards it to its workers (as a scheduler's does); SIGUSR1, which
-    # torchrun does not forward, goes to the workers themselves (as SLURM's --signal sends it to every task)
+    # torchrun does not forward, goes to the workers themselves (as SLURM's --signal sends it to every task);
+    # a SIGTERM to rank 1 alone (kill on one worker, SLURM's --signal without B: on some tasks) must stop both
     job = subprocess.Popen(
         [*launcher, *signal_run(data_dir, tmp_path)],
         cwd=HERE,
@@ -1130,14 +1137,19 @@ def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uni
     log, deadline = tmp_path / "log.txt", time.time() + 600
     while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
         time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+    workers = [int(pid) for pid in workers.stdout.split()]
     if sig == "SIGTERM":
         job.send_signal(signal.SIGTERM)
+    elif sig == "SIGUSR1":
+        for pid in workers:
+            os.kill(pid, signal.SIGUSR1)
     else:
-        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
-        for pid in workers.stdout.split():
-            os.kill(int(pid), signal.SIGUSR1)
+        os.kill(next(pid for pid in workers if rank_of(pid) == 1), signal.SIGTERM)
     out = job.communicate(timeout=600)[0]
-    assert f"stopped by {sig}" in out, out
+    by = "a signal on another rank" if sig == "SIGTERM to rank 1" else sig  # rank 0 prints the line
+    assert f"stopped by {by}" in out, out
+    assert job.returncode == 0 or sig == "SIGTERM", out  # torchrun itself exits 1 on its own SIGTERM
     stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
     assert 5 <= stopped_at < 60, stopped_at
     torchrun(*signal_run(data_dir, tmp_path), "--resume")
