@@ -235,19 +235,13 @@ def _authors_config(path, weights, model_cfg):
         n_head = max(1, D // 64)
         note = f"{path} names no head count; taking the authors' head size 64: {n_head} heads"
         print(f"note: {note}", file=sys.stderr)
-    n_layer = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
-    cond_dim = weights["t_embedder.mlp.0.weight"].shape[0]
-    return DiTConfig(
-        vocab_size=V,
-        n_layer=int(model_cfg.get("n_blocks", n_layer)),
-        n_head=int(n_head),
-        n_embd=D,
-        cond_dim=int(model_cfg.get("cond_dim", cond_dim)),
-        dropout=float(model_cfg.get("dropout", 0.1)),
-        logit_cap=AUTHORS_LOGIT_CAP,
-        two_time="t2_embedder.mlp.0.weight" in weights,
-        time_warp="authors",
-    )
+    n_layer = model_cfg.get("n_blocks", len({k.split(".")[1] for k in weights if "blocks." in k}))
+    cond_dim = model_cfg.get("cond_dim", weights["t_embedder.mlp.0.weight"].shape[0])
+    cfg = DiTConfig(V, int(n_layer), int(n_head), D, int(cond_dim), logit_cap=AUTHORS_LOGIT_CAP)
+    cfg.dropout = float(model_cfg.get("dropout", 0.1))
+    cfg.two_time = "t2_embedder.mlp.0.weight" in weights
+    cfg.time_warp = "authors"
+    return cfg
 
 
 def load_authors_checkpoint(path):

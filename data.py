@@ -615,19 +615,11 @@ def main():
         else:
             out, docs, total, source = documents(args)
             docs = assign_splits(docs, args.val_fraction, args.val_last or 0, total)
-            source.update(shard_size=args.shard_size, compact=args.compact)
-            source.update(tokenizer=args.tokenizer, val_fraction=args.val_fraction)
-            source.update(val_last=args.val_last)
-            meta = prepare(
-                out,
-                docs,
-                source,
-                shard_size=args.shard_size,
-                num_proc=args.num_proc,
-                compact=args.compact,
-                tokenizer=args.tokenizer,
-                total=total,
+            settings = dict(
+                shard_size=args.shard_size, compact=args.compact, tokenizer=args.tokenizer
             )
+            source.update(settings, val_fraction=args.val_fraction, val_last=args.val_last)
+            meta = prepare(out, docs, source, num_proc=args.num_proc, total=total, **settings)
     except DataError as e:
         fail("data.py", e)
     except KeyboardInterrupt:

@@ -23,15 +23,8 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from flow import (
-    OBJECTIVES,
-    Distillation,
-    carry_factor_grad,
-    distill_loss,
-    distill_times,
-    state_factor,
-    views,
-)
+from flow import OBJECTIVES, Distillation, carry_factor_grad, distill_loss, distill_times
+from flow import state_factor, views
 from model import MODEL_PRESETS, DiT, DiTConfig
 from rng import slot_keys, step_generator
 from common import BELOW_1, COUNT, FRACTION, NONNEG, fail, parser_for

@@ -422,22 +422,13 @@ def sampled_rows(run, label, ckpt, model, L, steps, **options):
     args = run.args
     batches = -(-args.num_samples // args.sample_batch)
     rows = []
+    options.update(batch_size=args.sample_batch, seed=args.seed, top_p=args.top_p)
     for T in args.temperature:
         desc = f"{label} {steps} steps T {T:g}"
         with tqdm(desc=desc, total=steps * batches, file=sys.stderr, leave=False) as bar:
             with run.autocast:
-                tokens = generate(
-                    model,
-                    args.num_samples,
-                    L,
-                    steps,
-                    batch_size=args.sample_batch,
-                    seed=args.seed,
-                    progress=bar,
-                    temperature=T,
-                    top_p=args.top_p,
-                    **options,
-                ).cpu()
+                n = args.num_samples
+                tokens = generate(model, n, L, steps, progress=bar, temperature=T, **options).cpu()
         P = args.prompt_len if "cond" in options else 0
         prefixes = decoded(run, ckpt, tokens[:, :P]) if P else None
         texts = decoded(run, ckpt, tokens[:, P:])

@@ -1149,7 +1149,9 @@ def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uni
     out = job.communicate(timeout=600)[0]
     by = "a signal on another rank" if sig == "SIGTERM to rank 1" else sig  # rank 0 prints the line
     assert f"stopped by {by}" in out, out
-    assert job.returncode == 0 or sig == "SIGTERM", out  # torchrun itself exits 1 on its own SIGTERM
+    assert job.returncode == 0 or sig == "SIGTERM", (
+        out
+    )  # torchrun itself exits 1 on its own SIGTERM
     stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
     assert 5 <= stopped_at < 60, stopped_at
     torchrun(*signal_run(data_dir, tmp_path), "--resume")
