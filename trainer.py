@@ -257,11 +257,11 @@ class Run:
             data = Data(path)
         except DataError as e:
             self.fail(e)
-        if self.args.seq_len > data.max_seq_len():
-            longest = (
-                f"{data.max_seq_len()}, the longest window that both splits of {data.dir} hold"
-            )
-            self.fail(f"argument --seq-len: got {self.args.seq_len}, expected at most {longest}")
+        L = self.args.seq_len
+        longest = data.max_seq_len()
+        if L > longest:
+            both = f"the longest window that both splits of {data.dir} hold"
+            self.fail(f"argument --seq-len: got {L}, expected at most {longest}, {both}")
         return data
 
     def given(self, keys):
@@ -318,9 +318,8 @@ class Run:
         if not self.master:
             return
         args = self.args
-        ckpt = dict(
-            stage, step=step, args=vars(args), val_loss=val, model_config=asdict(raw_model.config)
-        )
+        ckpt = dict(stage, step=step, args=vars(args), val_loss=val)
+        ckpt.update(model_config=asdict(raw_model.config))
         ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict())
         ckpt.update(optimizer=optimizer.state_dict())
         try:
