@@ -418,17 +418,16 @@ def distill_targets(net, teacher_denoiser, h, tokens, times, keys, objective, gi
     if n == len(tokens):
         return diagonal
     keys = keys[n:]
-    if (
-        teacher_denoiser is None
-    ):  # self-distillation: the student's own delta_{s,s}, dropout masks of its own
+    if teacher_denoiser is None:
+        # self-distillation: the student's own delta_{s,s}, with dropout masks of its own
         teacher_denoiser = lambda h, tau: denoiser(net, h, tau, tau, plus(keys, 2))
     clamped = {} if given is None else dict(given=given[n:], clean=clean_state(net, tokens[n:]))
     if objective == "semigroup":
         tau_u = (tau_s[n:] + tau_t[n:]) / 2
         off_diagonal = semigroup_target(net, h[n:], tau_s[n:], tau_u, tau_t[n:], keys, **clamped)
     else:
-        target = lagrangian_target if objective == "lagrangian" else eulerian_target
-        target = target(net, teacher_denoiser, h[n:], tau_s[n:], tau_t[n:], keys, **clamped)
+        solved = lagrangian_target if objective == "lagrangian" else eulerian_target
+        target = solved(net, teacher_denoiser, h[n:], tau_s[n:], tau_t[n:], keys, **clamped)
         off_diagonal = onto_simplex(target)
     return torch.cat([diagonal, off_diagonal])
 
