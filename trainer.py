@@ -104,6 +104,7 @@ class Ranks:
                 torch.cuda.set_device(self.device)
         self.master = self.rank == 0
         self.signals = []  # the names of the stop signals caught
+        self.saved_step = None  # the step of the checkpoint in ckpt_path (None: none written or resumed yet)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.on_signal)
 
@@ -147,7 +148,9 @@ class Ranks:
             yield
         except torch.OutOfMemoryError:
             where = f"rank {self.rank} ran out of memory in {stage}"
-            kept = f"{self.ckpt_path} keeps the last checkpoint"
+            kept = f"{self.ckpt_path} keeps the checkpoint of step {self.saved_step}"
+            if self.saved_step is None:
+                kept = f"no checkpoint was written yet ({self.ckpt_path})"
             print(f"{self.script}: error: {where}, {advice}; {kept}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(1)
@@ -249,6 +252,7 @@ class Run:
         raw_model.load_state_dict(ckpt["model"])
         ema_model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        self.ranks.saved_step = ckpt["step"]
         return ckpt
 
     def open_data(self, path):
@@ -316,6 +320,7 @@ class Run:
         raw_model, ema_model = models
         self.check_finite(raw_model, ema_model)
         if not self.master:
+            self.ranks.saved_step = step  # rank 0 writes it, or stops every rank
             return
         args = self.args
         ckpt = dict(stage, step=step, args=vars(args), val_loss=val)
@@ -329,6 +334,7 @@ class Run:
                 atomic_write(kept, lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
         except DataError as e:
             self.fail(f"{e}; the previous checkpoint is kept as it was")
+        self.ranks.saved_step = step
 
     def log_step(self, step, loss_sum, grad_norm, lr, dt, flops_per_token):
         """The line of a logged step: loss (averaged over ranks), lr, grad norm, time, tokens/s, MFU."""
