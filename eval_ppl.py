@@ -291,7 +291,11 @@ def parse_args():
         help="sample files: sample.py --out, JSONL text, plain text",
     )
     a("--num-samples", type=COUNT, default=64, help="samples per (checkpoint, steps)")
-    a("--seq-len", type=COUNT, help="sample length (None: the checkpoint's)")
+    a(
+        "--seq-len",
+        type=COUNT,
+        help="sample length (None: the checkpoint's; --samples alone: the longest)",
+    )
     a("--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows")
     a("--gamma", type=FRACTION, default=0.0, help="also sample the FMLM rows with this --gamma")
     a("--weak", help="autoguidance: a weaker checkpoint of the same FLM run")
@@ -505,6 +509,17 @@ def data_rows(run, data_dir, L, conditional):
     return rows
 
 
+def reference_length(args, rows):
+    """The length of the held-out windows, and why: the checkpoints' samples' (their prompt included), else
+    --seq-len, else the longest sample of the files (whose lengths vary: the first may be a short line)."""
+    if args.ckpt:
+        P = args.prompt_len if rows[0]["prefixes"] is not None else 0
+        return len(rows[0]["tokens"][0]) + P, "the checkpoints' sample length"
+    if args.seq_len:
+        return args.seq_len, "--seq-len"
+    return max(len(t) for r in rows for t in r["tokens"]), "the longest sample; --seq-len to choose"
+
+
 def score(run, rows, reward, reward_V):
     """A result per row: gen PPL with its interval under the evaluator, entropy, self-BLEU, the reward."""
     evaluator = load_evaluator(run.args.evaluator, run.device, run.fail)
@@ -568,8 +583,9 @@ def main():
         conditional |= bool(ckpt["args"].get("cond_frac")) and args.prompt_len is not None
     rows += [read_samples(path, run.fail) for path in args.samples]
     if data_dir:
-        P = args.prompt_len if rows[0]["prefixes"] is not None else 0
-        rows += data_rows(run, data_dir, len(rows[0]["tokens"][0]) + P, conditional)
+        L, why = reference_length(args, rows)
+        print(f"reference windows of {L} tokens from {data_dir} ({why})", file=sys.stderr)
+        rows += data_rows(run, data_dir, L, conditional)
     # score them, then report
     results = score(run, rows, reward, reward_V)
     report(run, results, reward is not None)

