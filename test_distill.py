@@ -534,3 +534,45 @@ def test_given_positions_cannot_move_the_loss_and_every_row_weighs_the_same(loss
         B * free
     )  # the mean over each row's free positions
     torch.testing.assert_close(grad[~given], expected[~given], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["semigroup", "lagrangian", "eulerian", "self-distill"])
+def test_each_pass_of_a_distillation_target_draws_dropout_masks_of_its_own(monkeypatch, objective):
+    """With dropout on, the student's pass and each pass inside its target (the semigroup's two, the forward-mode
+    JVP, self-distillation's delta_{s,s}) read other row keys, hence other masks: a pass that reused the
+    student's keys, or another pass's, would correlate the target's noise with the prediction's."""
+    import rng
+
+    B, V = 8, 64
+    teacher = None if objective == "self-distill" else tiny_model(V=V)
+    student = tiny_model(V=V, seed=1, two_time=True).train()
+    student.config.dropout = 0.1
+    passes = []  # (the keys of a dropout-drawing pass, its rows)
+    forward = DiT.forward
+
+    def recorded(self, h, tau_s, tau_t=None, keys=None, **kwargs):
+        if self.training and self.config.dropout > 0 and keys is not None:
+            passes.append(keys.clone())
+        return forward(self, h, tau_s, tau_t, keys=keys, **kwargs)
+
+    monkeypatch.setattr(DiT, "forward", recorded)
+    tokens = torch.randint(0, V, (B, 16), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    times = distill_times(B, g, diag_frac=0.25, boundary_frac=0.0)
+    objective_name = "lagrangian" if objective == "self-distill" else objective
+    distillation = Distillation(teacher, objective_name, False)
+    loss = distill_loss(student, distillation, tokens, times, slot_keys(0, 0, range(B)))
+    assert torch.isfinite(loss)
+    expected = {"semigroup": 3, "lagrangian": 2, "eulerian": 2, "self-distill": 3}[objective]
+    assert len(passes) == expected, [len(k) for k in passes]  # the student's and its target's
+    n = times[2]
+    rows = [keys[-(B - n) :] for keys in passes]  # every pass covers the off-diagonal rows, last
+    mask = lambda keys: (
+        rng.dropout(torch.ones(B - n, 16, 8), 0.5, keys, rng.stream("dropout", 0)) > 0
+    )
+    for i in range(len(rows)):
+        for j in range(i):
+            assert not set(rows[i].tolist()) & set(rows[j].tolist()), (i, j)  # no row key shared
+            assert (
+                mask(rows[i]) != mask(rows[j])
+            ).double().mean() > 0.3  # independent masks differ in half
