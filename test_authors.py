@@ -412,6 +412,7 @@ def hub_cache(root, repo, files):
         shutil.copyfile(source, snapshot / name)
 
 
+@pytest.mark.processes
 def test_repo_ids_sample_offline_from_a_hub_cache_with_safetensors_or_a_ckpt(tmp_path):
     """A process: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when it is imported."""
     pytest.importorskip(
@@ -492,6 +493,7 @@ def test_the_authors_time_warp_is_their_gauss_hermite_rule():
     )  # the two rules differ where the warp is steep, by about 9e-5 (METHOD.md 3)
 
 
+@pytest.mark.processes
 def test_the_readme_python_example_runs(tmp_path):
     """The README's Python API example, on a tiny exported model in place of the quick start's checkpoint."""
     pytest.importorskip(

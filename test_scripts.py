@@ -70,6 +70,7 @@ def stage_command(stage, data_dir, teacher, out, *extra):
     return ["distill.py", "--teacher", teacher, "--out-dir", out, *TINY_DISTILL, *extra]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("stage", ["train", "distill"])
 def test_sigkill_then_resume_is_bitwise_identical(data_dir, trained, tmp_path, stage):
     cmd = lambda out: stage_command(
@@ -497,6 +498,7 @@ def test_every_bad_flag_and_file_gets_one_line_and_a_nonzero_exit(data_dir, bad_
     assert before == {p: os.path.getmtime(p) for p in before}  # nor touched the checkpoints it read
 
 
+@pytest.mark.processes
 def test_a_bad_flag_ends_the_process_with_exit_code_2_and_one_line():
     """The in-process table above reads SystemExit; this is what a shell sees of it, once per kind of refusal."""
     for args, message in (
@@ -627,6 +629,7 @@ def test_truncated_shard_is_reported_by_the_training_script(data_dir, tmp_path):
 # as users run it at scale: torchrun (2 CPU processes, gloo), world-size invariance, compile, bf16
 
 
+@pytest.mark.processes
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     job = tmp_path / "one_bad_rank.py"
     job.write_text(f"""import sys, torch
@@ -648,6 +651,7 @@ print(f"rank {{run.rank}} went on", flush=True)
     assert "non-finite loss or gradient at step 7" in out
 
 
+@pytest.mark.processes
 def test_ranks_agree_on_a_stop_request_at_the_log_steps_without_a_collective_between(tmp_path):
     job = tmp_path / "agree.py"
     job.write_text(f"""import sys, torch
@@ -675,6 +679,7 @@ run.finish()  # the process group destroyed before exit (else a rank may crash o
     assert "rank 1 stopped after step 4 with 1 collective" in proc.stdout
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("stage", ["train", "distill"])
 def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(
     data_dir, moving_teacher, tmp_path, stage
@@ -722,6 +727,7 @@ PAPER_DISTILL = [*TINY_DISTILL, "--dropout", "0.1", "--train-embed", "--ema", "0
 PAPER_DISTILL += ["--warmup", "1", "--eval-every", "3"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("objective", ["semigroup", "lagrangian", "eulerian", "self-distill"])
 def test_the_papers_distillation_settings_resume_bitwise_and_train_the_same_weights_on_two_ranks(
     data_dir, moving_teacher, tmp_path, objective
@@ -762,6 +768,7 @@ def test_the_papers_distillation_settings_resume_bitwise_and_train_the_same_weig
         assert ranks < 1e-5 and resumed == 0.0
 
 
+@pytest.mark.processes
 def test_out_of_memory_in_a_training_step_ends_in_one_line_and_keeps_the_last_checkpoint(
     data_dir, tmp_path
 ):
@@ -855,6 +862,7 @@ def rank_of(pid):
     return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGTERM to rank 1"])
 def test_a_signal_stops_a_torchrun_job_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(
     data_dir, whole_run, tmp_path, sig
@@ -939,6 +947,7 @@ def test_a_single_process_stops_after_the_step_the_signal_arrived_in_and_resumes
         assert diff == 0.0, (key, diff)
 
 
+@pytest.mark.processes
 def test_ctrl_c_in_a_terminal_exits_130_with_a_checkpoint_and_no_traceback(data_dir, tmp_path):
     """Ctrl-C from outside a process that a terminal started (default SIGINT): the exit code a shell sees."""
     out = tmp_path / "cut"
@@ -976,6 +985,7 @@ def test_ctrl_c_in_a_terminal_exits_130_with_a_checkpoint_and_no_traceback(data_
     assert 5 <= torch.load(out / "ckpt.pt", weights_only=True)["step"] < 400
 
 
+@pytest.mark.processes
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     flags = [*TINY, "--eval-every", "100", "--max-steps", "400", "--ckpt-every", "2"]
@@ -1046,6 +1056,7 @@ def losses(stdout):
     return [float(x) for x in re.findall(r"\| (?:val )?loss (\d+\.\d+)", stdout)]
 
 
+@pytest.mark.processes
 def test_compile_under_torchrun_gives_the_eager_losses_and_weights(data_dir, tmp_path):
     """DDP + torch.compile on 2 ranks against eager on 1 rank with accumulation (the same global batch). Without
     dropout: a cold compile of keyed dropout takes minutes on 2 cores; its masks under compile are pinned
