@@ -23,6 +23,13 @@ def first_line(e):
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
+def to_device(x, device):
+    """A host tensor on the device; from pinned memory without blocking the host on CUDA."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
 def default_device(name=None):
     """--device as given, else cuda when this machine has it, else cpu."""
     return name or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common import DataError, atomic_write, checked, fail, first_line, out_path, parser_for
-from common import write_text
+from common import to_device, write_text
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 GPT2_EOT, GPT2_VOCAB = 50256, 50257
@@ -459,13 +459,6 @@ def prepare(
 
 # -----------------------------------------------------------------------------
 # reading: random windows for training, fixed windows for evaluation
-
-
-def to_device(x, device):
-    """A host tensor on the device; from pinned memory without blocking the host on CUDA."""
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 class Data:

@@ -182,42 +182,46 @@ for step in range(start_step, args.max_steps + 1):
     if step == args.max_steps:
         break
 
-    # the noise factor of the state the student reads, once per step as in train_flm.py (no gradient when E
-    # is frozen)
-    factor = state_factor(views(raw_model, distillation)[1])
-    factor_leaf = None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
+    # the step itself: nothing inside waits on the device (Run.no_wait)
+    with run.no_wait((raw_model, ema_model, teacher), optimizer):
+        # the noise factor of the state the student reads, once per step as in train_flm.py (no gradient when E
+        # is frozen)
+        factor = state_factor(views(raw_model, distillation)[1])
+        factor_leaf = (
+            None if factor is None else factor.detach().requires_grad_(factor.requires_grad)
+        )
 
-    # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
-    # each micro-batch diagonal; slot i's window, noise and dropout come from its key (seed, step, i)
-    g = step_generator(args.seed, step)
-    tau_s, tau_t, n_diag = distill_times(
-        args.batch_size, g, args.diag_frac, args.boundary_frac, block=args.micro_batch
-    )
-    loss_sum = torch.zeros((), device=device)
-    with run.out_of_memory(f"the forward and backward of step {step + 1}"):
-        for micro in range(run.accum):
-            slots = run.slots(micro)
-            keys = slot_keys(args.seed, step, slots)
-            tokens = data.get_batch("train", args.seq_len, keys, device)
-            keys = run.to_device(keys)
-            times = (run.to_device(tau_s[slots]), run.to_device(tau_t[slots]), n_diag)
-            last = micro == run.accum - 1
-            # the gradients' all-reduce on the last micro-step only
-            sync = model.no_sync() if run.ddp and not last else nullcontext()
-            with sync, run.autocast:
-                cond = run.given(keys)
-                loss = distill_loss(model, distillation, tokens, times, keys, cond, factor_leaf)
-            (loss / run.accum).backward()
-            loss_sum += loss.detach()
+        # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
+        # each micro-batch diagonal; slot i's window, noise and dropout come from its key (seed, step, i)
+        g = step_generator(args.seed, step)
+        tau_s, tau_t, n_diag = distill_times(
+            args.batch_size, g, args.diag_frac, args.boundary_frac, block=args.micro_batch
+        )
+        loss_sum = torch.zeros((), device=device)
+        with run.out_of_memory(f"the forward and backward of step {step + 1}"):
+            for micro in range(run.accum):
+                slots = run.slots(micro)
+                keys = slot_keys(args.seed, step, slots)
+                tokens = data.get_batch("train", args.seq_len, keys, device)
+                keys = run.to_device(keys)
+                times = (run.to_device(tau_s[slots]), run.to_device(tau_t[slots]), n_diag)
+                last = micro == run.accum - 1
+                # the gradients' all-reduce on the last micro-step only
+                sync = model.no_sync() if run.ddp and not last else nullcontext()
+                with sync, run.autocast:
+                    cond = run.given(keys)
+                    loss = distill_loss(model, distillation, tokens, times, keys, cond, factor_leaf)
+                (loss / run.accum).backward()
+                loss_sum += loss.detach()
 
-    # the factor's gradient, clip, step, EMA
-    carry_factor_grad(factor, factor_leaf)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    ema_update(ema_model, raw_model, step, args.ema)
-    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
+        # the factor's gradient, clip, step, EMA
+        carry_factor_grad(factor, factor_leaf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(ema_model, raw_model, step, args.ema)
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
 
     # log (the only host syncs of a step)
     if (step + 1) % args.log_every == 0:

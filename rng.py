@@ -63,10 +63,9 @@ def row_key(seed, step, slot):
     return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ (step & _M64)) ^ (slot & _M64)) >> 1
 
 
-def slot_keys(seed, step, slots, device="cpu"):
-    """int64 keys (n,) of the global-batch slots at a step."""
-    keys = [row_key(seed, step, int(s)) for s in slots]
-    return torch.tensor(keys, dtype=torch.int64, device=device)
+def slot_keys(seed, step, slots):
+    """int64 keys (n,) of the global-batch slots at a step, on the host (a step copies them once, to_device)."""
+    return torch.tensor([row_key(seed, step, int(s)) for s in slots], dtype=torch.int64)
 
 
 def step_generator(seed, step):
@@ -76,7 +75,7 @@ def step_generator(seed, step):
 
 def row_uniform(keys, n, raw_stream):
     """U(0, 1) float32 (B, n), 24-bit resolution: entry (b, i) is a function of (keys[b], raw_stream, i) alone."""
-    salt = _hash32(torch.tensor(raw_stream & _M32, device=keys.device))
+    salt = _hash32(raw_stream & _M32)  # a Python int: no tensor made from host data on the device
     row = _hash32(_hash32((keys & _M32) ^ salt) ^ ((keys >> 32) & _M32))  # (B,)
     bits = _hash32(_hash32(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
     return ((bits >> 8).float() + 0.5) * 2.0**-24

@@ -4,6 +4,7 @@ torchrun with 2 processes against 1; compile, bf16; a full disk, out of memory, 
 Most run in this process (conftest.script); a process of its own is started only where the process is what the
 test checks: torchrun and its ranks, a signal sent from outside, SIGKILL, os._exit and an exit code."""
 
+import contextlib
 import errno
 import importlib.util
 import json
@@ -15,9 +16,12 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import HERE, MOVING, TINY, TINY_DISTILL, distill, max_diff, process, script, torchrun
 from conftest import train, weights
@@ -1244,3 +1248,246 @@ def test_bench_measures_both_inputs_and_the_three_samplers():
         and "| FMLM, 1 step | 1 |" in out
         and "static KV cache" in out
     )
+
+
+# -----------------------------------------------------------------------------
+# a step never waits: no operation inside a training step would make a CUDA host wait for the device
+
+
+class TensorSet:
+    """A set of tensors by identity that does not keep them alive (a WeakSet compares tensors with ==)."""
+
+    def __init__(self, tensors=()):
+        self.refs = {}
+        for t in tensors:
+            self.add(t)
+
+    def add(self, t):
+        self.refs[id(t)] = weakref.ref(t)
+
+    def __contains__(self, t):
+        ref = self.refs.get(id(t))
+        return ref is not None and ref() is t
+
+    def __len__(self):
+        return sum(ref() is not None for ref in self.refs.values())
+
+
+class NoWait(TorchFunctionMode):
+    """Fails on every operation that would make a CUDA host wait, on the tensors that live on the compute device.
+
+    On the CPU every tensor is on one device, so the mode tells them apart itself: the device's tensors are the
+    models' parameters, buffers and optimizer state, what a factory makes with device= the compute device, what
+    a copy (Tensor.to) moves there, and every result of an operation that reads one of them (a dispatch mode,
+    _Taint, propagates this). Host-side work on the other tensors (slot indices, keys before their copy, times
+    drawn from a CPU generator) is not a wait. What fails: reading a device tensor on the host (item, tolist,
+    numpy, cpu, bool, int, float), a device tensor made from Python data, a copy onto the device that blocks
+    (not non_blocking, not from pinned memory where the device is CUDA), data-dependent shapes (nonzero, boolean
+    indexing, masked_select) and linear algebra that checks its result on the host."""
+
+    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"}
+    FACTORIES = {
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "arange",
+        "linspace",
+        "rand",
+        "randn",
+        "eye",
+        "zeros_like",
+    }
+    FROM_DATA = {"tensor", "as_tensor"}
+    BLOCKING = {
+        "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::linalg_eigh",
+        "aten::_linalg_eigh", "aten::linalg_cholesky", "aten::_linalg_check_errors", "aten::equal",
+        "aten::is_nonzero", "aten::unique_consecutive", "aten::_unique2", "aten::linalg_inv",
+    }  # fmt: skip
+
+    def __init__(self, device, tensors):
+        super().__init__()
+        self.device = torch.device(device)
+        self.tainted = TensorSet(tensors)
+        self.waits = []
+
+    def is_device(self, x):
+        return isinstance(x, torch.Tensor) and x in self.tainted
+
+    def wait(self, what):
+        self.waits.append(what)
+        raise AssertionError(f"a host wait inside a step: {what}")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS and args and self.is_device(args[0]):
+            self.wait(f"Tensor.{name} of a device tensor")
+        device = kwargs.get("device")
+        on_device = device is not None and torch.device(device) == self.device
+        if name in self.FROM_DATA and on_device:
+            self.wait(f"torch.{name}(Python data, device={device})")
+        out = func(*args, **kwargs)
+        if name == "to" and args and not self.is_device(args[0]) and self.moves(args, kwargs):
+            if not kwargs.get("non_blocking") or (
+                self.device.type == "cuda" and not args[0].is_pinned()
+            ):
+                self.wait("a blocking copy onto the device")
+            self.tainted.add(out)
+        elif name in self.FACTORIES and on_device and isinstance(out, torch.Tensor):
+            self.tainted.add(out)
+        return out
+
+    def moves(self, args, kwargs):
+        target = kwargs.get(
+            "device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)
+        )
+        return target is not None and torch.device(target) == self.device
+
+
+class _Taint(TorchDispatchMode):
+    """Marks every result of an operation that reads a device tensor as a device tensor; fails on the operations
+    whose result the host must wait for (NoWait.BLOCKING), and on boolean indexing, when they read one."""
+
+    def __init__(self, no_wait):
+        super().__init__()
+        self.no_wait = no_wait
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        reads = any(self.no_wait.is_device(x) for x in flat)
+        name = func._schema.name
+        if reads and name in NoWait.BLOCKING:
+            self.no_wait.wait(name)
+        if (
+            reads
+            and name == "aten::index"
+            and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in args[1]
+                if i is not None
+            )
+        ):
+            self.no_wait.wait("boolean indexing of a device tensor")
+        out = func(*args, **kwargs)
+        if reads:
+            for x in torch.utils._pytree.tree_leaves(out):
+                if isinstance(x, torch.Tensor):
+                    self.no_wait.tainted.add(x)
+        return out
+
+
+@contextlib.contextmanager
+def strict_no_wait(run, models, optimizer):
+    """Run.no_wait for the tests: the step inside under NoWait and _Taint."""
+    tensors = [t for m in models if m is not None for t in (*m.parameters(), *m.buffers())]
+    tensors += [
+        v
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    ]
+    tensors += [
+        p.grad for m in models if m is not None for p in m.parameters() if p.grad is not None
+    ]
+    tensors += [run.first_bad]
+    mode = NoWait(run.device, tensors)
+    with mode, _Taint(mode):
+        yield
+    STEPS_CHECKED.append(mode)
+
+
+STEPS_CHECKED = []
+
+
+@pytest.fixture(scope="module")
+def wide_teacher(data_dir, tmp_path_factory):
+    """A tiny FLM over GPT-2's whole vocabulary (V = 50,257 > the joint state's 2 D = 64), so that a student
+    that trains its E draws its noise through the joint factor (flow.joint_noise_factor)."""
+    root = tmp_path_factory.mktemp("wide")
+    corpus = os.path.join(os.path.dirname(data_dir), "corpus.txt")
+    script("data.py", "--text", corpus, "--per-line", "--compact", "off", "--out", root / "data")
+    once = ["--max-steps", "1", "--eval-every", "1", "--eval-windows", "4"]
+    train(root / "data", root / "flm", *once)
+    return root / "flm" / "ckpt.pt"
+
+
+@pytest.mark.parametrize(
+    "stage, flags",
+    [
+        ("train", ["--dropout", "0.1", "--cond-frac", "0.5"]),
+        (
+            "distill",
+            [
+                "--dropout",
+                "0.1",
+                "--train-embed",
+                "--objective",
+                "lagrangian",
+                "--cond-frac",
+                "0.5",
+            ],
+        ),
+        ("distill", ["--dropout", "0.1", "--train-embed", "--objective", "semigroup"]),
+        ("wide distill", ["--dropout", "0.1", "--train-embed", "--objective", "lagrangian"]),
+        ("self-distill", ["--dropout", "0.1", "--objective", "lagrangian"]),
+    ],
+)
+def test_a_step_never_waits_on_the_device(
+    data_dir, trained, request, tmp_path, monkeypatch, stage, flags
+):
+    """One step of each stage under the paper's settings (dropout 0.1, a trained E, the Lagrangian objective,
+    self-distillation), every operation from the step's noise factor to its finite check under NoWait: on CUDA
+    none would block the host. The log steps (their line, the stop agreement) are outside: --log-every 100."""
+    from trainer import Run
+
+    monkeypatch.setattr(
+        Run, "no_wait", lambda run, models, optimizer: strict_no_wait(run, models, optimizer)
+    )
+    steps = ["--max-steps", "2", "--eval-every", "2", "--log-every", "100", "--out-dir", tmp_path]
+    if stage == "train":
+        cmd = ["train_flm.py", "--data", data_dir, *TINY[:-2], *steps, *flags]
+    elif stage == "self-distill":
+        cmd = ["distill.py", "--self-distill", "--data", data_dir, "--model", "tiny"]
+        cmd += ["--seq-len", "16", *TINY_DISTILL[:-2], *steps, *flags]
+    else:
+        teacher = trained / "flm" / "ckpt.pt"
+        if stage == "wide distill":
+            teacher = request.getfixturevalue("wide_teacher")
+        cmd = ["distill.py", "--teacher", teacher, *TINY_DISTILL[:-2], *steps, *flags]
+    STEPS_CHECKED.clear()
+    script(*cmd)
+    assert len(STEPS_CHECKED) == 2 and all(not mode.waits for mode in STEPS_CHECKED)
+    assert all(
+        len(mode.tainted) > 100 for mode in STEPS_CHECKED
+    )  # the mode saw the step's device tensors
+
+
+def test_the_no_wait_mode_catches_each_kind_of_wait():
+    """NoWait itself, on what it must refuse and what it must let through."""
+    model = torch.nn.Linear(4, 4)
+    host = torch.arange(4.0)
+    for wait in (
+        lambda w: w.sum().item(),
+        lambda w: w.tolist(),
+        lambda w: bool(w.sum() > 0),
+        lambda w: w.cpu(),
+        lambda w: w.nonzero(),
+        lambda w: w[w > 0],
+        lambda w: torch.linalg.eigh(w @ w.T),
+        lambda w: torch.tensor([1.0, 2.0], device="cpu"),
+        lambda w: host.to("cpu"),
+        lambda w: torch.zeros(3, device="cpu").item(),
+    ):
+        mode = NoWait("cpu", list(model.parameters()))
+        with pytest.raises(AssertionError, match="a host wait inside a step"):
+            with mode, _Taint(mode):
+                wait(model.weight)
+    mode = NoWait("cpu", list(model.parameters()))
+    with mode, _Taint(mode):
+        host.nonzero(), host.tolist(), host[host > 1], torch.tensor([1, 2])  # the host's own work
+        moved = host.to("cpu", non_blocking=True)
+        torch.linalg.cholesky_ex(model.weight @ model.weight.T + torch.eye(4, device="cpu"))
+        (model(moved) * 2).sum().backward()
+    assert not mode.waits and model.weight.grad in mode.tainted

@@ -121,40 +121,42 @@ for step in range(start_step, args.max_steps + 1):
     if step == args.max_steps:
         break
 
-    # the noise factor of E (METHOD.md 14), once per step: the micro-steps read its detached leaf, whose
-    # gradient goes back through the Gram product once. The product and its backward are 1.8e11 FLOPs at the
-    # paper's shape, some 7% of a 16 x 1,024-token micro-step in full fp32 on an H100: at accumulation 4 (the
-    # paper's OWT preset) this saves 3 of the 4.
-    factor = state_factor(raw_model)
-    factor_leaf = None if factor is None else factor.detach().requires_grad_()
+    # the step itself: nothing inside waits on the device (Run.no_wait)
+    with run.no_wait((raw_model, ema_model), optimizer):
+        # the noise factor of E (METHOD.md 14), once per step: the micro-steps read its detached leaf, whose
+        # gradient goes back through the Gram product once. The product and its backward are 1.8e11 FLOPs at the
+        # paper's shape, some 7% of a 16 x 1,024-token micro-step in full fp32 on an H100: at accumulation 4 (the
+        # paper's OWT preset) this saves 3 of the 4.
+        factor = state_factor(raw_model)
+        factor_leaf = None if factor is None else factor.detach().requires_grad_()
 
-    # micro-steps: the denoiser's cross-entropy at stratified tau (METHOD.md 2); slot i's window, noise and
-    # dropout come from its key (seed, step, i), its tau from the step's one stratified draw
-    taus = stratified_tau(args.batch_size, step_generator(args.seed, step))
-    loss_sum = torch.zeros((), device=device)
-    with run.out_of_memory(f"the forward and backward of step {step + 1}"):
-        for micro in range(run.accum):
-            slots = run.slots(micro)
-            keys = slot_keys(args.seed, step, slots)
-            tokens = data.get_batch("train", args.seq_len, keys, device)
-            keys = run.to_device(keys)
-            tau = run.to_device(taus[slots])
-            last = micro == run.accum - 1
-            # the gradients' all-reduce on the last micro-step only
-            sync = model.no_sync() if run.ddp and not last else nullcontext()
-            with sync, run.autocast:
-                loss = flm_loss(model, tokens, tau, keys, run.given(keys), factor_leaf)
-            (loss / run.accum).backward()
-            loss_sum += loss.detach()
+        # micro-steps: the denoiser's cross-entropy at stratified tau (METHOD.md 2); slot i's window, noise and
+        # dropout come from its key (seed, step, i), its tau from the step's one stratified draw
+        taus = stratified_tau(args.batch_size, step_generator(args.seed, step))
+        loss_sum = torch.zeros((), device=device)
+        with run.out_of_memory(f"the forward and backward of step {step + 1}"):
+            for micro in range(run.accum):
+                slots = run.slots(micro)
+                keys = slot_keys(args.seed, step, slots)
+                tokens = data.get_batch("train", args.seq_len, keys, device)
+                keys = run.to_device(keys)
+                tau = run.to_device(taus[slots])
+                last = micro == run.accum - 1
+                # the gradients' all-reduce on the last micro-step only
+                sync = model.no_sync() if run.ddp and not last else nullcontext()
+                with sync, run.autocast:
+                    loss = flm_loss(model, tokens, tau, keys, run.given(keys), factor_leaf)
+                (loss / run.accum).backward()
+                loss_sum += loss.detach()
 
-    # the factor's gradient, clip, step, EMA
-    carry_factor_grad(factor, factor_leaf)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    ema_update(ema_model, raw_model, step, args.ema)
-    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
+        # the factor's gradient, clip, step, EMA
+        carry_factor_grad(factor, factor_leaf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(ema_model, raw_model, step, args.ema)
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
 
     # log (the only host syncs of a step)
     if (step + 1) % args.log_every == 0:

@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from common import BELOW_1, COUNT, FRACTION, NONNEG, NONNEG_INT, POSITIVE, DataError, atomic_write
-from common import default_device, device_flag, fail, out_path, peak_flops
-from data import Data, to_device
+from common import default_device, device_flag, fail, out_path, peak_flops, to_device
+from data import Data
 from flow import given_mask
 from model import DiTConfig, autocast_for
 
@@ -364,6 +364,21 @@ class Run:
         where = f"{self.ckpt_path} holds this step; continue with --resume"
         self.log(f"step {step} | stopped by {by}: {where}")
         return True
+
+    @contextmanager
+    def no_wait(self, models, optimizer):
+        """The body of a training step, in which nothing makes the host wait for the device (the log steps, after
+        it, hold the one sync): with FLM_SYNC_CHECK=1 on CUDA, any operation that would is an error
+        (torch.cuda.set_sync_debug_mode). The tests run the step under a stricter mode of their own
+        (test_scripts.NoWait), on the CPU; models and optimizer are what lives on the device."""
+        check = self.device.startswith("cuda") and os.environ.get("FLM_SYNC_CHECK") == "1"
+        if check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            if check:
+                torch.cuda.set_sync_debug_mode("default")
 
     def out_of_memory(self, stage):
         """A context that ends the run at out of memory in `stage`, with what to lower (Ranks.out_of_memory)."""
