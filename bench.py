@@ -54,7 +54,7 @@ args = parser.parse_args()
 device = default_device(args.device)
 cuda = device.startswith("cuda")
 autocast, args.dtype = autocast_for(device, args.dtype)
-torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cuda.matmul.fp32_precision = "tf32"  # as trainer.Run sets it
 
 
 def sync():

@@ -107,19 +107,17 @@ def stratified_tau(n, generator):
 
 @contextmanager
 def ieee_fp32():
-    """Matrix products in full IEEE fp32 inside, whatever the global setting (TF32 on CUDA, bf16 in oneDNN).
-    torch 2.9 and newer name it fp32_precision; older ones have only CUDA's allow_tf32."""
-    backends = [torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)]
-    flags = [(b, "fp32_precision", "ieee") for b in backends if hasattr(b, "fp32_precision")]
-    flags = flags or [(torch.backends.cuda.matmul, "allow_tf32", False)]
-    saved = [getattr(obj, name) for obj, name, _ in flags]
-    for obj, name, value in flags:
-        setattr(obj, name, value)
+    """Matrix products in full IEEE fp32 inside, whatever the global setting (TF32 on CUDA, bf16 in oneDNN), by
+    the one API torch 2.13 has for both (fp32_precision: the legacy allow_tf32 must not be mixed with it)."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
     try:
         yield
     finally:
-        for (obj, name, _), value in zip(flags, saved):
-            setattr(obj, name, value)
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
 
 
 def noise_factor(embed):

@@ -98,7 +98,10 @@ def attention(q, k, v, softcap, backend="auto"):
 
 @functools.cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: compiled for the first shapes; a second batch size (validation, a short last batch) compiles
+    # once more with the batch dynamic. Grad mode is guarded, so training and evaluation keep a graph each: a
+    # handful of graphs, under the recompile limit past which an eager flex would materialize the scores.
+    return torch.compile(flex_attention, dynamic=None)
 
 
 # -----------------------------------------------------------------------------

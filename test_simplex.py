@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flow import (
+    ieee_fp32,
     TimeWarp,
     cross_entropy,
     denoiser,
@@ -385,6 +386,34 @@ def test_the_noise_covariance_is_a_full_fp32_product_whatever_the_global_precisi
     torch.testing.assert_close(
         W.double().T @ W.double(), torch.cat([gram, gram], 1).repeat(2, 1), rtol=1e-5, atol=1e-3
     )
+
+
+def test_tf32_is_set_by_one_api_the_one_ieee_fp32_uses(tmp_path, monkeypatch):
+    """trainer.Run turns TF32 on by fp32_precision, the API that ieee_fp32 and Inductor use: torch 2.13 refuses to
+    read its flags once the legacy allow_tf32 was mixed in."""
+    import signal
+    from types import SimpleNamespace
+
+    from trainer import Run
+
+    legacy = []
+    monkeypatch.setattr(torch._C, "_set_cublas_allow_tf32", lambda *a: legacy.append(("cublas", a)))
+    monkeypatch.setattr(torch._C, "_set_cudnn_allow_tf32", lambda *a: legacy.append(("cudnn", a)))
+    before = torch.backends.cuda.matmul.fp32_precision
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    args = SimpleNamespace(
+        device="cpu", out_dir=str(tmp_path), dtype=None, batch_size=2, micro_batch=1
+    )
+    try:
+        Run(SimpleNamespace(**vars(args), wandb=None), "check")
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        with ieee_fp32():
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and not legacy, legacy
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def test_the_loss_is_the_cross_entropy_of_the_capped_logits_over_free_positions():
