@@ -3,7 +3,9 @@ Speed and memory, measured side by side on this machine, printed as tables with 
 - a training step: the projected state (h = x @ E, its noise factor once per step, METHOD.md 14) against the
   authors' dense input x_t (B, L, V), same model and batch; tokens/s, peak memory, MFU on CUDA;
 - sampling: FMLM one step, FLM N Euler steps, and an autoregressive transformer of the same width and depth
-  decoding L tokens with a static KV cache.
+  decoding L tokens with a static KV cache;
+- keyed dropout (rng.dropout) against F.dropout on one activation (B, L, D): time, tensor operations and bytes
+  written per element, beside 2183f63's int64 form.
 
     python bench.py  # D = 128 and the paper's D = 768
     python bench.py --model small --shapes 16x1024 --sample-len 1024 --sample-batch 32 --compile  # a GPU
@@ -16,10 +18,12 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flow import carry_factor_grad, cross_entropy, draw_noise, flm_loss, interpolate, sample
 from flow import state_factor, stratified_tau, time_warp
 from model import MODEL_PRESETS, DiT, DiTConfig, autocast_for, unwrap
+import rng
 from rng import slot_keys
 from common import COUNT, checked, default_device, device_flag, parser_for, peak_flops
 
@@ -40,8 +44,21 @@ a("--model", nargs="+", default=["ptb", "small"], choices=list(MODEL_PRESETS), h
 V_OK = checked(int, lambda v: v >= 2, "an integer >= 2")
 a("--vocab", type=V_OK, default=50258, help="V (50,258: the authors' GPT-2 with a pad token)")
 SHAPE = checked(shape, lambda v: True, "BxL, e.g. 8x256")
+DIMS = checked(
+    lambda t: tuple(int(v) for v in t.lower().split("x")),
+    lambda v: len(v) == 3 and min(v) >= 1,
+    "BxLxD",
+)
 a("--shapes", nargs="+", type=SHAPE, default=[(4, 128), (8, 256)], help="training batches B x L")
 a("--iters", type=COUNT, default=2, help="timed training steps (after one warmup step)")
+ACTS = [(16, 1024, 768), (32, 32, 128)]  # the paper's micro-batch (OWT), the quick start's
+a(
+    "--dropout-shapes",
+    nargs="+",
+    type=DIMS,
+    default=ACTS,
+    help="keyed dropout activations B x L x D",
+)
 a("--sample-batch", type=COUNT, default=8, help="sampling batch B")
 a("--sample-len", type=COUNT, default=128, help="sampling length L")
 a("--flm-steps", type=COUNT, default=64, help="Euler steps of the FLM sampler")
@@ -227,6 +244,48 @@ with autocast:
     t_ar = timed(lambda: ar.generate(B, L, ar_step), repeats=1)
 
 # -----------------------------------------------------------------------------
+# keyed dropout: the same masks as 2183f63's int64 row_uniform (test_simplex), in fewer and narrower passes
+
+
+class Writes(TorchDispatchMode):
+    """Counts the tensor operations run inside and the bytes their outputs take."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.ops += 1
+        self.bytes += sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
+        return out
+
+    def __enter__(self):
+        self.ops, self.bytes = 0, 0
+        return super().__enter__()
+
+
+def dropout_rows(B, L, D, p=0.1):
+    """(variant, seconds, operations, bytes written per element) of each dropout on one (B, L, D) activation."""
+    x = torch.randn(B, L, D, device=device)
+    keys = rng.slot_keys(0, 0, range(B)).to(device)
+    s = rng.stream("dropout", 0)
+    old = lambda x: x.mul(rng.row_uniform(keys, L * D, s).view_as(x) >= p).div_(1 - p)
+    variants = [("F.dropout", lambda x: F.dropout(x, p)), ("keyed, 2183f63 (int64)", old)]
+    variants.append(("keyed (rng.dropout)", lambda x: rng.dropout(x, p, keys, s)))
+    if args.compile:
+        variants.append(("F.dropout, compiled", torch.compile(lambda x: F.dropout(x, p))))
+        variants.append(("keyed, compiled", torch.compile(lambda x: rng.dropout(x, p, keys, s))))
+    rows = []
+    for label, fn in variants:
+        fn(x)  # warmup, compilation
+        with Writes() as w:
+            fn(x)
+        rows.append((label, timed(lambda: fn(x), repeats=3), w.ops, w.bytes / x.numel()))
+    return rows
+
+
+print("keyed dropout ...", file=sys.stderr, flush=True)
+dropouts = {dims: dropout_rows(*dims) for dims in args.dropout_shapes}
+
+# -----------------------------------------------------------------------------
 # report
 
 name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
@@ -270,3 +329,13 @@ n = args.flm_steps
 samplers = [("FMLM, 1 step", 1, t_fmlm), (f"FLM, {n} Euler steps", n, t_flm)]
 for label, passes, t in samplers + [("autoregressive, static KV cache", L, t_ar)]:
     print(f"| {label} | {passes} | {t:.3f} | {t / t_ar:.4f} |")
+print(
+    "\nkeyed dropout, p = 0.1, one activation (a compiled function runs as one kernel: no operations seen):"
+)
+print("| B x L x D | dropout | ms | vs F.dropout | tensor operations | bytes written / element |")
+print("|---|---|---|---|---|---|")
+for (B_, L_, D_), rows in dropouts.items():
+    for label, t, ops, per in rows:
+        print(
+            f"| {B_} x {L_} x {D_} | {label} | {t * 1e3:.1f} | {t / rows[0][1]:.2f}x | {ops} | {per:.0f} |"
+        )

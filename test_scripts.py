@@ -488,6 +488,7 @@ def bad_cases(d, r):
         (["bench.py", "--sample-len", "0"], "argument --sample-len: got 0"),
         (["bench.py", "--flm-steps", "0"], "argument --flm-steps: got 0"),
         (["bench.py", "--device", "tpu"], "argument --device: got tpu"),
+        (["bench.py", "--dropout-shapes", "8x0x4"], "argument --dropout-shapes: got"),
     ]
 
 
@@ -1237,7 +1238,16 @@ def test_a_distilled_student_keeps_its_teachers_time_warp(trained, tmp_path):
 
 def test_bench_measures_both_inputs_and_the_three_samplers():
     shape = ["--model", "tiny", "--vocab", "64", "--shapes", "2x16", "--iters", "1"]
-    sampling = ["--sample-batch", "2", "--sample-len", "16", "--flm-steps", "2"]
+    sampling = [
+        "--sample-batch",
+        "2",
+        "--sample-len",
+        "16",
+        "--flm-steps",
+        "2",
+        "--dropout-shapes",
+        "2x8x16",
+    ]
     out = script("bench.py", *shape, *sampling).stdout
     assert (
         "| tiny | 2 x 16 | explicit | projected |" in out
@@ -1248,6 +1258,8 @@ def test_bench_measures_both_inputs_and_the_three_samplers():
         and "| FMLM, 1 step | 1 |" in out
         and "static KV cache" in out
     )
+    for variant in ("F.dropout", "keyed, 2183f63 (int64)", "keyed (rng.dropout)"):
+        assert f"| 2 x 8 x 16 | {variant} |" in out, variant
 
 
 # -----------------------------------------------------------------------------

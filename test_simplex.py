@@ -516,6 +516,35 @@ def test_row_randomness_depends_on_the_row_key_alone_and_is_standard_normal():
     assert u.min() > 0 and u.max() < 1 and abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / n)
 
 
+def uniform_of_2183f63(keys, n, raw_stream):
+    """row_uniform as 2183f63 wrote it, in int64 throughout: the bits that keyed dropout must keep."""
+    M = 0xFFFFFFFF
+    mul32 = lambda x, c: (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M
+
+    def h(x):
+        x = mul32(x ^ (x >> 16), 0x7FEB352D)
+        x = mul32(x ^ (x >> 15), 0x846CA68B)
+        return x ^ (x >> 16)
+
+    row = h(h((keys & M) ^ h(torch.tensor(raw_stream & M))) ^ ((keys >> 32) & M))
+    bits = h(h(torch.arange(n))[None] ^ row[:, None])
+    return ((bits >> 8).float() + 0.5) * 2.0**-24
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.75, 1e-3, 0.4999999, 0.5000001])
+def test_keyed_dropout_keeps_the_masks_of_2183f63_bit_for_bit(p):
+    import rng
+
+    keys = torch.cat([slot_keys(1337, 3, range(5)), torch.tensor([0, 2**63 - 1])])
+    x = torch.randn(7, 16, 24, generator=torch.Generator().manual_seed(0))
+    for raw in (rng.stream("dropout", 0), rng.stream("dropout", 7), rng.stream("noise", 3)):
+        old = uniform_of_2183f63(keys, 16 * 24, raw).view_as(x)
+        assert torch.equal(rng.row_uniform(keys, 16 * 24, raw).view_as(x), old)
+        assert torch.equal(rng.dropout(x, p, keys, raw), x.mul(old >= p).div_(1 - p)), (p, raw)
+    u = (torch.arange(1 << 24).float() + 0.5) * 2.0**-24  # every 24-bit uniform, in float32
+    assert rng._keep_threshold(p) == int((u < p).sum())  # the first kept k
+
+
 def test_dropout_of_a_row_does_not_depend_on_the_batch_it_is_in():
     model = tiny_model(V=64)
     model.config.dropout = 0.5
