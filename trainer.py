@@ -217,6 +217,7 @@ class Run:
         self.accum = args.batch_size // (args.micro_batch * self.world)
         # the first step with a non-finite loss or gradient, read only when logging (no host sync a step)
         self.first_bad = torch.tensor(-1, device=self.device)
+        self.steps_run = 0  # steps begun in this process (Run.no_wait)
         self.log = Log(args, self.ranks)
 
     def setup(self, model_line):
@@ -369,9 +370,12 @@ class Run:
     def no_wait(self, models, optimizer):
         """The body of a training step, in which nothing makes the host wait for the device (the log steps, after
         it, hold the one sync): with FLM_SYNC_CHECK=1 on CUDA, any operation that would is an error
-        (torch.cuda.set_sync_debug_mode). The tests run the step under a stricter mode of their own
-        (test_scripts.NoWait), on the CPU; models and optimizer are what lives on the device."""
-        check = self.device.startswith("cuda") and os.environ.get("FLM_SYNC_CHECK") == "1"
+        (torch.cuda.set_sync_debug_mode), from the second step on (the first compiles). The tests run the step
+        under a stricter mode of their own (test_scripts.NoWait), on the CPU; models and optimizer are what lives
+        on the device."""
+        self.steps_run += 1
+        check = os.environ.get("FLM_SYNC_CHECK") == "1" and self.steps_run > 1
+        check = check and self.device.startswith("cuda")
         if check:
             torch.cuda.set_sync_debug_mode("error")
         try:
