@@ -98,7 +98,9 @@ def _keep_threshold(p):
     """The least 24-bit k whose uniform ((k + 0.5) * 2^-24, in float32 as row_uniform rounds it) is >= p in
     float32, so that u >= p exactly when k >= it; plain Python arithmetic, which torch.compile folds."""
     m, e = math.frexp(p)
-    P = math.ldexp(round(math.ldexp(m, 24)), e)  # p rounded to float32 (round half to even), times 2^24
+    P = math.ldexp(
+        round(math.ldexp(m, 24)), e
+    )  # p rounded to float32 (round half to even), times 2^24
     k = max(0, math.ceil(P - 0.5))  # below 2^23, k + 0.5 is exact
     if k < 1 << 23:
         return k
@@ -125,6 +127,8 @@ def dropout(x, p, keys, raw_stream):
         torch.bitwise_right_shift(y, shift, out=t)
         y.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1)).mul_(c)
     torch.bitwise_right_shift(y, 16, out=t)
-    y.bitwise_xor_(t.bitwise_and_(0xFFFF)).bitwise_xor_(-(1 << 31))  # the sign flipped: unsigned order
+    y.bitwise_xor_(t.bitwise_and_(0xFFFF)).bitwise_xor_(
+        -(1 << 31)
+    )  # the sign flipped: unsigned order
     keep = y >= (_keep_threshold(p) << 8) - (1 << 31)  # (bits >> 8) >= k, as uint32 bits >= k << 8
     return x.mul(keep.view_as(x)).div_(1 - p)

@@ -754,10 +754,21 @@ def test_autoguidance_eta_one_is_the_model_and_eta_zero_the_weak_model_exactly(d
 
 
 def test_joint_noise_factor_has_the_joint_covariance_even_for_dependent_columns():
-    E = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
-    for joint in (torch.cat([E, E], 1), torch.cat([E, E + 0.1 * torch.randn_like(E)], 1)):
-        W = joint_noise_factor(joint)
-        torch.testing.assert_close(W.T @ W, joint.T @ joint, atol=1e-3, rtol=1e-4)
+    # to float rounding: 1e-12 of E^T E's scale in float64, 1e-5 in float32 (a QR is backward stable)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        E = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        other = E + 0.1 * torch.randn(
+            40, 6, generator=torch.Generator().manual_seed(1), dtype=dtype
+        )
+        for joint in (
+            torch.cat([E, E], 1),
+            torch.cat([E, other], 1),
+            torch.cat([E, 2 * E[:, :3]], 1),
+        ):
+            W = joint_noise_factor(joint)
+            gram = joint.double().T @ joint.double()
+            scale = gram.abs().max().item()
+            torch.testing.assert_close(W.double().T @ W.double(), gram, atol=tol * scale, rtol=0)
     a, b = joint_views(tiny_model(), tiny_model())
     b.net.embed.data.copy_(a.net.embed.data)
     a, b = joint_views(a.net, b.net)
