@@ -6,6 +6,8 @@ import importlib.util
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -371,3 +373,45 @@ def test_a_write_interrupted_by_ctrl_c_leaves_the_old_file_and_no_temporary_file
     with pytest.raises(KeyboardInterrupt):
         atomic_write(str(path), interrupted)
     assert path.read_text() == "the old file" and os.listdir(tmp_path) == ["meta.json"]
+
+
+@pytest.mark.processes
+def test_more_shards_than_open_files_train_and_validate_with_the_batches_of_memory_maps(tmp_path):
+    """A folder of over 1,024 shards, trained on and validated under `ulimit -n 1024` (a process: the limit is
+    its own), and the batches the same as memory maps of the shards give."""
+    import random
+    import resource
+
+    words = "the cat sat on a mat dog ran after new york and san diego is big small red".split()
+    rng = random.Random(0)
+    lines = (" ".join(rng.choice(words) for _ in range(8)) for _ in range(4000))
+    (tmp_path / "c.txt").write_text("\n".join(lines))
+    out = tmp_path / "data"
+    script(
+        "data.py", "--text", tmp_path / "c.txt", "--per-line", "--out", out, "--shard-size", "20"
+    )
+    assert len(list(out.glob("*.bin"))) > 1024
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    flags = ["--model", "tiny", "--seq-len", "16", "--batch-size", "4", "--micro-batch", "4"]
+    flags += ["--eval-windows", "64", "--max-steps", "2", "--eval-every", "2"]
+    proc = subprocess.run(
+        [sys.executable, "train_flm.py", "--data", str(out), *flags, "--out-dir", str(tmp_path / "run")],
+        cwd=HERE, capture_output=True, text=True, timeout=600, preexec_fn=limit,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "step 2 | val loss" in proc.stdout
+    data = Data(str(out))
+    head = 4 * 256  # the shard header's bytes
+    maps = {
+        split: [
+            np.memmap(s.path, dtype=np.uint16, mode="r", offset=head, shape=(len(s),))
+            for s in shards
+        ]
+        for split, shards in data.splits.items()
+    }
+    keys = slot_keys(3, 7, range(6))
+    read = data.get_batch("train", 16, keys), list(data.eval_batches("val", 16, 9, 4))
+    data.splits = maps
+    mapped = data.get_batch("train", 16, keys), list(data.eval_batches("val", 16, 9, 4))
+    assert torch.equal(read[0], mapped[0])
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(read[1], mapped[1]))
