@@ -40,12 +40,21 @@ def default_device(name=None):
 
 
 def atomic_write(path, write):
-    """write(tmp), then rename tmp to path. On any failure (a full disk, Ctrl-C) tmp is removed and the
-    file at path is left as it was; an OSError, or torch.save's RuntimeError, becomes one DataError."""
+    """write(tmp), then rename tmp to path, durably: tmp's data reaches the disk before the rename, and the
+    rename before the return (the folder fsynced), so that a power loss leaves the old file or the new one,
+    never an empty one. On any failure (a full disk, Ctrl-C) tmp is removed and the file at path is left as it
+    was; an OSError, or torch.save's RuntimeError, becomes one DataError."""
     tmp = f"{path}.tmp"
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)

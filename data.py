@@ -171,10 +171,8 @@ def write_shard(path, tokens):
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
 
-    atomic_write(path, write)
+    atomic_write(path, write)  # fsynced there
 
 
 def read_shard(path):
@@ -464,6 +462,10 @@ def prepare(
         if os.path.exists(stale):
             os.remove(stale)
     n_vocab = GPT2_UNK + 1 if unk else vocab_size(tokenizer)
+    if n_vocab > 1 << 16:
+        raise DataError(
+            f"the {tokenizer} vocabulary has {n_vocab:,} ids; shards hold uint16 ids, 65,536 at most"
+        )
     paths, counts, id_counts = _write_shards(
         out_dir, documents, shard_size, num_proc, tokenizer, n_vocab, unk=unk, total=total
     )

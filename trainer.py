@@ -45,7 +45,7 @@ def add_run_args(parser):
     a("--grad-clip", type=NONNEG, default=1.0, help="gradient norm clip (0: off)")
     a("--eval-every", type=COUNT, help="steps between validation and checkpoint")
     a("--eval-windows", type=COUNT, help="validation windows (fixed times and noise)")
-    a("--log-every", type=COUNT, default=10, help="steps between log lines (and stop agreements)")
+    a("--log-every", type=COUNT, default=10, help="steps between log lines")
     a("--keep-every", type=NONNEG_INT, help="also keep ckpt-STEP.pt at these validations (0: no)")
     a("--cond-frac", type=FRACTION, help="share of rows given a prompt or spans (METHOD.md 15)")
     a("--seed", type=int, default=1337, help="every draw of a step derives from (seed, step, slot)")
@@ -97,15 +97,21 @@ class Ranks:
         self.rank, self.world = 0, 1
         self.device = default_device(device)
         if self.ddp:
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            self.device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
-            if self.device.startswith("cuda"):
+            cuda = torch.cuda.is_available()
+            self.device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu"
+            if (
+                cuda
+            ):  # NCCL bound to this rank's GPU from the start, not guessed at the first collective
                 torch.cuda.set_device(self.device)
+            device_id = torch.device(self.device) if cuda else None
+            dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device_id)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            # the stop agreement's own group, on the host: a flag reduced every step without a device sync
+            self.stop_group = dist.new_group(backend="gloo")
         self.master = self.rank == 0
         self.signals = []  # the names of the stop signals caught
         self.saved_step = (
-            None  # the step of the checkpoint in ckpt_path (None: none written or resumed yet)
+            None  # the step of ckpt_path's checkpoint (None: none written or resumed yet)
         )
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.on_signal)
@@ -123,17 +129,15 @@ class Ranks:
             os._exit(130)
         self.signals.append(name)
 
-    def stop_agreed(self, step, every):
-        """Whether every rank stops after `step`: alone, after the step a request arrives in; under torchrun
-        at the steps that are multiples of `every` (the log steps, whose line syncs the host anyway), so that
-        no step waits on a host sync of its own. MAX: a request that reached one rank stops them all."""
+    def stop_agreed(self):
+        """Whether every rank stops after this step: alone, after the step a request arrived in; under torchrun
+        after the same step, once a request reached any rank (MAX over a one-element host tensor on the gloo
+        stop group: no device sync, about a millisecond a step)."""
         if not self.ddp:
             return bool(self.signals)
-        if step % every:
-            return False
-        flag = torch.tensor(1.0 if self.signals else 0.0, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = torch.tensor([1 if self.signals else 0], dtype=torch.uint8)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
+        return bool(flag[0])
 
     def fail(self, message):
         """Stop every rank with one line from rank 0."""
@@ -209,8 +213,7 @@ class Run:
         self.ckpt_path = self.ranks.ckpt_path
         self.autocast, args.dtype = autocast_for(self.device, args.dtype)
         # TF32 for the transformer's fp32 matmuls; the noise's covariance stays full fp32 (flow.ieee_fp32)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
         if args.batch_size % (args.micro_batch * self.world):
             per = f"--micro-batch {args.micro_batch} x world {self.world}"
             self.fail(f"--batch-size {args.batch_size} must be a multiple of {per}")
@@ -356,9 +359,9 @@ class Run:
         self.log(line, step=step, **metrics)
 
     def preempted(self, step, save):
-        """True after a stop request that the ranks agree on (Ranks.stop_agreed, at the log steps under torchrun),
-        once save(step) has checkpointed the step."""
-        if not self.ranks.stop_agreed(step, self.args.log_every):
+        """True after a stop request that the ranks agree on (Ranks.stop_agreed, after every step), once
+        save(step) has checkpointed the step."""
+        if not self.ranks.stop_agreed():
             return False
         save(step)
         by = self.ranks.signals[0] if self.ranks.signals else "a signal on another rank"
