@@ -39,7 +39,7 @@ def load_checkpoint(path, kind=None, logit_cap=None):
     elif not exists:
         raise CheckpointError(f"checkpoint {path} does not exist")
     else:
-        ckpt = _torch_load(path, weights_only=True)
+        ckpt = _torch_load(path, weights_only=True, mmap=True)  # read from disk only where used
     version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
     if version != CKPT_VERSION:
         msg = f"{path} has checkpoint format version {version}; this code reads {CKPT_VERSION}"

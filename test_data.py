@@ -415,3 +415,38 @@ def test_more_shards_than_open_files_train_and_validate_with_the_batches_of_memo
     mapped = data.get_batch("train", 16, keys), list(data.eval_batches("val", 16, 9, 4))
     assert torch.equal(read[0], mapped[0])
     assert all(torch.equal(a[1], b[1]) for a, b in zip(read[1], mapped[1]))
+
+
+def test_a_file_reaches_the_disk_before_its_rename_and_the_rename_before_the_return(
+    tmp_path, monkeypatch
+):
+    """atomic_write: fsync of the temporary file, then the rename, then fsync of the folder (a power loss after
+    the return leaves the new file, and before it the old one, never an empty file)."""
+    from common import atomic_write
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))[1],
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append(("rename", str(a))), replace(a, b))[1]
+    )
+    path = tmp_path / "ckpt.pt"
+    atomic_write(str(path), lambda tmp: torch.save({"step": 1}, tmp))
+    assert events == [
+        ("fsync", f"{path}.tmp"),
+        ("rename", f"{path}.tmp"),
+        ("fsync", str(tmp_path)),
+    ], events
+
+
+def test_a_vocabulary_past_uint16_is_refused_before_any_shard(tmp_path, monkeypatch):
+    import data
+
+    monkeypatch.setattr(data, "vocab_size", lambda tokenizer: 70_000)
+    docs = [("train", "the cat sat"), ("val", "the dog ran")]
+    with pytest.raises(DataError, match="has 70,000 ids; shards hold uint16 ids, 65,536 at most"):
+        prepare(str(tmp_path / "d"), docs, dict(test=1), compact="off")
+    assert not (tmp_path / "d").exists() or os.listdir(tmp_path / "d") == []

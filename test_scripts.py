@@ -1513,3 +1513,35 @@ def test_the_no_wait_mode_catches_each_kind_of_wait():
         torch.linalg.cholesky_ex(model.weight @ model.weight.T + torch.eye(4, device="cpu"))
         (model(moved) * 2).sum().backward()
     assert not mode.waits and model.weight.grad in mode.tainted
+
+
+def test_resume_with_wandb_continues_the_checkpoints_wandb_run(data_dir, tmp_path, monkeypatch):
+    """The W&B run id goes into the checkpoint and back into wandb.init on --resume (a stand-in wandb module
+    records the calls: the real one is optional and offline here)."""
+    import types
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(
+            id=kwargs.get("id") or "run-1", log=lambda *a, **k: None, finish=lambda: None
+        )
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    train(data_dir, tmp_path, "--max-steps", "2", "--eval-every", "2", "--wandb", "flm-test")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["wandb_id"] == "run-1"
+    assert calls[0]["id"] is None
+    train(
+        data_dir,
+        tmp_path,
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--wandb",
+        "flm-test",
+        "--resume",
+    )
+    assert calls[1]["id"] == "run-1" and calls[1]["resume"] == "allow"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["wandb_id"] == "run-1"

@@ -185,7 +185,17 @@ class Log:
                 ranks.fail("--wandb needs the wandb package: pip install wandb")
             name = os.path.basename(os.path.abspath(args.out_dir))
             config = dict(project=args.wandb, name=name, config=vars(args), dir=args.out_dir)
-            self.wandb = wandb.init(**config, resume="allow")
+            self.wandb = wandb.init(**config, id=self.resumed_id(args, ranks), resume="allow")
+
+    @staticmethod
+    def resumed_id(args, ranks):
+        """The W&B run id the checkpoint to resume names (None: a new run); its tensors stay on disk (mmap)."""
+        if not (args.resume and os.path.exists(ranks.ckpt_path)):
+            return None
+        try:
+            return load_checkpoint(ranks.ckpt_path).get("wandb_id")
+        except CheckpointError as e:
+            ranks.fail(e)
 
     def __call__(self, line, **metrics):
         if self.master:
@@ -332,7 +342,7 @@ class Run:
         ckpt = dict(stage, step=step, args=vars(args), val_loss=val)
         ckpt.update(model_config=asdict(raw_model.config))
         ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict())
-        ckpt.update(optimizer=optimizer.state_dict())
+        ckpt.update(optimizer=optimizer.state_dict(), wandb_id=self.log.wandb and self.log.wandb.id)
         try:
             save_checkpoint(self.ckpt_path, ckpt)
             if args.keep_every and step % args.keep_every == 0 and step < args.max_steps:
