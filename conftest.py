@@ -52,6 +52,7 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+    names: dict  # the script's globals when it ended (empty if it stopped before it finished)
 
 
 def script(name, *args, check=True):
@@ -60,11 +61,11 @@ def script(name, *args, check=True):
         sys.argv,
         {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)},
     )
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err, code, names = io.StringIO(), io.StringIO(), 0, {}
     sys.argv = [name, *map(str, args)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(os.path.join(HERE, name), run_name="__main__")
+            names = runpy.run_path(os.path.join(HERE, name), run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
@@ -73,7 +74,7 @@ def script(name, *args, check=True):
         sys.argv = argv
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    result = Result(code, out.getvalue(), err.getvalue())
+    result = Result(code, out.getvalue(), err.getvalue(), names)
     if check and code != 0:
         raise AssertionError(f"{name} {args} exited {code}:\n{result.stdout}\n{result.stderr}")
     return result

@@ -112,6 +112,8 @@ if args.self_distill:
     raw_model = DiT(DiTConfig(vocab_size=data.vocab_size, two_time=True, **shape)).to(device)
 else:
     teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)
+    for heavy in ("model", "ema", "optimizer"):  # the teacher's weights now live in `teacher` alone
+        teacher_ckpt.pop(heavy, None)
     raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
     raw_model.config.dropout = args.dropout  # the deep copy has its own config
     raw_model.add_second_time()

@@ -1237,6 +1237,16 @@ def test_a_checkpoint_holds_what_resume_sampling_and_export_read(trained):
         assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["seq_len"] > 0
 
 
+def test_distillation_keeps_no_teacher_weights_or_optimizer_state_beside_the_teacher(
+    trained, tmp_path
+):
+    """The teacher checkpoint's weights and optimizer state (three times the model's size) are dropped once
+    the teacher is built, and read from disk only where used (memory-mapped), so no rank holds them."""
+    proc = distill(trained / "flm" / "ckpt.pt", tmp_path, "--max-steps", "1", "--eval-every", "1")
+    kept = proc.names["teacher_ckpt"]
+    assert not {"model", "ema", "optimizer"} & set(kept) and kept["step"] == 2, sorted(kept)
+
+
 def test_a_distilled_student_keeps_its_teachers_time_warp(trained, tmp_path):
     teacher = torch.load(trained / "flm" / "ckpt.pt", weights_only=True)
     teacher["model_config"]["time_warp"] = "authors"  # as an authors' model loads (METHOD.md 3)
