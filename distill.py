@@ -24,7 +24,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from flow import OBJECTIVES, Distillation, carry_factor_grad, distill_loss, distill_times
-from flow import state_factor, views
+from flow import eval_times, state_factor, views
 from model import MODEL_PRESETS, DiT, DiTConfig
 from rng import slot_keys, step_generator
 from common import BELOW_1, COUNT, FRACTION, NONNEG, fail, parser_for
@@ -137,14 +137,17 @@ sizes = f"{raw_model.num_params():,} parameters ({trained:,} trained), V = {cfg.
 run.setup(f"student: {sizes}, E {embed}, objective {args.objective}, {source}")
 
 
-def val_loss(net):
-    """The distillation loss on fixed validation windows, times (per evaluated micro-batch) and noise."""
+def val_loss(net, one_step=False):
+    """The distillation loss on fixed validation windows, noise and times (flow.eval_times: the training mix of
+    rows, each window's times its own); one_step: every window at (tau_s, tau_t) = (0, 1), the one-step map."""
 
     def loss_of(net, tokens, slots):
         keys = slot_keys(0, -1, slots)
-        g = torch.Generator().manual_seed(int(slots[0]))
-        tau_s, tau_t, n_diag = distill_times(len(slots), g, args.diag_frac, args.boundary_frac)
-        times = (tau_s.to(device), tau_t.to(device), n_diag)
+        if one_step:
+            times = (torch.zeros(len(slots)), torch.ones(len(slots)), 0)
+        else:
+            times = eval_times(slots, args.eval_windows, args.diag_frac, args.boundary_frac)
+        times = (run.to_device(times[0]), run.to_device(times[1]), times[2])
         return distill_loss(net, distillation, tokens, times, keys, run.given(keys))
 
     return run.evaluate(net, data, loss_of)
@@ -174,8 +177,13 @@ for step in range(start_step, args.max_steps + 1):
     # --ckpt-every step between
     if step % args.eval_every == 0 or step == args.max_steps:
         val, val_ema = val_loss(raw_model), val_loss(ema_model)
-        line = f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}"
-        run.log(line, step=step, val_loss=val, ema_val_loss=val_ema)
+        one, one_ema = val_loss(raw_model, one_step=True), val_loss(ema_model, one_step=True)
+        line = f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f} | one-step val loss {one:.4f}"
+        line += f" | ema one-step val loss {one_ema:.4f}"
+        metrics = dict(
+            val_loss=val, ema_val_loss=val_ema, one_step_val_loss=one, ema_one_step_val_loss=one_ema
+        )
+        run.log(line, step=step, **metrics)
         if step > start_step:
             save(step, val_ema)
         t0 = time.time()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from common import to_device
 from model import unwrap
-from rng import row_normal, row_uniform, slot_keys, stream
+from rng import row_key, row_normal, row_uniform, slot_keys, stream
 
 # -----------------------------------------------------------------------------
 # the time warp (METHOD.md 3)
@@ -330,6 +330,27 @@ def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32, block=None)
     tau_s = torch.where(diag, u, torch.where(boundary, 0.0, tau_off))
     tau_t = torch.where(diag, u, torch.where(boundary, 1.0, tau_off + d))
     return tau_s, tau_t, n_diag
+
+
+def eval_times(slots, n, diag_frac=0.5, boundary_frac=1 / 32):
+    """Validation's fixed tau_s, tau_t of windows `slots` (ascending) of n, and how many of them are diagonal (a
+    prefix): the first round(diag_frac n) windows diagonal, the last round(boundary_frac x the others) at (0, 1),
+    the rest off-diagonal, as distill_times lays out a batch. Each window draws its times from a generator of its
+    own, so they never depend on the micro-batch or rank that holds it."""
+    n_diag = round(n * diag_frac)
+    n_one = round((n - n_diag) * boundary_frac)
+    tau_s, tau_t = torch.empty(len(slots)), torch.empty(len(slots))
+    for j, i in enumerate(slots.tolist()):
+        u, d, tau = torch.rand(3, generator=torch.Generator().manual_seed(row_key(0, -2, i)))
+        s, t = (
+            (u, u)
+            if i < n_diag
+            else (0.0, 1.0)
+            if i >= n - n_one
+            else (tau * (1 - d), tau * (1 - d) + d)
+        )
+        tau_s[j], tau_t[j] = s, t
+    return tau_s, tau_t, int((slots < n_diag).sum())
 
 
 # The Lagrangian and Eulerian characterizations solved for delta_{s,t}, written on given quantities (s < t

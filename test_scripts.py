@@ -715,7 +715,12 @@ def test_two_ranks_and_one_rank_with_accumulation_train_the_same_weights(
     assert "step 3 | val loss" in proc.stdout and "step 6 | val loss" in proc.stdout
     ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["kind"] == ("flm" if stage == "train" else "fmlm")
-    assert "micro 4 x world 1 x accumulation 2" in script(*cmd(tmp_path / "one")).stdout
+    one = script(*cmd(tmp_path / "one")).stdout
+    assert "micro 4 x world 1 x accumulation 2" in one
+    # validation of the same weights (step 0): the same windows, noise and times on 2 ranks as on 1
+    step0 = lambda out: next(line for line in out.splitlines() if line.startswith("step 0 |"))
+    assert step0(proc.stdout) == step0(one), (step0(proc.stdout), step0(one))
+    assert stage == "train" or "one-step val loss" in step0(one)
     script(*cmd(tmp_path / "other", "--seed", "7"))  # another seed, for scale
     (tmp_path / "split").mkdir()
     shutil.copyfile(tmp_path / "two" / "ckpt-3.pt", tmp_path / "split" / "ckpt.pt")
@@ -1555,3 +1560,31 @@ def test_resume_with_wandb_continues_the_checkpoints_wandb_run(data_dir, tmp_pat
     )
     assert calls[1]["id"] == "run-1" and calls[1]["resume"] == "allow"
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["wandb_id"] == "run-1"
+
+
+def test_distillation_validation_reports_the_one_step_loss_the_same_at_any_micro_batch(
+    moving_teacher, tmp_path
+):
+    """The log line's whole validation loss and one-step loss (every window at (0, 1)) come from fixed
+    windows, noise and times, whatever --micro-batch (and world size: the two-rank test), at the paper's
+    boundary share too."""
+    lines = []
+    for micro in ("4", "2", "8"):
+        flags = [
+            "--micro-batch",
+            micro,
+            "--max-steps",
+            "1",
+            "--eval-every",
+            "1",
+            "--boundary-frac",
+            "0.03125",
+        ]
+        proc = distill(moving_teacher, tmp_path / micro, *flags)
+        lines.append(next(line for line in proc.stdout.splitlines() if line.startswith("step 0 |")))
+    assert lines[0] == lines[1] == lines[2], lines
+    whole, one = map(
+        float,
+        re.search(r"val loss (\S+) \| ema .* one-step val loss (\S+) \|", lines[0]).groups(),
+    )
+    assert whole != one and "| ema one-step val loss" in lines[0]
