@@ -73,10 +73,16 @@ def step_generator(seed, step):
     return torch.Generator().manual_seed(row_key(seed, step, -1))
 
 
+def _row(keys, raw_stream):
+    """The 32-bit hash (B,) of each row's key and a raw stream, from which all of a row's draws in that stream
+    come (row_uniform, dropout)."""
+    salt = _hash32(raw_stream & _M32)  # a Python int: no tensor made from host data on the device
+    return _hash32(_hash32((keys & _M32) ^ salt) ^ ((keys >> 32) & _M32))
+
+
 def row_uniform(keys, n, raw_stream):
     """U(0, 1) float32 (B, n), 24-bit resolution: entry (b, i) is a function of (keys[b], raw_stream, i) alone."""
-    salt = _hash32(raw_stream & _M32)  # a Python int: no tensor made from host data on the device
-    row = _hash32(_hash32((keys & _M32) ^ salt) ^ ((keys >> 32) & _M32))  # (B,)
+    row = _row(keys, raw_stream)  # (B,)
     bits = _hash32(_hash32(torch.arange(n, device=keys.device))[None] ^ row[:, None])  # (B, n)
     return ((bits >> 8).float() + 0.5) * 2.0**-24
 
@@ -118,8 +124,7 @@ def dropout(x, p, keys, raw_stream):
         return x
     if keys is None:
         return F.dropout(x, p)
-    salt = _hash32(raw_stream & _M32)
-    row = _hash32(_hash32((keys & _M32) ^ salt) ^ ((keys >> 32) & _M32))  # (B,), as row_uniform's
+    row = _row(keys, raw_stream)  # (B,), as row_uniform's
     col = _hash32(torch.arange(x[0].numel(), device=keys.device))  # (n,)
     y = _as_int32(col)[None] ^ _as_int32(row)[:, None]  # (B, n): the bits before the last hash
     t = torch.empty_like(y)

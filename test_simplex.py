@@ -368,8 +368,10 @@ def test_the_noise_covariance_is_a_full_fp32_product_whatever_the_global_precisi
             return func(*args, **(kwargs or {}))
 
     seen, E = [], torch.randn(300, 16)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")  # TF32 on CUDA, bf16 in the CPU's oneDNN
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [b.fp32_precision for b in backends]
+    for b, reduced in zip(backends, ("tf32", "bf16")):  # TF32 on CUDA, bf16 in the CPU's oneDNN
+        b.fp32_precision = reduced
     try:
         with Matmuls():
             C = noise_factor(E)
@@ -380,7 +382,8 @@ def test_the_noise_covariance_is_a_full_fp32_product_whatever_the_global_precisi
             torch.backends.mkldnn.matmul.fp32_precision == "bf16"
         )  # the global setting is restored
     finally:
-        torch.set_float32_matmul_precision(before)
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
     gram = E.double().T @ E.double()
     torch.testing.assert_close((C.double() @ C.double().T), gram, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(
@@ -935,7 +938,6 @@ def test_the_keyed_draw_follows_the_tempered_nucleus():
 def test_every_random_stream_has_a_range_of_its_own_and_no_two_uses_draw_the_same_uniforms(
     monkeypatch,
 ):
-    import flow
     import rng
 
     ranges = sorted(rng.STREAMS.values())
@@ -947,15 +949,14 @@ def test_every_random_stream_has_a_range_of_its_own_and_no_two_uses_draw_the_sam
         rng.stream("noise", rng.STREAMS["noise"][1])
     # record which function draws each raw stream over every use: noise, dropout, masks, the stochastic sampler,
     # a categorical decode and the factorized control
-    users, row_uniform = {}, rng.row_uniform
+    users, row = {}, rng._row  # every draw of a stream starts from its rows' hash, rng._row
 
-    def recording(keys, n, raw_stream):
+    def recording(keys, raw_stream):
         caller = next(f.function for f in inspect.stack()[1:] if f.filename != rng.__file__)
         users.setdefault(raw_stream, set()).add(caller)
-        return row_uniform(keys, n, raw_stream)
+        return row(keys, raw_stream)
 
-    for module in (rng, flow):
-        monkeypatch.setattr(module, "row_uniform", recording)
+    monkeypatch.setattr(rng, "_row", recording)
     model = tiny_model(V=100)
     model.config.dropout = 0.1
     keys = slot_keys(0, 0, range(4))
