@@ -17,6 +17,7 @@ teacher, the diagonal rows learn the one-hot data and the student's delta_{s,s} 
 
 import argparse
 import copy
+import sys
 import time
 from contextlib import nullcontext
 
@@ -77,7 +78,10 @@ a("--boundary-frac", type=FRACTION, help="share of the other rows at (tau_s, tau
 add_run_args(parser)
 args = parse_with_preset(parser, RUN_PRESETS, "fmlm")
 if args.self_distill:
-    teacher_ckpt, args.teacher = None, None
+    if "--no-train-embed" in sys.argv[1:]:
+        fresh = "--self-distill trains every weight of its fresh model, E included"
+        parser.error(f"argument --no-train-embed: {fresh}; drop the flag")
+    teacher_ckpt, args.teacher, args.train_embed = None, None, True
     model_preset, seq_len, data_dir = SELF_DISTILL[args.preset]
     args.model = args.model or model_preset
     args.seq_len = args.seq_len or seq_len
@@ -132,7 +136,7 @@ trained = sum(p.numel() for p in params)
 source = "self-distillation (no teacher)"
 if teacher is not None:
     source = f"teacher {args.teacher} (step {teacher_ckpt['step']})"
-embed = "trained" if args.train_embed or teacher is None else "frozen"
+embed = "trained" if args.train_embed else "frozen"
 sizes = f"{raw_model.num_params():,} parameters ({trained:,} trained), V = {cfg.vocab_size:,}"
 run.setup(f"student: {sizes}, E {embed}, objective {args.objective}, {source}")
 

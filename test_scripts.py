@@ -380,6 +380,10 @@ def bad_cases(d, r):
         (["distill.py", "--teacher", flm, "--keep-every", "-2"], "argument --keep-every: got -2"),
         (["distill.py", "--teacher", flm, "--decay", "-1"], "argument --decay: got -1.0"),
         (["distill.py", "--teacher", flm, "--ckpt-every", "x"], "argument --ckpt-every: got 'x'"),
+        (
+            ["distill.py", "--self-distill", "--no-train-embed"],
+            "argument --no-train-embed: --self-distill",
+        ),
         (s + ["--prompt", "  "], "argument --prompt: got '  ', expected some text"),
         (
             s + ["--prompt", "the " * 40],
