@@ -18,7 +18,6 @@ teacher, the diagonal rows learn the one-hot data and the student's delta_{s,s} 
 import argparse
 import copy
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -132,6 +131,13 @@ adamw = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=Tr
 optimizer = torch.optim.AdamW(params, **adamw)
 start_step = run.resume("fmlm", raw_model, ema_model, optimizer)["step"] if args.resume else 0
 model = run.wrap(raw_model)
+# per token: the student's forward and backward (6N), the teacher on the diagonal half (N), and the two no-grad
+# passes of the semigroup target on the other half (2N): about 1.5x the FLM's training FLOPs
+flops = 1.5 * raw_model.flops_per_token(args.seq_len)
+stage = dict(kind="fmlm", teacher=args.teacher, objective=args.objective, data=data.describe())
+run.checkpoint_with(
+    (raw_model, ema_model), optimizer, flops, **stage
+)  # data: --data, or the teacher's
 trained = sum(p.numel() for p in params)
 source = "self-distillation (no teacher)"
 if teacher is not None:
@@ -157,20 +163,9 @@ def val_loss(net, one_step=False):
     return run.evaluate(net, data, loss_of)
 
 
-def save(step, val=None):
-    """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    stage = dict(kind="fmlm", teacher=args.teacher, objective=args.objective)
-    stage.update(data=data.describe())  # --data, or the teacher's folder
-    run.save(step, val, (raw_model, ema_model), optimizer, **stage)
-
-
 # -----------------------------------------------------------------------------
 # training loop: lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
 
-# per token: the student's forward and backward (6N), the teacher on the diagonal half (N), and the two no-grad
-# passes of the semigroup target on the other half (2N): about 1.5x the FLM's training FLOPs
-flops_per_token = 1.5 * raw_model.flops_per_token(args.seq_len)
-t0 = time.time()
 for step in range(start_step, args.max_steps + 1):
     # learning rate of this step
     lr = get_lr(step, args)
@@ -187,12 +182,9 @@ for step in range(start_step, args.max_steps + 1):
         metrics = dict(
             val_loss=val, ema_val_loss=val_ema, one_step_val_loss=one, ema_one_step_val_loss=one_ema
         )
-        run.log(line, step=step, **metrics)
-        if step > start_step:
-            save(step, val_ema)
-        t0 = time.time()
+        run.validated(step, start_step, line, **metrics)
     elif args.ckpt_every and step % args.ckpt_every == 0 and step > start_step:
-        save(step)
+        run.save(step)
     if step == args.max_steps:
         break
 
@@ -234,16 +226,10 @@ for step in range(start_step, args.max_steps + 1):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_update(ema_model, raw_model, step, args.ema)
-        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-        run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
 
-    # log (the only host syncs of a step)
-    if (step + 1) % args.log_every == 0:
-        dt, t0 = (time.time() - t0) / args.log_every, time.time()
-        run.log_step(step + 1, loss_sum, grad_norm, lr, dt, flops_per_token)
-
-    # preemption (SIGTERM, SIGUSR1): every rank stops after the same step, and rank 0 checkpoints it
-    if run.preempted(step + 1, save):
+    # the finite check's flag, the log line at the log steps (their one sync), and a stop request (SIGTERM,
+    # SIGUSR1, Ctrl-C) that every rank agrees on after this step, which rank 0 then checkpoints
+    if run.end_step(step + 1, loss_sum, grad_norm, lr):
         break
 
 run.finish()

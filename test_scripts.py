@@ -675,14 +675,15 @@ args.wandb, args.log_every = None, 1000
 run = Run(args, "check")
 calls, all_reduce = [], dist.all_reduce
 def recorded(tensor, *a, group=None, **k):
-    calls.append((tensor.device.type, group is run.ranks.stop_group))
+    calls.append((tensor.device.type, group is run.stop_group))
     return all_reduce(tensor, *a, group=group, **k)
 dist.all_reduce = recorded
 saved = []
+run.save = saved.append  # the checkpoint it would write
 for step in range(1, 13):
     if step == 2 and run.rank == 1:
-        run.ranks.signals.append("SIGTERM")  # a request that reached rank 1 alone, in step 2
-    if run.preempted(step, saved.append):
+        run.signals.append("SIGTERM")  # a request that reached rank 1 alone, in step 2
+    if run.preempted(step):
         break
 host = all(call == ("cpu", True) for call in calls)
 print(f"rank {{run.rank}} stopped after step {{step}} with {{len(calls)}} host all-reduces: {{host}}", flush=True)

@@ -10,7 +10,6 @@ trains on the same global batches whatever the number of ranks and --micro-batch
 
 import copy
 import math
-import time
 from contextlib import nullcontext
 
 import torch
@@ -76,6 +75,8 @@ if args.resume:
     start_step = ckpt["step"]
     del ckpt
 model = run.wrap(raw_model)
+flops = raw_model.flops_per_token(args.seq_len)
+run.checkpoint_with((raw_model, ema_model), optimizer, flops, kind="flm", data=data.describe())
 V, n = cfg.vocab_size, raw_model.num_params()
 run.setup(f"model {args.model}: {n:,} parameters, V = {V:,}, ln V = {math.log(V):.4f}")
 
@@ -91,16 +92,10 @@ def val_loss(net):
     return run.evaluate(net, data, loss_of)
 
 
-def save(step, val=None):
-    """Rank 0 writes the checkpoint of `step` (steps done), once every rank has found the weights finite."""
-    run.save(step, val, (raw_model, ema_model), optimizer, kind="flm", data=data.describe())
-
-
 # -----------------------------------------------------------------------------
 # training loop: lr -> eval and checkpoint -> micro-steps -> clip -> step -> EMA -> log
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
-t0 = time.time()
 for step in range(start_step, args.max_steps + 1):
     # learning rate of this step
     lr = get_lr(step, args)
@@ -112,12 +107,9 @@ for step in range(start_step, args.max_steps + 1):
     if step % args.eval_every == 0 or step == args.max_steps:
         val, val_ema = val_loss(raw_model), val_loss(ema_model)
         line = f"step {step} | val loss {val:.4f} | ema val loss {val_ema:.4f}"
-        run.log(line, step=step, val_loss=val, ema_val_loss=val_ema)
-        if step > start_step:
-            save(step, val_ema)
-        t0 = time.time()
+        run.validated(step, start_step, line, val_loss=val, ema_val_loss=val_ema)
     elif args.ckpt_every and step % args.ckpt_every == 0 and step > start_step:
-        save(step)
+        run.save(step)
     if step == args.max_steps:
         break
 
@@ -155,16 +147,10 @@ for step in range(start_step, args.max_steps + 1):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_update(ema_model, raw_model, step, args.ema)
-        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-        run.first_bad = torch.where((run.first_bad < 0) & bad, step + 1, run.first_bad)
 
-    # log (the only host syncs of a step)
-    if (step + 1) % args.log_every == 0:
-        dt, t0 = (time.time() - t0) / args.log_every, time.time()
-        run.log_step(step + 1, loss_sum, grad_norm, lr, dt, raw_model.flops_per_token(args.seq_len))
-
-    # preemption (SIGTERM, SIGUSR1): every rank stops after the same step, and rank 0 checkpoints it
-    if run.preempted(step + 1, save):
+    # the finite check's flag, the log line at the log steps (their one sync), and a stop request (SIGTERM,
+    # SIGUSR1, Ctrl-C) that every rank agrees on after this step, which rank 0 then checkpoints
+    if run.end_step(step + 1, loss_sum, grad_norm, lr):
         break
 
 run.finish()

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -146,7 +147,7 @@ class Ranks:
         fail(self.script, message)
 
     @contextmanager
-    def out_of_memory(self, stage, advice):
+    def exit_at_out_of_memory(self, stage, advice):
         """Ends the run at a torch.OutOfMemoryError in `stage` (what was running) with one line from the rank
         that hit it, at once (os._exit: no collective is left waiting in a cleanup); torchrun then stops the
         other ranks, and ckpt.pt keeps the last checkpoint (no step writes inside)."""
@@ -210,17 +211,14 @@ class Log:
             self.wandb.finish()
 
 
-class Run:
-    """A training run around its loop: the ranks (Ranks) and the log (Log); autocast and accumulation; the data,
-    evaluation over ranks, the finite check, checkpoints and resume, and the stop after a step."""
+class Run(Ranks):
+    """A training run around its loop: its ranks (Ranks), its log (Log), autocast and accumulation, the data,
+    evaluation over ranks, and the end of every step: the finite check, the log line, the stop agreement and
+    the checkpoint (checkpoint_with names what it holds)."""
 
     def __init__(self, args, script):
+        super().__init__(script, args.device, args.out_dir)
         self.args = args
-        self.ranks = Ranks(script, args.device, args.out_dir)
-        # what the loops read of the ranks
-        self.ddp, self.device, self.fail = self.ranks.ddp, self.ranks.device, self.ranks.fail
-        self.rank, self.world, self.master = self.ranks.rank, self.ranks.world, self.ranks.master
-        self.ckpt_path = self.ranks.ckpt_path
         self.autocast, args.dtype = autocast_for(self.device, args.dtype)
         # TF32 for the transformer's fp32 matmuls; the noise's covariance stays full fp32 (flow.ieee_fp32)
         torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -231,7 +229,8 @@ class Run:
         # the first step with a non-finite loss or gradient, read only when logging (no host sync a step)
         self.first_bad = torch.tensor(-1, device=self.device)
         self.steps_run = 0  # steps begun in this process (Run.no_wait)
-        self.log = Log(args, self.ranks)
+        self.clock = time.time()  # since the last log line or validation
+        self.log = Log(args, self)
 
     def setup(self, model_line):
         """The output folder, and the model line and batch arithmetic, once, on rank 0."""
@@ -268,7 +267,7 @@ class Run:
         raw_model.load_state_dict(ckpt["model"])
         ema_model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        self.ranks.saved_step = ckpt["step"]
+        self.saved_step = ckpt["step"]
         return ckpt
 
     def open_data(self, path):
@@ -329,20 +328,28 @@ class Run:
         if not all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters()):
             self.fail(f"non-finite weights: {self.ckpt_path} keeps the last good checkpoint")
 
-    def save(self, step, val, models, optimizer, **stage):
+    def checkpoint_with(self, models, optimizer, flops_per_token, **stage):
+        """What save writes, named once: models = (raw_model, ema_model), the optimizer and the stage's entries
+        (kind, data, ...); and the stage's FLOPs per token, for the log line's MFU."""
+        self.models, self.optimizer, self.stage = models, optimizer, stage
+        self.flops_per_token = flops_per_token
+
+    def save(self, step, val=None):
         """Rank 0 writes the checkpoint of `step` (steps done), atomically, once every rank has found the models
-        finite: the stage's entries (kind, data, ...), models = (raw_model, ema_model), the optimizer, the flags
-        and the validation loss val; with --keep-every also a copy ckpt-STEP.pt (autoguidance's weak model)."""
-        raw_model, ema_model = models
+        finite: checkpoint_with's entries, the flags and the validation loss val; with --keep-every also a copy
+        ckpt-STEP.pt (autoguidance's weak model)."""
+        raw_model, ema_model = self.models
         self.check_finite(raw_model, ema_model)
         if not self.master:
-            self.ranks.saved_step = step  # rank 0 writes it, or stops every rank
+            self.saved_step = step  # rank 0 writes it, or stops every rank
             return
         args = self.args
-        ckpt = dict(stage, step=step, args=vars(args), val_loss=val)
+        ckpt = dict(self.stage, step=step, args=vars(args), val_loss=val)
         ckpt.update(model_config=asdict(raw_model.config))
         ckpt.update(model=raw_model.state_dict(), ema=ema_model.state_dict())
-        ckpt.update(optimizer=optimizer.state_dict(), wandb_id=self.log.wandb and self.log.wandb.id)
+        ckpt.update(
+            optimizer=self.optimizer.state_dict(), wandb_id=self.log.wandb and self.log.wandb.id
+        )
         try:
             save_checkpoint(self.ckpt_path, ckpt)
             if args.keep_every and step % args.keep_every == 0 and step < args.max_steps:
@@ -350,9 +357,26 @@ class Run:
                 atomic_write(kept, lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
         except DataError as e:
             self.fail(f"{e}; the previous checkpoint is kept as it was")
-        self.ranks.saved_step = step
+        self.saved_step = step
 
-    def log_step(self, step, loss_sum, grad_norm, lr, dt, flops_per_token):
+    def validated(self, step, start_step, line, **metrics):
+        """The validation line of `step`, then its checkpoint (after the start), the EMA's loss recorded in it."""
+        self.log(line, step=step, **metrics)
+        if step > start_step:
+            self.save(step, metrics["ema_val_loss"])
+        self.clock = time.time()
+
+    def end_step(self, step, loss_sum, grad_norm, lr):
+        """The end of step `step` (steps done): the finite check's flag (no host sync), the log line at the log
+        steps (their one sync), and the stop agreement; True when the run stops here, the step checkpointed."""
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
+        if step % self.args.log_every == 0:
+            dt, self.clock = (time.time() - self.clock) / self.args.log_every, time.time()
+            self.log_step(step, loss_sum, grad_norm, lr, dt)
+        return self.preempted(step)
+
+    def log_step(self, step, loss_sum, grad_norm, lr, dt):
         """The line of a logged step: loss (averaged over ranks), lr, grad norm, time, tokens/s, MFU."""
         self.check_finite()
         if self.ddp:
@@ -364,17 +388,17 @@ class Run:
         line += f"{tokens / dt:,.0f} tok/s"
         peak = peak_flops(self.device, self.args.dtype)
         if peak:
-            metrics["mfu"] = flops_per_token * tokens / dt / peak / self.world
+            metrics["mfu"] = self.flops_per_token * tokens / dt / peak / self.world
             line += f" | mfu {metrics['mfu']:.1%}"
         self.log(line, step=step, **metrics)
 
-    def preempted(self, step, save):
-        """True after a stop request that the ranks agree on (Ranks.stop_agreed, after every step), once
-        save(step) has checkpointed the step."""
-        if not self.ranks.stop_agreed():
+    def preempted(self, step):
+        """True after a stop request that the ranks agree on (Ranks.stop_agreed, after every step), once the step
+        is checkpointed."""
+        if not self.stop_agreed():
             return False
-        save(step)
-        by = self.ranks.signals[0] if self.ranks.signals else "a signal on another rank"
+        self.save(step)
+        by = self.signals[0] if self.signals else "a signal on another rank"
         where = f"{self.ckpt_path} holds this step; continue with --resume"
         self.log(f"step {step} | stopped by {by}: {where}")
         return True
@@ -402,9 +426,9 @@ class Run:
         a = self.args
         batch = f"--micro-batch {a.micro_batch} sequences of {a.seq_len} tokens"
         lower = "lower --micro-batch (--batch-size stays, with more accumulation) or --seq-len"
-        return self.ranks.out_of_memory(stage, f"{batch}: {lower}")
+        return self.exit_at_out_of_memory(stage, f"{batch}: {lower}")
 
     def finish(self):
         """Every rank leaves together, after rank 0's last checkpoint (Ranks.finish)."""
         self.log.finish()
-        self.ranks.finish()
+        super().finish()
