@@ -24,7 +24,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from flow import OBJECTIVES, Distillation, carry_factor_grad, distill_loss, distill_times
-from flow import eval_times, state_factor, views
+from flow import Times, eval_times, state_factor, views
 from model import MODEL_PRESETS, DiT, DiTConfig
 from rng import slot_keys, step_generator
 from common import BELOW_1, COUNT, FRACTION, NONNEG, fail, parser_for
@@ -154,11 +154,10 @@ def val_loss(net, one_step=False):
     def loss_of(net, tokens, slots):
         keys = slot_keys(0, -1, slots)
         if one_step:
-            times = (torch.zeros(len(slots)), torch.ones(len(slots)), 0)
+            times = Times(torch.zeros(len(slots)), torch.ones(len(slots)), 0)
         else:
             times = eval_times(slots, args.eval_windows, args.diag_frac, args.boundary_frac)
-        times = (run.to_device(times[0]), run.to_device(times[1]), times[2])
-        return distill_loss(net, distillation, tokens, times, keys, run.given(keys))
+        return distill_loss(net, distillation, tokens, times.on(device), keys, run.given(keys))
 
     return run.evaluate(net, data, loss_of)
 
@@ -200,9 +199,8 @@ for step in range(start_step, args.max_steps + 1):
         # micro-steps: the step's (tau_s, tau_t) draw for the global batch (METHOD.md 6), the first n_diag rows of
         # each micro-batch diagonal; slot i's window, noise and dropout come from its key (seed, step, i)
         g = step_generator(args.seed, step)
-        tau_s, tau_t, n_diag = distill_times(
-            args.batch_size, g, args.diag_frac, args.boundary_frac, block=args.micro_batch
-        )
+        frac = (args.diag_frac, args.boundary_frac)
+        times = distill_times(args.batch_size, g, *frac, block=args.micro_batch)
         loss_sum = torch.zeros((), device=device)
         with run.out_of_memory(f"the forward and backward of step {step + 1}"):
             for micro in range(run.accum):
@@ -210,13 +208,13 @@ for step in range(start_step, args.max_steps + 1):
                 keys = slot_keys(args.seed, step, slots)
                 tokens = data.get_batch("train", args.seq_len, keys, device)
                 keys = run.to_device(keys)
-                times = (run.to_device(tau_s[slots]), run.to_device(tau_t[slots]), n_diag)
                 last = micro == run.accum - 1
                 # the gradients' all-reduce on the last micro-step only
                 sync = model.no_sync() if run.ddp and not last else nullcontext()
+                own = times.rows(slots).on(device)  # this micro-step's rows' times
                 with sync, run.autocast:
                     cond = run.given(keys)
-                    loss = distill_loss(model, distillation, tokens, times, keys, cond, factor_leaf)
+                    loss = distill_loss(model, distillation, tokens, own, keys, cond, factor_leaf)
                 (loss / run.accum).backward()
                 loss_sum += loss.detach()
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from common import to_device
 from model import unwrap
-from rng import row_key, row_normal, row_uniform, slot_keys, stream
+from rng import PASS_KEYS, row_key, row_normal, row_uniform, slot_keys, stream
 
 # -----------------------------------------------------------------------------
 # the time warp (METHOD.md 3)
@@ -295,23 +295,38 @@ def semigroup_weight(s, u, t):
 # the distillation targets (METHOD.md 6)
 
 
-def plus(keys, i):
-    """The keys of a pass with dropout masks of its own (rng): keys + i; None stays None."""
-    return None if keys is None else keys + i
+def plus(keys, name):
+    """The keys of the pass `name` (rng.PASS_KEYS), which draws dropout masks of its own; None stays None."""
+    return None if keys is None else keys + PASS_KEYS[name]
 
 
 @torch.no_grad()
 def semigroup_target(model, h_s, tau_s, tau_u, tau_t, keys=None, given=None, clean=None):
-    """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)) from the model itself; (B, L, V). keys + 1 and
-    keys + 2 give the two passes dropout masks of their own; given positions stay clean."""
+    """g delta_{s,u}(x_s) + (1 - g) delta_{u,t}(X_{s,u}(x_s)) from the model itself; (B, L, V). Its two passes
+    draw dropout masks of their own (plus); given positions stay clean."""
     model = unwrap(model)
     warp = time_warp(model)
     s, u, t = warp.t(tau_s), warp.t(tau_u), warp.t(tau_t)
-    delta_su = denoiser(model, h_s, tau_s, tau_u, plus(keys, 1))
+    delta_su = denoiser(model, h_s, tau_s, tau_u, plus(keys, "s to u"))
     y = clamp_given(flow_map(h_s, model.project(delta_su), s, u), given, clean)
-    delta_ut = denoiser(model, y, tau_u, tau_t, plus(keys, 2))
+    delta_ut = denoiser(model, y, tau_u, tau_t, plus(keys, "u to t"))
     g = semigroup_weight(s, u, t).view(-1, 1, 1)
     return g * delta_su + (1 - g) * delta_ut
+
+
+class Times(NamedTuple):
+    """The times of a distillation batch (METHOD.md 6): tau_s, tau_t (B,), its first n_diag rows diagonal."""
+
+    tau_s: torch.Tensor
+    tau_t: torch.Tensor
+    n_diag: int
+
+    def rows(self, slots):
+        """The times of rows `slots` of a global batch laid out by micro-batches (distill_times's block)."""
+        return Times(self.tau_s[slots], self.tau_t[slots], self.n_diag)
+
+    def on(self, device):
+        return Times(to_device(self.tau_s, device), to_device(self.tau_t, device), self.n_diag)
 
 
 def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32, block=None):
@@ -329,7 +344,7 @@ def distill_times(n, generator, diag_frac=0.5, boundary_frac=1 / 32, block=None)
     tau_off = tau * (1 - d)
     tau_s = torch.where(diag, u, torch.where(boundary, 0.0, tau_off))
     tau_t = torch.where(diag, u, torch.where(boundary, 1.0, tau_off + d))
-    return tau_s, tau_t, n_diag
+    return Times(tau_s, tau_t, n_diag)
 
 
 def eval_times(slots, n, diag_frac=0.5, boundary_frac=1 / 32):
@@ -350,7 +365,7 @@ def eval_times(slots, n, diag_frac=0.5, boundary_frac=1 / 32):
             else (tau * (1 - d), tau * (1 - d) + d)
         )
         tau_s[j], tau_t[j] = s, t
-    return tau_s, tau_t, int((slots < n_diag).sum())
+    return Times(tau_s, tau_t, int((slots < n_diag).sum()))
 
 
 # The Lagrangian and Eulerian characterizations solved for delta_{s,t}, written on given quantities (s < t
@@ -381,13 +396,15 @@ def jvp_denoiser(model, h, tau_s, tau_t, tangent, keys=None):
 def lagrangian_target(
     student, teacher_denoiser, h_s, tau_s, tau_t, keys=None, given=None, clean=None
 ):
-    """The Lagrangian target from the student (stop-gradient; its dropout from keys + 1) and D =
+    """The Lagrangian target from the student (stop-gradient; its forward-mode pass's own dropout) and D =
     teacher_denoiser(h, tau); (B, L, V)."""
     warp = time_warp(student)
     s, t = warp.t(tau_s), warp.t(tau_t)
     zero = torch.zeros_like(tau_s)
     tangent = (torch.zeros_like(h_s), zero, torch.ones_like(tau_s))  # d / d tau_t
-    delta, ddelta_dtau_t = jvp_denoiser(student, h_s, tau_s, tau_t, tangent, plus(keys, 1))
+    delta, ddelta_dtau_t = jvp_denoiser(
+        student, h_s, tau_s, tau_t, tangent, plus(keys, "forward mode")
+    )
     X = clamp_given(flow_map(h_s, unwrap(student).project(delta), s, t), given, clean)
     ddelta_dt = ddelta_dtau_t * warp.dtau_dt(t).view(-1, 1, 1)
     return lagrangian(teacher_denoiser(X, tau_t), ddelta_dt, s, t)
@@ -411,7 +428,7 @@ def eulerian_target(
     dh = unwrap(student).project(D_s) - h_s
     dh = clamp_given(dh, given, torch.zeros_like(dh))
     tangent = (dh, (1 - s) * warp.dtau_dt(s), torch.zeros_like(tau_t))
-    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, tangent, plus(keys, 1))
+    _, directional = jvp_denoiser(student, h_s, tau_s, tau_t, tangent, plus(keys, "forward mode"))
     return eulerian(D_s, directional, s, t)
 
 
@@ -428,31 +445,34 @@ def onto_simplex(v):
 OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
 
 
+def own_teacher(net, keys):
+    """Self-distillation's teacher: the student's own delta_{s,s}, its pass with dropout masks of its own."""
+    return lambda h, tau: denoiser(net, h, tau, tau, plus(keys, "own teacher"))
+
+
 @torch.no_grad()
 def distill_targets(net, teacher_denoiser, h, tokens, times, keys, objective, given):
-    """Soft targets (B, L, V) for times = (tau_s, tau_t, n_diag): on the first n_diag rows teacher_denoiser(h, tau)
-    (the one-hot data when it is None: self-distillation), on the others the objective's. Slices, not masks:
-    the same shapes every step."""
-    tau_s, tau_t, n = times
-    V = net.config.vocab_size
+    """Soft targets (B, L, V) for Times: on the first n_diag rows teacher_denoiser(h, tau) (the one-hot data when
+    it is None: self-distillation), on the others the objective's. Slices, not masks: the same shapes every
+    step."""
+    n = times.n_diag
     if teacher_denoiser is None:
-        diagonal = one_hot(tokens[:n], V)
+        diagonal = one_hot(tokens[:n], net.config.vocab_size)
     else:
-        diagonal = teacher_denoiser(h[:n], tau_s[:n])
+        diagonal = teacher_denoiser(h[:n], times.tau_s[:n])
     if n == len(tokens):
         return diagonal
-    keys = keys[n:]
-    if teacher_denoiser is None:
-        # self-distillation: the student's own delta_{s,s}, with dropout masks of its own
-        teacher_denoiser = lambda h, tau: denoiser(net, h, tau, tau, plus(keys, 2))
-    clamped = {} if given is None else dict(given=given[n:], clean=clean_state(net, tokens[n:]))
+    h, tokens, keys, (tau_s, tau_t, _) = h[n:], tokens[n:], keys[n:], times.rows(slice(n, None))
+    given, clean = (None, None) if given is None else (given[n:], clean_state(net, tokens))
     if objective == "semigroup":
-        tau_u = (tau_s[n:] + tau_t[n:]) / 2
-        off_diagonal = semigroup_target(net, h[n:], tau_s[n:], tau_u, tau_t[n:], keys, **clamped)
+        tau_u = (tau_s + tau_t) / 2
+        off_diagonal = semigroup_target(net, h, tau_s, tau_u, tau_t, keys, given, clean)
     else:
         solved = lagrangian_target if objective == "lagrangian" else eulerian_target
-        target = solved(net, teacher_denoiser, h[n:], tau_s[n:], tau_t[n:], keys, **clamped)
-        off_diagonal = onto_simplex(target)
+        teacher_denoiser = teacher_denoiser or own_teacher(net, keys)
+        off_diagonal = onto_simplex(
+            solved(net, teacher_denoiser, h, tau_s, tau_t, keys, given, clean)
+        )
     return torch.cat([diagonal, off_diagonal])
 
 
@@ -476,10 +496,10 @@ def views(student, distillation):
 
 
 def distill_loss(student, distillation, tokens, times, keys, given=None, factor=None):
-    """The student's soft cross-entropy against distill_targets (METHOD.md 6); times = (tau_s, tau_t, n_diag);
-    given positions clean and left out; factor: the step's state_factor."""
+    """The student's soft cross-entropy against distill_targets (METHOD.md 6) at Times; given positions clean
+    and left out; factor: the step's state_factor."""
     keys = keys.to(tokens.device)
-    tau_s, tau_t = times[:2]
+    tau_s, tau_t = times.tau_s, times.tau_t
     teacher, net = views(student, distillation)
     cols = net.cols if isinstance(net, JointView) else slice(None)
     h = noisy_input(net, tokens, time_warp(net).t(tau_s), keys, given=given, factor=factor)

@@ -31,6 +31,13 @@ STREAMS = {
 }
 
 
+# the passes of a distillation loss that draw dropout masks, each with its rows' keys + its offset here: other
+# rows' keys, which the 63-bit hash makes independent of every real row's. One loss's passes take different
+# offsets (test_distill): the semigroup's (student, s to u, u to t), the Lagrangian's and Eulerian's (student,
+# forward mode, and self-distillation's own teacher); passes that never share a loss may share an offset.
+PASS_KEYS = {"student": 0, "s to u": 1, "u to t": 2, "forward mode": 1, "own teacher": 2}
+
+
 def stream(name, i=0):
     """The raw stream number of entry i of the named stream; an index outside its range is an error."""
     first, count = STREAMS[name]

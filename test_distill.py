@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flow import (
+    Times,
     EULERIAN_T_MAX,
     denoiser,
     Distillation,
@@ -61,7 +62,7 @@ def test_every_distillation_micro_step_has_the_same_shapes():
                 student,
                 Distillation(teacher),
                 tokens,
-                (tau_s[slots], tau_t[slots], n_diag),
+                Times(tau_s[slots], tau_t[slots], n_diag),
                 slot_keys(0, step, range(8)),
             )
     hook.remove()
@@ -525,7 +526,9 @@ def test_given_positions_cannot_move_the_loss_and_every_row_weighs_the_same(loss
         target = torch.nn.functional.one_hot(tokens, V).double()
     else:  # all diagonal rows, self-distillation: the one-hot data is the target
         tau = torch.rand(B)
-        distill_loss(model, Distillation(), tokens, (tau, tau, B), keys, given=given).backward()
+        distill_loss(
+            model, Distillation(), tokens, Times(tau, tau, B), keys, given=given
+        ).backward()
         target = torch.nn.functional.one_hot(tokens, V).double()
     grad = model.shift.grad
     assert (grad[given] == 0).all()  # a given position's logits do not reach the loss
@@ -576,3 +579,17 @@ def test_each_pass_of_a_distillation_target_draws_dropout_masks_of_its_own(monke
             assert (
                 mask(rows[i]) != mask(rows[j])
             ).double().mean() > 0.3  # independent masks differ in half
+
+
+def test_the_passes_of_one_distillation_loss_take_keys_of_their_own():
+    """rng.PASS_KEYS: within each objective's loss, the passes that draw dropout masks add different offsets."""
+    from rng import PASS_KEYS
+
+    losses = {
+        "semigroup": ("student", "s to u", "u to t"),
+        "lagrangian and eulerian": ("student", "forward mode", "own teacher"),
+    }
+    assert set().union(*losses.values()) == set(PASS_KEYS)  # every pass in some loss
+    for objective, passes in losses.items():
+        offsets = [PASS_KEYS[p] for p in passes]
+        assert len(set(offsets)) == len(offsets), (objective, offsets)
