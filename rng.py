@@ -7,8 +7,7 @@ tensor arithmetic that torch.compile fuses.
 The streams are named in one table, STREAMS, each a range of raw stream numbers of its own, so that no two uses
 ever draw the same uniforms (test_simplex.py checks that the ranges are disjoint and that every use stays in its
 own). A pass that needs dropout masks of its own (the two passes of the semigroup target, the forward-mode pass of
-the Lagrangian and Eulerian targets) runs with keys + 1, + 2, ...: other rows' keys, which a 63-bit hash makes
-independent of every real row's.
+the Lagrangian and Eulerian targets) runs with its rows' keys plus its offset in PASS_KEYS.
 """
 
 import math
