@@ -141,10 +141,12 @@ class LayerNorm(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero conditioning (METHOD.md 9)."""
+    """Pre-norm transformer block with adaLN-Zero conditioning (METHOD.md 9); block i draws the dropout masks of
+    its attention and MLP branches from dropout streams 2i and 2i + 1 (rng.STREAMS)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, i):
         super().__init__()
+        self.streams = (stream("dropout", 2 * i), stream("dropout", 2 * i + 1))
         D = cfg.n_embd
         self.n_head, self.softcap = cfg.n_head, cfg.attn_softcap
         self.norm1, self.norm2 = LayerNorm(D), LayerNorm(D)
@@ -156,16 +158,16 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, c, rope, p, keys, raw_stream, backend):  # x (B, L, D), c (B, cond_dim)
+    def forward(self, x, c, rope, p, keys, backend):  # x (B, L, D), c (B, cond_dim); p: dropout
         B, L, D = x.shape
         modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # each (B, 1, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
         q, k, v = qkv.view(B, L, 3, self.n_head, D // self.n_head).unbind(2)  # (B, L, H, d) each
         y = attention(apply_rotary(q, *rope), apply_rotary(k, *rope), v, self.softcap, backend)
-        x = x + gate_msa * dropout(self.attn_out(y.reshape(B, L, D)), p, keys, raw_stream)
+        x = x + gate_msa * dropout(self.attn_out(y.reshape(B, L, D)), p, keys, self.streams[0])
         y = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp * dropout(y, p, keys, raw_stream + 1)
+        return x + gate_mlp * dropout(y, p, keys, self.streams[1])
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +233,7 @@ class DiT(nn.Module):
         nn.init.kaiming_uniform_(self.embed, a=math.sqrt(5))
         self.t_embedder = TimestepEmbedder(cfg.cond_dim)
         self.t2_embedder = TimestepEmbedder(cfg.cond_dim) if cfg.two_time else None
-        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.n_layer)])
         self.final_layer = FinalLayer(cfg)
 
     def add_second_time(self):
@@ -255,8 +257,8 @@ class DiT(nn.Module):
         rope = rotary_cos_sin(h.size(1), self.config.n_embd // self.config.n_head, h.device)
         p = self.config.dropout if self.training else 0.0
         x = h
-        for i, block in enumerate(self.blocks):
-            x = block(x, c, rope, p, keys, stream("dropout", 2 * i), backend)
+        for block in self.blocks:
+            x = block(x, c, rope, p, keys, backend)
         logits = self.final_layer(x, c).float()
         cap = self.config.logit_cap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
