@@ -22,6 +22,7 @@ import os
 import random
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -298,7 +299,7 @@ def parse_args():
     )
     a("--seed", type=int, default=0, help="seed of the samplers' noise and the reference windows")
     a("--gamma", type=FRACTION, default=0.0, help="also sample the FMLM rows with this --gamma")
-    a("--weak", help="autoguidance: a weaker checkpoint of the same FLM run")
+    a("--weak", help="autoguidance: a weaker checkpoint of the same FLM ev")
     a("--eta", type=FINITE, nargs="+", default=[], help="autoguidance weights for --weak")
     a("--guide-steps", type=COUNT, default=64, help="Euler steps of the autoguided rows")
     a("--factorized", action="store_true", help="add each checkpoint's factorized one-step control")
@@ -335,11 +336,19 @@ def parse_args():
 # rows: what is scored
 
 
-def row(label, steps, texts, tokens, T=None, prefixes=None, model_ids=True):
-    """A row of the table: its texts, its tokens for the entropy and self-BLEU (None: none; (B, L) or a list of
-    rows), its prefixes scored as context; model_ids False: the tokens are the texts' GPT-2 ids, not a model's."""
-    fields = dict(label=label, steps=steps, T=T, texts=texts, tokens=tokens, prefixes=prefixes)
-    return dict(fields, model_ids=model_ids)
+@dataclass
+class Row:
+    """A row of the table: its texts; its tokens for the entropy and self-BLEU (None: none; (B, L) or a list of
+    rows); T, its final-decode temperature; its prefixes, scored as context; model_ids False: the tokens are the
+    texts' GPT-2 ids, not a model's."""
+
+    label: str
+    steps: object
+    texts: list
+    tokens: object
+    T: float | None = None
+    prefixes: list | None = None
+    model_ids: bool = True
 
 
 def tokenizer_of(ckpt):
@@ -381,10 +390,10 @@ def read_samples(path, fail):
     texts, ids = [s["text"] for s in samples], [s.get("tokens") for s in samples]
     label = os.path.basename(path)
     if all(isinstance(t, list) for t in ids) and len({len(t) for t in ids}) == 1:
-        return row(label, samples[0].get("steps", "-"), texts, torch.tensor(ids))
+        return Row(label, samples[0].get("steps", "-"), texts, torch.tensor(ids))
     gpt2 = get_tokenizer("gpt2")
     tokens = [torch.tensor(gpt2.encode_ordinary(t) or [GPT2_EOT]) for t in texts]
-    return row(label, "-", texts, tokens, model_ids=False)
+    return Row(label, "-", texts, tokens, model_ids=False)
 
 
 class Evaluation(NamedTuple):
@@ -396,116 +405,116 @@ class Evaluation(NamedTuple):
     fail: Callable
 
 
-def load(run, path):
+def load(ev, path):
     try:
-        ckpt = load_checkpoint(path, logit_cap=run.args.logit_cap)
+        ckpt = load_checkpoint(path, logit_cap=ev.args.logit_cap)
     except CheckpointError as e:
-        run.fail(str(e))
-    return ckpt, model_from_checkpoint(ckpt).to(run.device).eval()
+        ev.fail(str(e))
+    return ckpt, model_from_checkpoint(ckpt).to(ev.device).eval()
 
 
-def held_out(run, data_dir, L):
+def held_out(ev, data_dir, L):
     """The data folder and its first --num-samples held-out windows of L tokens."""
     try:
         data = Data(data_dir)
     except DataError as e:
-        run.fail(str(e))
-    windows = [w for _, w in data.eval_batches("val", L, run.args.num_samples, 256)]
+        ev.fail(str(e))
+    windows = [w for _, w in data.eval_batches("val", L, ev.args.num_samples, 256)]
     return data, torch.cat(windows)
 
 
-def decoded(run, ckpt, tokens):
+def decoded(ev, ckpt, tokens):
     try:
         return [decode(t, ckpt["data"]["vocab"], tokenizer_of(ckpt)) for t in tokens.tolist()]
     except DataError as e:
-        run.fail(str(e))
+        ev.fail(str(e))
 
 
-def sampled_rows(run, label, ckpt, model, L, steps, **options):
+def sampled_rows(ev, label, ckpt, model, L, steps, **options):
     """num_samples sequences at steps, a row at each --temperature; options: generate's."""
-    args = run.args
+    args = ev.args
     batches = -(-args.num_samples // args.sample_batch)
     rows = []
     options.update(batch_size=args.sample_batch, seed=args.seed, top_p=args.top_p)
     for T in args.temperature:
         desc = f"{label} {steps} steps T {T:g}"
         with tqdm(desc=desc, total=steps * batches, file=sys.stderr, leave=False) as bar:
-            with run.autocast:
+            with ev.autocast:
                 n = args.num_samples
                 tokens = generate(model, n, L, steps, progress=bar, temperature=T, **options).cpu()
         P = args.prompt_len if "cond" in options else 0
-        prefixes = decoded(run, ckpt, tokens[:, :P]) if P else None
-        texts = decoded(run, ckpt, tokens[:, P:])
+        prefixes = decoded(ev, ckpt, tokens[:, :P]) if P else None
+        texts = decoded(ev, ckpt, tokens[:, P:])
         texts = [p + t for p, t in zip(prefixes, texts)] if P else texts
-        rows.append(row(label, steps, texts, tokens[:, P:], T, prefixes))
+        rows.append(Row(label, steps, texts, tokens[:, P:], T, prefixes))
     return rows
 
 
-def checkpoint_rows(run, ckpt, model, step_list, weak, reward):
+def checkpoint_rows(ev, ckpt, model, step_list, weak, reward):
     """The rows of one checkpoint: each step count, with each reward scale and gamma, autoguidance with the
     weak model, the factorized control, and continuations of held-out prompts (a conditional model)."""
-    args, name = run.args, name_of(ckpt)
+    args, name = ev.args, name_of(ckpt)
     L = args.seq_len or ckpt["args"]["seq_len"]
     rows = []
     for steps in step_list:
-        rows += sampled_rows(run, name, ckpt, model, L, steps)
+        rows += sampled_rows(ev, name, ckpt, model, L, steps)
         for scale in args.reward_scales if reward is not None else []:
             if scale != 0:  # scale 0 is the plain row
                 guide = RewardGuide(reward, scale, args.reward_form, args.reward_iters)
                 label = f"{name}, {args.reward_form} reward x {scale:g}"
-                rows += sampled_rows(run, label, ckpt, model, L, steps, reward=guide)
+                rows += sampled_rows(ev, label, ckpt, model, L, steps, reward=guide)
         if args.gamma > 0 and ckpt["kind"] == "fmlm" and steps > 1:  # one step: no change
             label = f"{name}, gamma {args.gamma:g}"
-            rows += sampled_rows(run, label, ckpt, model, L, steps, gamma=args.gamma)
+            rows += sampled_rows(ev, label, ckpt, model, L, steps, gamma=args.gamma)
     for eta in args.eta if weak is not None and ckpt["kind"] == "flm" else []:
         label = f"{name}, autoguidance eta {eta:g}"
-        rows += sampled_rows(run, label, ckpt, model, L, args.guide_steps, guide=(weak, eta))
+        rows += sampled_rows(ev, label, ckpt, model, L, args.guide_steps, guide=(weak, eta))
     if args.factorized:
-        with run.autocast:
+        with ev.autocast:
             tokens = factorized_sample(model, args.num_samples, L, args.sample_batch, args.seed)
         label = f"{name}, factorized (independent positions)"
-        rows.append(row(label, 1, decoded(run, ckpt, tokens.cpu()), tokens.cpu()))
+        rows.append(Row(label, 1, decoded(ev, ckpt, tokens.cpu()), tokens.cpu()))
     if ckpt["args"].get("cond_frac") and args.prompt_len is not None:
-        rows += prompted_rows(run, ckpt, model, step_list, L)
+        rows += prompted_rows(ev, ckpt, model, step_list, L)
     return rows
 
 
-def prompted_rows(run, ckpt, model, step_list, L):
+def prompted_rows(ev, ckpt, model, step_list, L):
     """A conditional model continuing --prompt-len held-out tokens, at --prompt-steps."""
-    args = run.args
+    args = ev.args
     if args.prompt_len >= L:
-        run.fail(f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
+        ev.fail(f"argument --prompt-len: got {args.prompt_len}, expected less than {L}")
     data_dir = args.data or ckpt["data"]["dir"]
-    prompts = held_out(run, data_dir, L)[1].to(run.device)
+    prompts = held_out(ev, data_dir, L)[1].to(ev.device)
     if len(prompts) < args.num_samples:
         held = f"{data_dir} holds {len(prompts)} held-out windows of {L} tokens"
-        run.fail(f"{held}, fewer than --num-samples {args.num_samples} prompts")
-    given = (torch.arange(L, device=run.device) < args.prompt_len).expand(len(prompts), L)
+        ev.fail(f"{held}, fewer than --num-samples {args.num_samples} prompts")
+    given = (torch.arange(L, device=ev.device) < args.prompt_len).expand(len(prompts), L)
     label = f"{name_of(ckpt)}, continuing {args.prompt_len} held-out tokens"
     rows = []
     for steps in step_list:
         if args.prompt_steps is None or steps in args.prompt_steps:
-            rows += sampled_rows(run, label, ckpt, model, L, steps, cond=(given, prompts))
+            rows += sampled_rows(ev, label, ckpt, model, L, steps, cond=(given, prompts))
     return rows
 
 
-def data_rows(run, data_dir, L, conditional):
+def data_rows(ev, data_dir, L, conditional):
     """The references: held-out data, the same with its words shuffled, and (conditional) the data's own
     continuations of the prompts."""
-    data, windows = held_out(run, data_dir, L)
+    data, windows = held_out(ev, data_dir, L)
     texts = [data.decode(w) for w in windows.tolist()]
-    rng = random.Random(run.args.seed)
+    rng = random.Random(ev.args.seed)
     shuffled = [" ".join(rng.sample(t.split(" "), len(t.split(" ")))) for t in texts]
     rows = [
-        row("data (held out)", "-", texts, windows),
-        row("data, words shuffled", "-", shuffled, None),
+        Row("data (held out)", "-", texts, windows),
+        Row("data, words shuffled", "-", shuffled, None),
     ]
     if conditional:
-        P = run.args.prompt_len
+        P = ev.args.prompt_len
         prefixes = [data.decode(w[:P]) for w in windows.tolist()]
         texts = [p + data.decode(w[P:]) for p, w in zip(prefixes, windows.tolist())]
         label = f"data, continuing {P} held-out tokens"
-        rows.append(row(label, "-", texts, windows[:, P:], prefixes=prefixes))
+        rows.append(Row(label, "-", texts, windows[:, P:], prefixes=prefixes))
     return rows
 
 
@@ -513,29 +522,29 @@ def reference_length(args, rows):
     """The length of the held-out windows, and why: the checkpoints' samples' (their prompt included), else
     --seq-len, else the longest sample of the files (whose lengths vary: the first may be a short line)."""
     if args.ckpt:
-        P = args.prompt_len if rows[0]["prefixes"] is not None else 0
-        return len(rows[0]["tokens"][0]) + P, "the checkpoints' sample length"
+        P = args.prompt_len if rows[0].prefixes is not None else 0
+        return len(rows[0].tokens[0]) + P, "the checkpoints' sample length"
     if args.seq_len:
         return args.seq_len, "--seq-len"
-    return max(len(t) for r in rows for t in r["tokens"]), "the longest sample; --seq-len to choose"
+    return max(len(t) for r in rows for t in r.tokens), "the longest sample; --seq-len to choose"
 
 
-def score(run, rows, reward, reward_V):
+def score(ev, rows, reward, reward_V):
     """A result per row: gen PPL with its interval under the evaluator, entropy, self-BLEU, the reward."""
-    evaluator = load_evaluator(run.args.evaluator, run.device, run.fail)
+    evaluator = load_evaluator(ev.args.evaluator, ev.device, ev.fail)
     results = []
     nan = float("nan")
     for r in rows:
-        desc = f"scoring {r['label']} {r['steps']}"
-        nll, count = sample_nll(evaluator, r["texts"], r["prefixes"], run.args.batch_size, desc)
+        desc = f"scoring {r.label} {r.steps}"
+        nll, count = sample_nll(evaluator, r.texts, r.prefixes, ev.args.batch_size, desc)
         ppl, lo, hi = ppl_with_interval(nll, count)
-        tokens = r["tokens"]
+        tokens = r.tokens
         hard = None
-        if reward is not None and tokens is not None and r["model_ids"]:
-            values = reward_of_tokens(reward, tokens, reward_V, run.device).double()
+        if reward is not None and tokens is not None and r.model_ids:
+            values = reward_of_tokens(reward, tokens, reward_V, ev.device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))
-        result = dict(model=r["label"], steps=r["steps"], T=r["T"], gen_ppl=ppl, lo=lo, hi=hi)
-        result.update(entropy=nan, self_bleu=nan, reward=hard, samples=len(r["texts"]))
+        result = dict(model=r.label, steps=r.steps, T=r.T, gen_ppl=ppl, lo=lo, hi=hi)
+        result.update(entropy=nan, self_bleu=nan, reward=hard, samples=len(r.texts))
         if tokens is not None:
             ids = [t.tolist() for t in tokens]
             result.update(entropy=unigram_entropy(tokens), self_bleu=self_bleu(ids))
@@ -543,9 +552,9 @@ def score(run, rows, reward, reward_V):
     return results
 
 
-def report(run, results, with_reward):
+def report(ev, results, with_reward):
     """Print the table (and the frontier at the data's entropy); write --markdown and --plot."""
-    args = run.args
+    args = ev.args
     lines = markdown_table(results, args.evaluator, with_reward)
     data_row = next((r for r in results if r["model"] == "data (held out)"), None)
     if len(args.temperature) > 1 and data_row is not None:
@@ -558,37 +567,37 @@ def report(run, results, with_reward):
         if args.plot:
             plot(results, args.plot, args)
     except DataError as e:
-        run.fail(str(e))
+        ev.fail(str(e))
 
 
 def main():
     parser, args = parse_args()
     device = default_device(args.device)
-    run = Evaluation(args, device, autocast_for(device, args.dtype)[0], parser.error)
+    ev = Evaluation(args, device, autocast_for(device, args.dtype)[0], parser.error)
     # build the rows: every checkpoint's, the sample files', the data's
     rows, data_dir, conditional = [], args.data, False
     reward, reward_V = None, None
-    weak = load(run, args.weak)[1] if args.weak else None
+    weak = load(ev, args.weak)[1] if args.weak else None
     for path, step_list in zip(args.ckpt, args.steps):
-        ckpt, model = load(run, path)
+        ckpt, model = load(ev, path)
         data_dir = data_dir or ckpt["data"]["dir"]
         if args.reward is not None and reward is None:
             vocab, tokenizer = ckpt["data"]["vocab"], tokenizer_of(ckpt)
             try:
                 reward = make_reward(args.reward, vocab, tokenizer, args.reward_label, device)
             except (RewardError, DataError) as e:
-                run.fail(f"argument --reward: {e}")
+                ev.fail(f"argument --reward: {e}")
             reward_V = ckpt["model_config"]["vocab_size"]  # the checkpoints share a vocabulary
-        rows += checkpoint_rows(run, ckpt, model, step_list, weak, reward)
+        rows += checkpoint_rows(ev, ckpt, model, step_list, weak, reward)
         conditional |= bool(ckpt["args"].get("cond_frac")) and args.prompt_len is not None
-    rows += [read_samples(path, run.fail) for path in args.samples]
+    rows += [read_samples(path, ev.fail) for path in args.samples]
     if data_dir:
         L, why = reference_length(args, rows)
         print(f"reference windows of {L} tokens from {data_dir} ({why})", file=sys.stderr)
-        rows += data_rows(run, data_dir, L, conditional)
+        rows += data_rows(ev, data_dir, L, conditional)
     # score them, then report
-    results = score(run, rows, reward, reward_V)
-    report(run, results, reward is not None)
+    results = score(ev, rows, reward, reward_V)
+    report(ev, results, reward is not None)
 
 
 if __name__ == "__main__":
