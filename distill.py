@@ -108,20 +108,28 @@ if teacher_ckpt:
     if not same or data.vocab_size > teacher_ckpt["model_config"]["vocab_size"]:
         run.fail(f"{data.dir} has another vocabulary than the teacher {args.teacher} learned")
 args.data = data.dir
-torch.manual_seed(args.seed)
-if args.self_distill:
-    teacher = None
-    shape = dict(MODEL_PRESETS[args.model], dropout=args.dropout)
-    raw_model = DiT(DiTConfig(vocab_size=data.vocab_size, two_time=True, **shape)).to(device)
-else:
+
+
+def student(args, data, teacher_ckpt):
+    """The frozen teacher (None under --self-distill) and the student the flags ask for: the teacher's DiT plus a
+    zero-initialized second time embedder (so that it starts as delta_{s,t} = D_s), or a fresh two-time DiT;
+    with --dropout, and its E frozen (teacher and student read h = x_s @ E) or trained (a joint state, flow.views;
+    a fresh model trains every weight)."""
+    torch.manual_seed(args.seed)
+    if teacher_ckpt is None:
+        shape = dict(MODEL_PRESETS[args.model], dropout=args.dropout)
+        return None, DiT(DiTConfig(vocab_size=data.vocab_size, two_time=True, **shape)).to(device)
     teacher = model_from_checkpoint(teacher_ckpt).to(device).eval().requires_grad_(False)
     for heavy in ("model", "ema", "optimizer"):  # the teacher's weights now live in `teacher` alone
         teacher_ckpt.pop(heavy, None)
-    raw_model = copy.deepcopy(teacher).train().requires_grad_(True)
-    raw_model.config.dropout = args.dropout  # the deep copy has its own config
-    raw_model.add_second_time()
-    # frozen, teacher and student read the same h = x_s @ E; trained, a joint state (flow.views)
-    raw_model.embed.requires_grad_(args.train_embed)
+    net = copy.deepcopy(teacher).train().requires_grad_(True)
+    net.config.dropout = args.dropout  # the deep copy has its own config
+    net.add_second_time()
+    net.embed.requires_grad_(args.train_embed)
+    return teacher, net
+
+
+teacher, raw_model = student(args, data, teacher_ckpt)
 distillation = Distillation(teacher, args.objective, args.train_embed)
 cfg = raw_model.config
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
