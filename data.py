@@ -30,7 +30,7 @@ from multiprocessing import Pool
 import numpy as np
 import torch
 
-from common import DataError, atomic_write, checked, fail, first_line, out_path, parser_for
+from common import COUNT, DataError, atomic_write, checked, fail, first_line, out_path, parser_for
 from common import to_device, write_text
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
@@ -592,14 +592,13 @@ def parse_args():
     a("--hf-split", default="train", help="--hf: the split to read as training data")
     a("--hf-revision", help="--hf: a revision (e.g. refs/convert/parquet)")
     a("--val-split", help="--hf: a split of the source to use as val (lm1b: test)")
-    positive = checked(int, lambda v: v >= 1, "an integer >= 1")
-    a("--val-last", type=positive, help="the last N documents are val")
+    a("--val-last", type=COUNT, help="the last N documents are val")
     fraction = checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
     a("--val-fraction", type=fraction, default=0.01, help="else: share of documents held out")
     a("--per-line", action="store_true", help="--text .txt: each non-empty line is a document")
     size = checked(int, lambda v: 1 <= v < 2**31, "an integer in [1, 2^31)")
     a("--shard-size", type=size, default=100_000_000, help="tokens per shard")
-    a("--num-proc", type=positive, default=os.cpu_count() or 1, help="tokenizer processes")
+    a("--num-proc", type=COUNT, default=os.cpu_count() or 1, help="tokenizer processes")
     a("--tokenizer", default="gpt2", help="gpt2, bert-base-uncased (LM1B's) or a vocab.txt")
     a("--compact", choices=["auto", "on", "off"], default="auto", help="the corpus's ids, 0..V'-1")
     return parser.parse_args()

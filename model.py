@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from rng import dropout, stream
 
@@ -31,10 +32,6 @@ try:
         flash_attn_func = None
 except ImportError:
     flash_attn_func = None
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:
-    flex_attention = None
 
 # -----------------------------------------------------------------------------
 # small pure functions
@@ -70,7 +67,7 @@ def attention_backend(device_type, dtype):
         return "explicit"
     if flash_attn_func is not None and dtype in (torch.float16, torch.bfloat16):
         return "flash"
-    return "flex" if flex_attention is not None else "explicit"
+    return "flex"
 
 
 def attention(q, k, v, softcap, backend="auto"):

@@ -34,7 +34,7 @@ from flow import (
     stratified_tau,
     time_warp,
 )
-from model import MODEL_PRESETS, DiT, DiTConfig, attention, flex_attention
+from model import MODEL_PRESETS, DiT, DiTConfig, attention
 from rng import row_normal, row_uniform, slot_keys
 
 
@@ -625,7 +625,6 @@ def test_the_stochastic_sampler_keeps_the_marginals_of_the_flow(gamma):
         )
 
 
-@pytest.mark.skipif(flex_attention is None, reason="this torch has no flex_attention")
 def test_flex_attention_with_softcap_score_mod_equals_the_explicit_formula():
     g = torch.Generator().manual_seed(7)
     q, k, v = (
