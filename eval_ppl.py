@@ -82,14 +82,14 @@ def self_bleu(samples, n=4):
 def at_entropy(sweep, H):
     """(gen PPL, lo, hi, T_a, T_b) at entropy H of a temperature sweep (rows with T, entropy, gen_ppl, lo, hi):
     log PPL linear in entropy between the first neighbours in T that bracket H; None outside the sweep."""
-    sweep = sorted(sweep, key=lambda r: r["T"])
+    sweep = sorted(sweep, key=lambda r: r.T)
     for a, b in zip(sweep, sweep[1:]):
-        ha, hb = a["entropy"], b["entropy"]
+        ha, hb = a.entropy, b.entropy
         if min(ha, hb) <= H <= max(ha, hb):
             w = 0.0 if ha == hb else (H - ha) / (hb - ha)
-            log = lambda k: (1 - w) * math.log(a[k]) + w * math.log(b[k])
+            log = lambda k: (1 - w) * math.log(getattr(a, k)) + w * math.log(getattr(b, k))
             ppl = [math.exp(log(k)) for k in ("gen_ppl", "lo", "hi")]
-            return (*ppl, a["T"], b["T"])
+            return (*ppl, a.T, b.T)
     return None
 
 
@@ -196,14 +196,14 @@ def markdown_table(results, evaluator_name, with_reward):
     head += " reward (95% interval) |" if with_reward else ""
     lines = [head, "|---" * (8 + with_reward) + "|"]
     for r in results:
-        T = "-" if r["T"] is None else f"{r['T']:g}"
-        line = f"| {r['model']} | {r['steps']} | {T} | {r['gen_ppl']:.2f} | "
-        line += f"{r['lo']:.2f} - {r['hi']:.2f} | {r['entropy']:.2f} | {r['self_bleu']:.3f} | "
-        line += f"{r['samples']} |"
-        if with_reward and r["reward"] is None:
+        T = "-" if r.T is None else f"{r.T:g}"
+        line = f"| {r.model} | {r.steps} | {T} | {r.gen_ppl:.2f} | "
+        line += f"{r.lo:.2f} - {r.hi:.2f} | {r.entropy:.2f} | {r.self_bleu:.3f} | "
+        line += f"{r.samples} |"
+        if with_reward and r.reward is None:
             line += " - |"
         elif with_reward:
-            line += f" {r['reward'][0]:.4f} +- {r['reward'][1]:.4f} |"
+            line += f" {r.reward[0]:.4f} +- {r.reward[1]:.4f} |"
         lines.append(line)
     return lines
 
@@ -216,11 +216,11 @@ def frontier_table(results, H, top_p):
     lines = ["", f"{title} temperature sweep ({how}):", "", head, "|---" * 5 + "|"]
     sweeps = {}
     for r in results:
-        if r["T"] is not None:
-            sweeps.setdefault((r["model"], r["steps"]), []).append(r)
+        if r.T is not None:
+            sweeps.setdefault((r.model, r.steps), []).append(r)
     for (model_name, steps), sweep in sweeps.items():
         at = at_entropy(sweep, H)
-        low, high = min(r["entropy"] for r in sweep), max(r["entropy"] for r in sweep)
+        low, high = min(r.entropy for r in sweep), max(r.entropy for r in sweep)
         found = f"outside the sweep | | entropies {low:.2f} - {high:.2f}"
         if at is not None:
             found = f"{at[0]:.2f} | {at[1]:.2f} - {at[2]:.2f} | {at[3]:g} - {at[4]:g}"
@@ -241,29 +241,29 @@ def plot(results, path, args):
     frontier = len(args.temperature) > 1
     n = len(panels) + frontier
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2))
-    value = lambda r, key: r[key][0] if key == "reward" else r[key]
+    value = lambda r, key: r.reward[0] if key == "reward" else getattr(r, key)
     curves, sweeps = {}, {}
     for r in results:
-        single = "factorized" in r["model"] or "autoguidance" in r["model"]
-        if isinstance(r["steps"], int) and not single and r["T"] == args.temperature[0]:
-            curves.setdefault(r["model"], []).append(r)
-        if r["T"] is not None:
-            sweeps.setdefault(f"{r['model']}, {r['steps']} steps", []).append(r)
+        single = "factorized" in r.model or "autoguidance" in r.model
+        if isinstance(r.steps, int) and not single and r.T == args.temperature[0]:
+            curves.setdefault(r.model, []).append(r)
+        if r.T is not None:
+            sweeps.setdefault(f"{r.model}, {r.steps} steps", []).append(r)
         for ax, (key, _) in zip(axes, panels):
-            if r["model"] == "data (held out)":
+            if r.model == "data (held out)":
                 ax.axhline(value(r, key), color="gray", ls="--", label="data")
             elif single and key != "reward":
-                mark = "x" if "factorized" in r["model"] else "s"
-                ax.plot([r["steps"]], [r[key]], mark, label=r["model"])
-        if frontier and (r["model"] == "data (held out)" or "factorized" in r["model"]):
-            mark = "k*" if r["model"].startswith("data") else "x"
-            axes[-1].plot([r["entropy"]], [r["gen_ppl"]], mark, label=r["model"])
+                mark = "x" if "factorized" in r.model else "s"
+                ax.plot([r.steps], [getattr(r, key)], mark, label=r.model)
+        if frontier and (r.model == "data (held out)" or "factorized" in r.model):
+            mark = "k*" if r.model.startswith("data") else "x"
+            axes[-1].plot([r.entropy], [r.gen_ppl], mark, label=r.model)
     for label, rs in curves.items():
         for ax, (key, _) in zip(axes, panels):
-            ax.plot([r["steps"] for r in rs], [value(r, key) for r in rs], "o-", label=label)
+            ax.plot([r.steps for r in rs], [value(r, key) for r in rs], "o-", label=label)
     for label, rs in sweeps.items() if frontier else ():
-        rs = sorted(rs, key=lambda r: r["T"])
-        axes[-1].plot([r["entropy"] for r in rs], [r["gen_ppl"] for r in rs], "o-", label=label)
+        rs = sorted(rs, key=lambda r: r.T)
+        axes[-1].plot([r.entropy for r in rs], [r.gen_ppl for r in rs], "o-", label=label)
     for ax, (_, name) in zip(axes, panels):
         ax.set(xscale="log", xlabel="sampling steps", ylabel=name)
     axes[0].set_yscale("log")
@@ -349,6 +349,23 @@ class Row:
     T: float | None = None
     prefixes: list | None = None
     model_ids: bool = True
+
+
+@dataclass
+class Result:
+    """A scored row: gen PPL and its 95% interval (lo, hi), unigram entropy, self-BLEU, the reward's mean and
+    interval (None: no reward), the number of samples."""
+
+    model: str
+    steps: object
+    T: float | None
+    gen_ppl: float
+    lo: float
+    hi: float
+    entropy: float = float("nan")
+    self_bleu: float = float("nan")
+    reward: tuple | None = None
+    samples: int = 0
 
 
 def tokenizer_of(ckpt):
@@ -533,7 +550,6 @@ def score(ev, rows, reward, reward_V):
     """A result per row: gen PPL with its interval under the evaluator, entropy, self-BLEU, the reward."""
     evaluator = load_evaluator(ev.args.evaluator, ev.device, ev.fail)
     results = []
-    nan = float("nan")
     for r in rows:
         desc = f"scoring {r.label} {r.steps}"
         nll, count = sample_nll(evaluator, r.texts, r.prefixes, ev.args.batch_size, desc)
@@ -543,11 +559,10 @@ def score(ev, rows, reward, reward_V):
         if reward is not None and tokens is not None and r.model_ids:
             values = reward_of_tokens(reward, tokens, reward_V, ev.device).double()
             hard = (float(values.mean()), float(1.96 * values.std() / max(len(values), 1) ** 0.5))
-        result = dict(model=r.label, steps=r.steps, T=r.T, gen_ppl=ppl, lo=lo, hi=hi)
-        result.update(entropy=nan, self_bleu=nan, reward=hard, samples=len(r.texts))
+        result = Result(r.label, r.steps, r.T, ppl, lo, hi, reward=hard, samples=len(r.texts))
         if tokens is not None:
-            ids = [t.tolist() for t in tokens]
-            result.update(entropy=unigram_entropy(tokens), self_bleu=self_bleu(ids))
+            result.entropy = unigram_entropy(tokens)
+            result.self_bleu = self_bleu([t.tolist() for t in tokens])
         results.append(result)
     return results
 
@@ -556,9 +571,9 @@ def report(ev, results, with_reward):
     """Print the table (and the frontier at the data's entropy); write --markdown and --plot."""
     args = ev.args
     lines = markdown_table(results, args.evaluator, with_reward)
-    data_row = next((r for r in results if r["model"] == "data (held out)"), None)
+    data_row = next((r for r in results if r.model == "data (held out)"), None)
     if len(args.temperature) > 1 and data_row is not None:
-        lines += frontier_table(results, data_row["entropy"], args.top_p)
+        lines += frontier_table(results, data_row.entropy, args.top_p)
     table = "\n".join(lines)
     print(table)
     try:

@@ -247,9 +247,9 @@ def test_self_bleu_of_hand_made_samples():
 
 
 def test_gen_ppl_at_the_data_entropy_interpolates_the_sweep():
-    from eval_ppl import at_entropy
+    from eval_ppl import Result, at_entropy
 
-    row = lambda T, H, ppl: dict(T=T, entropy=H, gen_ppl=ppl, lo=ppl / 2, hi=ppl * 2)
+    row = lambda T, H, ppl: Result("m", 1, T, ppl, ppl / 2, ppl * 2, entropy=H)
     sweep = [
         row(1.0, 3.0, 400.0),
         row(0.0, 2.0, 100.0),
