@@ -563,7 +563,7 @@ class Data:
                         rows.append(np.asarray(s[off : off + seq_len], dtype=np.int64))
                         break
                     off -= len(s) - seq_len
-            yield slots, torch.from_numpy(np.stack(rows)).to(device)
+            yield slots, to_device(torch.from_numpy(np.stack(rows)), device)
 
     def decode(self, ids):
         return decode(ids, self.vocab, self.tokenizer)
