@@ -250,16 +250,14 @@ with autocast:
 class Writes(TorchDispatchMode):
     """Counts the tensor operations run inside and the bytes their outputs take."""
 
+    ops, bytes = 0, 0  # of this instance, once it counts
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
         self.ops += 1
         self.bytes += sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
         return out
-
-    def __enter__(self):
-        self.ops, self.bytes = 0, 0
-        return super().__enter__()
 
 
 def dropout_rows(B, L, D, p=0.1):
@@ -337,6 +335,5 @@ print("| B x L x D | dropout | ms | vs F.dropout | tensor operations | bytes wri
 print("|---|---|---|---|---|---|")
 for (B_, L_, D_), rows in dropouts.items():
     for label, t, ops, per in rows:
-        print(
-            f"| {B_} x {L_} x {D_} | {label} | {t * 1e3:.1f} | {t / rows[0][1]:.2f}x | {ops} | {per} |"
-        )
+        ms, ratio = f"{t * 1e3:.1f}", f"{t / rows[0][1]:.2f}x"
+        print(f"| {B_} x {L_} x {D_} | {label} | {ms} | {ratio} | {ops} | {per} |")

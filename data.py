@@ -206,17 +206,10 @@ class Shard:
     def __len__(self):
         return self.n
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            start, stop, step = i.indices(self.n)
-            if step != 1:
-                raise ValueError("a shard reads contiguous windows only")
-            count, offset = max(stop - start, 0), 4 * HEADER_INTS + 2 * start
-            return np.fromfile(self.path, dtype=np.uint16, count=count, offset=offset)
-        i = i + self.n if i < 0 else i
-        if not 0 <= i < self.n:
-            raise IndexError(f"token {i} of a shard of {self.n}")
-        return self[i : i + 1][0]
+    def __getitem__(self, window):  # a slice [start:stop]
+        start, stop, _ = window.indices(self.n)
+        count, offset = max(stop - start, 0), 4 * HEADER_INTS + 2 * start
+        return np.fromfile(self.path, dtype=np.uint16, count=count, offset=offset)
 
     def __array__(self, dtype=None, copy=None):
         tokens = self[:]

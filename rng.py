@@ -10,6 +10,7 @@ own). A pass that needs dropout masks of its own (the two passes of the semigrou
 the Lagrangian and Eulerian targets) runs with its rows' keys plus its offset in PASS_KEYS.
 """
 
+import functools
 import math
 
 import torch
@@ -110,14 +111,18 @@ def _keep_threshold(p):
     """The least 24-bit k whose uniform ((k + 0.5) * 2^-24, in float32 as row_uniform rounds it) is >= p in
     float32, so that u >= p exactly when k >= it; plain Python arithmetic, which torch.compile folds."""
     m, e = math.frexp(p)
-    P = math.ldexp(
-        round(math.ldexp(m, 24)), e
-    )  # p rounded to float32 (round half to even), times 2^24
+    P = math.ldexp(round(math.ldexp(m, 24)), e)  # p in float32 (round half to even), times 2^24
     k = max(0, math.ceil(P - 0.5))  # below 2^23, k + 0.5 is exact
     if k < 1 << 23:
         return k
     c = math.ceil(P)  # from 2^23 on, k + 0.5 rounds to the even one of k, k + 1
     return max(1 << 23, c - 1 if c % 2 == 0 else c)
+
+
+@functools.cache
+def _column_bits(n, device):
+    """_hash32(i) for i < n as int32, the part of dropout's hash that no row changes: made once per size."""
+    return _as_int32(_hash32(torch.arange(n, device=device)))
 
 
 def dropout(x, p, keys, raw_stream):
@@ -130,16 +135,20 @@ def dropout(x, p, keys, raw_stream):
         return x
     if keys is None:
         return F.dropout(x, p)
-    row = _row(keys, raw_stream)  # (B,), as row_uniform's
-    col = _hash32(torch.arange(x[0].numel(), device=keys.device))  # (n,)
-    y = _as_int32(col)[None] ^ _as_int32(row)[:, None]  # (B, n): the bits before the last hash
+    row = _as_int32(_row(keys, raw_stream))  # (B,), as row_uniform's
+    y = (
+        _column_bits(x[0].numel(), keys.device)[None] ^ row[:, None]
+    )  # (B, n): the bits before the last hash
     t = torch.empty_like(y)
-    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B - (1 << 32))):  # _hash32 in int32
+    for shift, c in (
+        (16, 0x7FEB352D),
+        (15, 0x846CA68B - (1 << 32)),
+        (16, None),
+    ):  # _hash32, in int32
         torch.bitwise_right_shift(y, shift, out=t)
-        y.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1)).mul_(c)
-    torch.bitwise_right_shift(y, 16, out=t)
-    y.bitwise_xor_(t.bitwise_and_(0xFFFF)).bitwise_xor_(
-        -(1 << 31)
-    )  # the sign flipped: unsigned order
+        y.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1))
+        y = (
+            y.mul_(c) if c else y.bitwise_xor_(-(1 << 31))
+        )  # last: the sign flipped, for unsigned order
     keep = y >= (_keep_threshold(p) << 8) - (1 << 31)  # (bits >> 8) >= k, as uint32 bits >= k << 8
     return x.mul(keep.view_as(x)).div_(1 - p)
